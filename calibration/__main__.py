@@ -1,0 +1,92 @@
+"""``python -m calibration``: choose calibration images, compute INT8 ranges on the CPU, write the Q/DQ ONNX files."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from calibration.quantize import (
+    CALIBRATION_METHODS,
+    compute_ranges,
+    prepare_for_quantization,
+    ranges_as_dict,
+    write_cpu_int8,
+    write_tensorrt_qdq,
+)
+from calibration.select import DEFAULT_SIZE, load_calibration_array, select_calibration_set
+from runtime.contract import METADATA_KEY, ModelMetadata
+
+log = logging.getLogger("calibration")
+
+EPILOG = """examples:
+  python -m calibration --onnx models/sem.onnx --data data/ --out models/
+  python -m calibration --onnx models/sem.onnx --data data/ --size 256 --method minmax
+writes <out>/<stem>.int8.qdq.onnx (TensorRT) and <out>/<stem>.int8.cpu.onnx (ONNX Runtime on the CPU).
+"""
+
+
+def run_calibration(onnx_path: Path, data: Path, trt_out: Path, cpu_out: Path, size: int = DEFAULT_SIZE,
+                    method: str = "percentile", seed: int = 0, cpu_keep_float: Sequence[str] = (),
+                    progress: bool = True) -> dict[str, Any]:
+    """Select, preprocess, compute ranges once, write both files; returns a summary for reports."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    meta = ModelMetadata.from_props(props, str(onnx_path))
+    cset = select_calibration_set(data, size=size, seed=seed, classes=meta.labels)
+    print(cset.summary())
+    skipped: list[str] = []
+    x = load_calibration_array(cset, meta, skipped)
+    int8_meta = meta.with_updates(precision="int8", extra={**meta.extra, "calibration": {
+        "images": int(len(x)), "per_class": cset.per_class, "method": method, "seed": seed,
+        "source": str(cset.source)}})
+    out_props = {METADATA_KEY: int8_meta.to_json()}
+    with tempfile.TemporaryDirectory(prefix="calibration.") as tmp:
+        prepared = prepare_for_quantization(onnx_path, Path(tmp) / "prepared.onnx")
+        ranges = compute_ranges(prepared, x, method, progress=progress)
+        placement = write_tensorrt_qdq(prepared, ranges_as_dict(ranges), trt_out, metadata_props=out_props)
+        write_cpu_int8(prepared, ranges, cpu_out, nodes_to_exclude=cpu_keep_float, metadata_props=out_props)
+    return {"images": int(len(x)), "per_class": cset.per_class, "available": cset.available, "method": method,
+            "warnings": list(cset.warnings), "skipped": skipped, "tensorrt_placement": placement,
+            "tensorrt_onnx": str(trt_out), "cpu_onnx": str(cpu_out)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m calibration", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--onnx", required=True, help="FP32 ONNX exported by `python -m export` (metadata inside)")
+    p.add_argument("--data", required=True, help="dataset root (uses train/), class folders, or a flat image folder")
+    p.add_argument("--out", help="output folder (default: beside the ONNX file)")
+    p.add_argument("--size", type=int, default=DEFAULT_SIZE, help="calibration images (default %(default)s)")
+    p.add_argument("--method", default="percentile", choices=CALIBRATION_METHODS, help="range method")
+    p.add_argument("--seed", type=int, default=0, help="selection seed (default %(default)s)")
+    p.add_argument("--cpu-keep-float", default="", help="comma-separated node names the CPU model keeps float")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    src = Path(args.onnx)
+    out = Path(args.out) if args.out else src.parent
+    stem = src.name[:-5] if src.name.endswith(".onnx") else src.name
+    try:
+        summary = run_calibration(src, Path(args.data), out / f"{stem}.int8.qdq.onnx", out / f"{stem}.int8.cpu.onnx",
+                                  args.size, args.method, args.seed,
+                                  [s for s in args.cpu_keep_float.split(",") if s])
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"TensorRT Q/DQ placement: {summary['tensorrt_placement']}")
+    print(f"wrote {summary['tensorrt_onnx']}\nwrote {summary['cpu_onnx']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

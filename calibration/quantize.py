@@ -1,0 +1,308 @@
+"""INT8 range computation on the CPU (ONNX Runtime calibrators) and the two Q/DQ writers.
+
+Ranges: :func:`compute_ranges` runs ONNX Runtime's MinMax / Entropy / Percentile calibrators over the calibration
+array in chunks (histograms accumulate across chunks, so 512 images at 224 px never sit in memory as activations).
+
+TensorRT file (:func:`write_tensorrt_qdq`, our own writer, because the placement matters more than anything else
+for EfficientNet under TensorRT and onnxruntime's quantiser cannot express it): symmetric signed INT8
+(zero point 0) everywhere; Q/DQ on
+
+* every Conv's data input and its weight (weights stored as INT8 initialisers + per-output-channel DequantizeLinear),
+* the input of GlobalAveragePool,
+* both inputs of the squeeze-excitation multiply (``x * sigmoid(conv(...))``, told apart from SiLU's
+  ``x * sigmoid(x)`` by the sigmoid's input not being the other operand),
+* the skip input of each residual Add (the operand produced earlier; TensorRT fuses the Add into the conv that
+  produces the other operand).
+
+SiLU (Sigmoid + Mul) stays in the conv's output precision (TensorRT fuses it as a pointwise epilogue), and the
+final classifier (Gemm/MatMul) stays in float by default (``keep_head_float``). This is the placement NVIDIA gives
+for EfficientNet and the one NVIDIA ModelOpt (``modelopt.onnx.quantization``, which did run on this CPU-only machine
+in a throwaway venv with ``--no-deps`` installs) writes: its B0 output has Q/DQ on 81 Conv (input + weight),
+17 GlobalAveragePool, 16 SE Mul (both inputs) and 9 Add (one input).
+
+CPU file (:func:`write_cpu_int8`): ``onnxruntime.quantization.quantize_static`` in QDQ format with unsigned
+activations (asymmetric) and signed per-channel weights, all supported ops quantised so activations stay INT8
+between QLinearConvs (on the AMD EPYC here — AVX-512 VNNI — that is what made INT8 faster; see the report in
+``export``'s docs). Nodes named in ``nodes_to_exclude`` stay float.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from runtime._atomic import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+DEFAULT_PERCENTILE = 99.999
+INT8_MAX = 127.0
+#: Guards scales against all-zero tensors (TensorRT rejects a zero scale).
+MIN_AMAX = 1e-8
+
+
+# ------------------------------------------------------------------ model preparation
+def prepare_for_quantization(model_path: str | Path, out_path: str | Path) -> Path:
+    """Shape inference + basic graph optimisation (onnxruntime's ``quant_pre_process``); falls back to a copy."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out_path = Path(out_path)
+    try:
+        quant_pre_process(str(model_path), str(out_path), skip_symbolic_shape=False)
+    except Exception as e:  # noqa: BLE001 - preprocessing is an optimisation; quantisation works without it
+        log.warning("%s: quant_pre_process failed (%s: %s); quantising the model as it is", model_path,
+                    type(e).__name__, e)
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(model_path)))
+        onnx.save(model, str(out_path))
+    return out_path
+
+
+class _ArrayReader:
+    """A CalibrationDataReader over ``(N, C, H, W)`` float32, ``batch`` images per call."""
+
+    def __init__(self, input_name: str, data: np.ndarray, batch: int) -> None:
+        self.input_name = input_name
+        self.batches = [data[i:i + batch] for i in range(0, len(data), batch)]
+        self.i = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.i >= len(self.batches):
+            return None
+        self.i += 1
+        return {self.input_name: self.batches[self.i - 1]}
+
+    def rewind(self) -> None:
+        self.i = 0
+
+
+def _graph_input_name(model_path: str | Path) -> str:
+    model = onnx.load(str(model_path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in inits]
+    if len(names) != 1:
+        raise ValueError(f"{model_path}: expected one graph input to calibrate, found {names}")
+    return names[0]
+
+
+def compute_ranges(model_path: str | Path, data: np.ndarray, method: str = "percentile",
+                   percentile: float = DEFAULT_PERCENTILE, chunk: int = 8, progress: bool = False) -> Any:
+    """Activation ranges of every float tensor in ``model_path`` over ``data`` → onnxruntime ``TensorsData``.
+
+    Chunks of ``chunk`` images go through the calibrator one after another, each as one batch (onnxruntime's
+    histogram collector stacks a call's outputs, so a call must not mix batch sizes); MinMax merges the ranges and
+    the histogram methods merge their histograms across calls.
+    """
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(CALIBRATION_METHODS)}")
+    if data.ndim != 4 or len(data) == 0:
+        raise ValueError(f"calibration data must be a non-empty (N, C, H, W) array, got shape {data.shape}")
+    cm = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+          "percentile": CalibrationMethod.Percentile}[method]
+    extra: dict[str, Any] = {}
+    if method == "percentile":
+        extra = {"percentile": percentile, "num_bins": 2048}
+    elif method == "entropy":
+        extra = {"num_bins": 2048, "num_quantized_bins": 128}
+    input_name = _graph_input_name(model_path)
+    with tempfile.TemporaryDirectory(prefix="calib.") as tmp:
+        cal = create_calibrator(Path(model_path), [], augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                calibrate_method=cm, providers=["CPUExecutionProvider"], extra_options=extra)
+        chunks = range(0, len(data), chunk)
+        if progress:
+            from tqdm import tqdm
+            chunks = tqdm(chunks, desc=f"calibrating ({method})", unit="chunk")
+        for start in chunks:
+            cal.collect_data(_ArrayReader(input_name, data[start:start + chunk], chunk))
+        return cal.compute_data()
+
+
+def ranges_as_dict(tensors_data: Any) -> dict[str, tuple[float, float]]:
+    """``TensorsData`` → {tensor name: (low, high)} as plain floats."""
+    out: dict[str, tuple[float, float]] = {}
+    for name, td in tensors_data.data.items():
+        lo, hi = td.range_value
+        out[name] = (float(np.asarray(lo).min()), float(np.asarray(hi).max()))
+    return out
+
+
+# ------------------------------------------------------------------ TensorRT Q/DQ placement
+def _is_initializer_or_constant(name: str, inits: set[str]) -> bool:
+    return name in inits or name == ""
+
+
+def tensorrt_qdq_placement(model: onnx.ModelProto, keep_head_float: bool = True,
+                           nodes_to_exclude: Iterable[str] = ()) -> tuple[dict[str, list[tuple[int, int]]],
+                                                                          list[tuple[int, int]]]:
+    """Where TensorRT wants Q/DQ: returns (activation tensor → [(node index, input index)], [(conv index, 1)]).
+
+    See the module docstring for the rules.
+    """
+    g = model.graph
+    inits = {i.name for i in g.initializer}
+    producer: dict[str, int] = {o: i for i, n in enumerate(g.node) for o in n.output}
+    excluded = set(nodes_to_exclude)
+    acts: dict[str, list[tuple[int, int]]] = {}
+    weights: list[tuple[int, int]] = []
+
+    def add(tensor: str, node_i: int, input_i: int) -> None:
+        if not _is_initializer_or_constant(tensor, inits):
+            acts.setdefault(tensor, []).append((node_i, input_i))
+
+    for i, n in enumerate(g.node):
+        if n.name in excluded:
+            continue
+        if n.op_type == "Conv":
+            add(n.input[0], i, 0)
+            if n.input[1] in inits:
+                weights.append((i, 1))
+        elif n.op_type in ("Gemm", "MatMul") and not keep_head_float:
+            add(n.input[0], i, 0)
+            if n.input[1] in inits and n.op_type == "Gemm":
+                weights.append((i, 1))
+        elif n.op_type in ("GlobalAveragePool", "AveragePool"):
+            add(n.input[0], i, 0)
+        elif n.op_type == "Mul" and len(n.input) == 2:
+            a, b = n.input
+            for gate, other in ((a, b), (b, a)):
+                p = producer.get(gate)
+                if p is not None and g.node[p].op_type == "Sigmoid" and g.node[p].input[0] != other:
+                    add(a, i, 0)
+                    add(b, i, 1)
+                    break
+        elif n.op_type == "Add" and len(n.input) == 2:
+            if any(x in inits for x in n.input):
+                continue  # a bias add, not a residual
+            # The skip is the operand computed earlier; TensorRT fuses the Add into the other operand's conv.
+            order = [producer.get(x, -1) for x in n.input]
+            skip = 0 if order[0] < order[1] else 1
+            add(n.input[skip], i, skip)
+    return acts, weights
+
+
+def _per_channel_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-output-channel INT8: (int8 weights, float32 scales)."""
+    flat = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
+    scale = (np.maximum(flat, MIN_AMAX) / INT8_MAX).astype(np.float32)
+    shape = (-1,) + (1,) * (w.ndim - 1)
+    q = np.clip(np.round(w / scale.reshape(shape)), -INT8_MAX, INT8_MAX).astype(np.int8)
+    return q, scale
+
+
+def write_tensorrt_qdq(model_path: str | Path, ranges: dict[str, tuple[float, float]], out_path: str | Path,
+                       keep_head_float: bool = True, nodes_to_exclude: Iterable[str] = (),
+                       metadata_props: dict[str, str] | None = None) -> dict[str, int]:
+    """Write the TensorRT Q/DQ model; returns counts of what was quantised (for the report and tests)."""
+    model = onnx.load(str(model_path))
+    g = model.graph
+    acts, weights = tensorrt_qdq_placement(model, keep_head_float, nodes_to_exclude)
+    missing = sorted(t for t in acts if t not in ranges)
+    if missing:
+        raise ValueError(f"{model_path}: no calibration range for tensor(s) {missing[:5]}; were the ranges computed "
+                         "on this model?")
+    inits = {i.name: i for i in g.initializer}
+    new_inits: list[TensorProto] = []
+    head_nodes: list[onnx.NodeProto] = []
+    after: dict[int, list[onnx.NodeProto]] = {}
+    producer = {o: i for i, n in enumerate(g.node) for o in n.output}
+    zero8 = "qdq_zero_point_int8"
+    new_inits.append(numpy_helper.from_array(np.array(0, np.int8), zero8))
+
+    for tensor, uses in acts.items():
+        lo, hi = ranges[tensor]
+        amax = max(abs(lo), abs(hi), MIN_AMAX)
+        scale_name = f"{tensor}_qdq_scale"
+        new_inits.append(numpy_helper.from_array(np.array(amax / INT8_MAX, np.float32), scale_name))
+        q_out, dq_out = f"{tensor}_quantized", f"{tensor}_dequantized"
+        nodes = [helper.make_node("QuantizeLinear", [tensor, scale_name, zero8], [q_out], name=f"{tensor}_Q"),
+                 helper.make_node("DequantizeLinear", [q_out, scale_name, zero8], [dq_out], name=f"{tensor}_DQ")]
+        if tensor in producer:
+            after.setdefault(producer[tensor], []).extend(nodes)
+        else:
+            head_nodes.extend(nodes)  # a graph input
+        for node_i, input_i in uses:
+            g.node[node_i].input[input_i] = dq_out
+
+    for node_i, input_i in weights:
+        node = g.node[node_i]
+        wname = node.input[input_i]
+        w = numpy_helper.to_array(inits[wname]).astype(np.float32)
+        q, scale = _per_channel_int8(w)
+        qn, sn, zn, dqn = f"{wname}_int8", f"{wname}_qdq_scale", f"{wname}_qdq_zero_point", f"{wname}_dequantized"
+        new_inits += [numpy_helper.from_array(q, qn), numpy_helper.from_array(scale, sn),
+                      numpy_helper.from_array(np.zeros(len(scale), np.int8), zn)]
+        head_nodes.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [dqn], name=f"{wname}_DQ", axis=0))
+        node.input[input_i] = dqn
+
+    ordered: list[onnx.NodeProto] = list(head_nodes)
+    for i, n in enumerate(g.node):
+        ordered.append(n)
+        ordered.extend(after.get(i, []))
+    # Float weights that were replaced by INT8 copies are no longer referenced.
+    used = {x for n in ordered for x in n.input}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.node[:]
+    g.node.extend(ordered)
+    del g.initializer[:]
+    g.initializer.extend(keep + new_inits)
+    _set_props(model, metadata_props)
+    onnx.checker.check_model(model)
+    atomic_write_bytes(out_path, model.SerializeToString())
+    counts: dict[str, int] = {"activation_qdq": len(acts), "weight_dq": len(weights)}
+    counts.update(count_qdq_consumers(model))
+    return counts
+
+
+def _set_props(model: onnx.ModelProto, props: dict[str, str] | None) -> None:
+    if not props:
+        return
+    existing = {p.key: p for p in model.metadata_props}
+    for k, v in props.items():
+        if k in existing:
+            existing[k].value = v
+        else:
+            model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+
+
+# ------------------------------------------------------------------ CPU (ONNX Runtime) INT8
+def write_cpu_int8(model_path: str | Path, tensors_data: Any, out_path: str | Path,
+                   nodes_to_exclude: Sequence[str] = (), per_channel: bool = True,
+                   quant_format: str = "qdq", metadata_props: dict[str, str] | None = None) -> Path:
+    """U8 activations / S8 per-channel weights with onnxruntime's quantiser, reusing precomputed ranges."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
+    fmt = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}[quant_format]
+    with tempfile.TemporaryDirectory(prefix="quant.") as tmp:
+        cache = Path(tmp) / "ranges.json"
+        save_tensors_data(tensors_data, cache)
+        raw = Path(tmp) / "int8.onnx"
+        quantize_static(str(model_path), str(raw), None, quant_format=fmt, per_channel=per_channel,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=list(nodes_to_exclude), calibrate_method=tensors_data.calibration_method,
+                        calibration_cache_path=cache)
+        model = onnx.load(str(raw))
+    _set_props(model, metadata_props)
+    atomic_write_bytes(out_path, model.SerializeToString())
+    return Path(out_path)
+
+
+def count_qdq_consumers(model: onnx.ModelProto) -> dict[str, int]:
+    """How many nodes of each op type read a DequantizeLinear output (placement summary)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        if any(x in producer and producer[x].op_type == "DequantizeLinear" for x in n.input):
+            counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts

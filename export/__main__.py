@@ -1,0 +1,74 @@
+"""``python -m export``: checkpoint → ONNX with metadata, simplified, checked, parity-tested against PyTorch."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from export.onnx_export import (
+    DEFAULT_OPSET,
+    DEFAULT_PARITY_TOLERANCE,
+    ParityError,
+    export_onnx,
+    parity_check,
+    parity_inputs,
+)
+
+log = logging.getLogger("export")
+
+EPILOG = """examples:
+  python -m export --checkpoint runs/x/best.pt                      # → runs/x/best.onnx
+  python -m export --checkpoint runs/x/best.pt --out models/sem.onnx --parity-data data/
+  then: python -m export.build_engine --onnx models/sem.onnx --int8 --calib-data data/
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="training checkpoint (.pt) written by `python -m train`")
+    p.add_argument("--out", help="output .onnx path (default: the checkpoint path with .onnx)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default %(default)s)")
+    p.add_argument("--parity-data", help="folder of images (class folders or a dataset root) for the parity check; "
+                   "default: the data folder recorded in the checkpoint, else generated images")
+    p.add_argument("--parity-images", type=int, default=16, help="images for the parity check (default %(default)s)")
+    p.add_argument("--tolerance", type=float, default=DEFAULT_PARITY_TOLERANCE,
+                   help="max |Δlogit| PyTorch vs ONNX Runtime (default %(default)g)")
+    p.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+
+    ckpt_path = Path(args.checkpoint)
+    try:
+        model, meta = model_from_checkpoint(ckpt_path)
+        ckpt_args = load_checkpoint(ckpt_path).get("args") or {}
+    except (OSError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else ckpt_path.with_suffix(".onnx")
+    path = export_onnx(model, meta, out, opset=args.opset, simplify=not args.no_simplify)
+    inputs, source = parity_inputs(meta, [args.parity_data, ckpt_args.get("data") if isinstance(ckpt_args, dict)
+                                          else None], n=args.parity_images)
+    try:
+        result = parity_check(model, path, inputs, source, args.tolerance)
+    except ParityError as e:
+        bad = path.with_name(path.name + ".failed-parity")
+        path.replace(bad)
+        print(f"error: {e}\n(the file was moved to {bad})", file=sys.stderr)
+        return 1
+    print(result.line())
+    print(f"wrote {path} ({meta.arch}, input {meta.input_name} {meta.channels}×{meta.input_size[0]}×"
+          f"{meta.input_size[1]}, dynamic batch, opset {args.opset})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
