@@ -1,0 +1,119 @@
+"""End-to-end training runs on tiny synthetic data: artifacts, final metadata, and resume after a real SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from runtime.contract import CLASSES
+from train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from train.loop import TrainConfig, epoch_order, train
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = dict(img_size=32, batch_size=4, threads=1, progress=False, patience=0)
+
+
+def test_train_end_to_end_writes_calibrated_best_checkpoint(tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    summary = train(TrainConfig(data=str(tiny_dataset), out=str(out), epochs=2, **TINY))
+    for name in ("best.pt", "last.pt", "history.csv", "history.json", "curves.png", "summary.json",
+                 "eval_val/metrics.json", "eval_test/metrics.json", "eval_test/confusion_matrix.png"):
+        assert (out / name).is_file(), name
+    ckpt = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    assert {"model", "arch", "metadata", "epoch", "optimizer", "scheduler", "rng", "history", "args"} <= set(ckpt)
+    model, meta = model_from_checkpoint(out / "best.pt")
+    assert not model.training
+    assert meta.labels == CLASSES and meta.input_size == (32, 32) and meta.arch == "efficientnet_lite0"
+    assert meta.mean == pytest.approx((127 / 255,) * 3) and meta.std == pytest.approx((128 / 255,) * 3)
+    assert meta.threshold is not None and meta.score == "msp" and 0.01 <= meta.temperature <= 100
+    assert len(meta.data_fingerprint) == 64
+    assert meta.extra["train_args"]["epochs"] == 2 and "macro_f1" in meta.extra["val_metrics"]
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(0.0 <= h["data_frac"] < 1.0 for h in history)
+    assert "test" in summary and summary["best_epoch"] in (1, 2)
+
+
+def test_training_skips_bad_files_and_missing_classes(tmp_path: Path,
+                                                      make_class_dataset: Callable[..., Path]) -> None:
+    data = make_class_dataset(tmp_path / "data", per_class=2, size=32, splits=("train", "val"))
+    (data / "train" / "clean" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    (data / "train" / "gaps" / "Thumbs.db").write_bytes(b"\0\1")
+    for f in (data / "train" / "ler").iterdir():
+        f.unlink()
+    out = tmp_path / "run"
+    train(TrainConfig(data=str(data), out=str(out), epochs=1, weights="none", **TINY))
+    assert (out / "best.pt").is_file()
+
+
+def test_resume_refuses_a_file_that_is_not_a_checkpoint(tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"half a file")
+    with pytest.raises(CheckpointError, match="last.pt"):
+        train(TrainConfig(data=str(tiny_dataset), out=str(out), epochs=1, **TINY), resume=True)
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        load_checkpoint(out / "last.pt")
+
+
+def test_epoch_order_is_a_function_of_seed_and_epoch() -> None:
+    assert epoch_order(50, 3, 0) == epoch_order(50, 3, 0)
+    assert epoch_order(50, 3, 0) != epoch_order(50, 4, 0)
+    assert sorted(epoch_order(50, 3, 0)) == list(range(50))
+
+
+def _cli(data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "train", "--data", str(data), "--out", str(out), "--epochs", "3",
+            "--img-size", "32", "--batch-size", "4", "--weights", "none", "--threads", "1", "--patience", "0",
+            "--no-progress", *extra]
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_mid_epoch_finishes_the_same_schedule(tmp_path: Path,
+                                                                   make_class_dataset: Callable[..., Path]) -> None:
+    data = make_class_dataset(tmp_path / "data", per_class=5, size=32, splits=("train", "val"))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+    ref = tmp_path / "uninterrupted"
+    subprocess.run(_cli(data, ref), cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(data, run), cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True)
+    seen = []
+    deadline = time.monotonic() + 240
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        seen.append(line)
+        if "epoch 2/3 started" in line:
+            time.sleep(0.1)  # inside the 10-step epoch (checked below: last.pt still says epoch 1)
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        assert time.monotonic() < deadline, "".join(seen)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    # Killed mid-epoch 2: only epoch 1 was checkpointed.
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1
+
+    done = subprocess.run(_cli(data, run, "--resume"), cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming" in done.stderr
+    got = json.loads((run / "history.json").read_text())
+    want = json.loads((ref / "history.json").read_text())
+    assert [h["epoch"] for h in got] == [1, 2, 3]
+    assert [h["order_digest"] for h in got] == [h["order_digest"] for h in want]
+    assert load_checkpoint(run / "last.pt")["epoch"] == 3
+    for g, w in zip(got, want):
+        assert abs(g["train_loss"] - w["train_loss"]) < 1e-3 * max(1.0, w["train_loss"])
+        assert abs(g["val_loss"] - w["val_loss"]) < 1e-3 * max(1.0, w["val_loss"])
+    assert load_checkpoint(run / "best.pt")["metadata"]["threshold"] is not None

