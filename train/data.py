@@ -93,7 +93,10 @@ def scan_folder(root: str | os.PathLike[str], classes: Sequence[str] = CLASSES,
             if f.is_dir() or any(part.startswith(".") for part in f.relative_to(folder).parts):
                 continue
             if f.suffix.lower() not in IMAGE_EXTENSIONS:
-                non_images.append(f)
+                # A JSON beside an image of the same name is its description (train.synthetic writes one per
+                # image), not a stray file.
+                if not (f.suffix.lower() == ".json" and any(f.with_suffix(e).exists() for e in (".png", ".tif"))):
+                    non_images.append(f)
                 continue
             if verify:
                 try:

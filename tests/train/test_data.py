@@ -38,6 +38,9 @@ def _messy(root: Path, make: Callable[..., Path]) -> Path:
     (root / "cmp" / "empty.png").write_bytes(b"")
     (root / "scratches").mkdir()  # not one of the classes
     (root / "README.md").write_text("stray")
+    first = sorted((root / "bridges").glob("*.png"))[0]
+    first.with_suffix(".json").write_text("{}")  # a per-image description, as train.synthetic writes: not a problem
+    (root / "bridges" / "orphan.json").write_text("{}")  # a JSON with no image is stray
     return root
 
 
@@ -48,8 +51,9 @@ def test_scan_reports_and_skips_every_problem(tmp_path: Path, make_class_dataset
         report = scan_folder(root)
     text = "\n".join(report.problems)
     for needle in ("gaps: class folder has no usable images", "ler: class folder is missing", "notes.txt",
-                   "broken.png", "empty.png", "scratches: unknown class folder", "README.md"):
+                   "broken.png", "empty.png", "scratches: unknown class folder", "README.md", "orphan.json"):
         assert needle in text, needle
+    assert f"{sorted((root / 'bridges').glob('*.png'))[0].stem}.json" not in text
     assert "broken.png" in caplog.text
     assert report.counts["gaps"] == 0 and report.counts["ler"] == 0 and report.counts["clean"] == 2
     assert report.counts["cracks"] == 2 and report.counts["cmp"] == 2
