@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = Path("data/synth/test")
 #: The real-image test set, relative to the repository root; optional (never in the repo, never in CI).
 REAL_DATA = Path("../shared/datasets/sem-hackathon/test")
-DEFAULT_MODELS = (REPO / "models" / "sem_b0.onnx", REPO / "models" / "sem_b0.int8.onnx")
+DEFAULT_MODELS = (REPO / "models" / "sem_classifier.onnx", REPO / "models" / "sem_classifier.int8.onnx")
 GENERATE_HINT = ("generate it: python -m train.synthetic --out data/synth --per-class 300 --size 256 --seed 0 "
                  "(writes data/synth/{train,val,test}/<class>/)")
 
@@ -233,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"DIR/<class>/ images (default {DEFAULT_DATA})")
     ap.add_argument("--models", type=Path, nargs="+", default=None,
-                    help="ONNX files / TensorRT engines (default: the bundled sem_b0.onnx and sem_b0.int8.onnx)")
+                    help="ONNX files / TensorRT engines (default: the bundled sem_classifier.onnx and sem_classifier.int8.onnx)")
     ap.add_argument("--backend", default="auto", help="runtime.Classifier backend (auto, ort, cpu, cuda, trt)")
     ap.add_argument("--batch-size", type=int, default=32, help="images per inference call (32)")
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (physical cores)")

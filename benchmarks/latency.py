@@ -41,7 +41,7 @@ from runtime.contract import ModelMetadata
 SCHEMA = "sem-bench-latency/1"
 REPO = Path(__file__).resolve().parent.parent
 #: The bundled model, used when --model is not given.
-DEFAULT_MODEL = REPO / "models" / "sem_b0.onnx"
+DEFAULT_MODEL = REPO / "models" / "sem_classifier.onnx"
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
 PRECISIONS = ("fp32", "fp16", "int8")
 #: Per-round medians that disagree by more than this (relative) make a row "noisy": do not conclude from it.
@@ -52,8 +52,8 @@ DEFAULT_MAX_SPREAD = 0.25
 def artifact_candidates(model: Path, precision: str, backend: str = "onnxruntime") -> list[Path]:
     """Files that hold ``precision`` of ``model``, in order of preference.
 
-    ``models/sem_b0.onnx`` + int8 → ``sem_b0.int8.onnx`` (bundled name), then ``sem_b0.int8.cpu.onnx`` (what
-    ``export.build_engine --int8`` writes for ONNX Runtime on CPU), then ``sem_b0.int8.qdq.onnx`` (its TensorRT-style
+    ``models/sem_classifier.onnx`` + int8 → ``sem_classifier.int8.onnx`` (bundled name), then ``sem_classifier.int8.cpu.onnx`` (what
+    ``export.build_engine --int8`` writes for ONNX Runtime on CPU), then ``sem_classifier.int8.qdq.onnx`` (its TensorRT-style
     Q/DQ file). TensorRT engines: ``X.engine`` / ``X.fp16.engine`` / ``X.int8.engine``. ``model`` may itself be a
     precision variant; its stem is taken without the precision part.
     """

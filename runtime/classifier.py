@@ -35,8 +35,8 @@ from runtime.preprocess import Preprocessor, decode_image, describe, load_grey, 
 from runtime.scores import logit_score, softmax
 
 #: Bundled default models (repository ``models/``, installed as package ``runtime.models``).
-DEFAULT_MODEL = "sem_b0.onnx"
-DEFAULT_INT8_MODEL = "sem_b0.int8.onnx"
+DEFAULT_MODEL = "sem_classifier.onnx"
+DEFAULT_INT8_MODEL = "sem_classifier.int8.onnx"
 BACKENDS = ("auto", "ort", "onnxruntime", "cpu", "cuda", "trt", "tensorrt")
 _THRESHOLD_OFF = ("off", "none", "never")
 

@@ -108,17 +108,17 @@ def test_cli_runs_onnxruntime_only_and_writes_results(tiny_models: Path, tmp_pat
 
 
 def test_missing_bundled_model_says_what_to_pass(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(latency, "DEFAULT_MODEL", tmp_path / "sem_b0.onnx")
+    monkeypatch.setattr(latency, "DEFAULT_MODEL", tmp_path / "sem_classifier.onnx")
     with pytest.raises(SystemExit, match="--model"):
         latency.main([])
 
 
 def test_precisions_map_to_artifacts_next_to_the_model() -> None:
-    m = Path("models/sem_b0.onnx")
+    m = Path("models/sem_classifier.onnx")
     assert latency.artifact_for(m, "fp32") == m
-    assert latency.artifact_for(m, "int8") == Path("models/sem_b0.int8.onnx")
-    assert latency.artifact_for(Path("models/sem_b0.int8.onnx"), "fp16") == Path("models/sem_b0.fp16.onnx")
-    assert latency.artifact_for(m, "int8", "tensorrt") == Path("models/sem_b0.int8.engine")
+    assert latency.artifact_for(m, "int8") == Path("models/sem_classifier.int8.onnx")
+    assert latency.artifact_for(Path("models/sem_classifier.int8.onnx"), "fp16") == Path("models/sem_classifier.fp16.onnx")
+    assert latency.artifact_for(m, "int8", "tensorrt") == Path("models/sem_classifier.int8.engine")
 
 
 def test_int8_falls_back_to_the_cpu_artifact_export_writes(tmp_path: Path) -> None:

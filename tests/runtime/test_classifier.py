@@ -267,15 +267,15 @@ def test_unloadable_and_missing_models(tmp_path):
 
 def test_bundled_model_missing_says_what_to_pass(monkeypatch, tmp_path):
     monkeypatch.setattr("runtime.classifier._bundled_dirs", lambda: [tmp_path])
-    with pytest.raises(FileNotFoundError, match=r"sem_b0\.onnx.*Classifier\(model="):
+    with pytest.raises(FileNotFoundError, match=r"sem_classifier\.onnx.*Classifier\(model="):
         Classifier()
 
 
 def test_bundled_model_is_used_when_present(monkeypatch, tmp_path, tiny_model):
-    (tmp_path / "sem_b0.onnx").write_bytes(tiny_model.read_bytes())
+    (tmp_path / "sem_classifier.onnx").write_bytes(tiny_model.read_bytes())
     monkeypatch.setattr("runtime.classifier._bundled_dirs", lambda: [tmp_path])
-    assert bundled_model_path() == tmp_path / "sem_b0.onnx"
-    assert Classifier(warmup=False).model_path == tmp_path / "sem_b0.onnx"
+    assert bundled_model_path() == tmp_path / "sem_classifier.onnx"
+    assert Classifier(warmup=False).model_path == tmp_path / "sem_classifier.onnx"
 
 
 def test_engine_without_tensorrt(tmp_path, tiny_model, monkeypatch):
@@ -301,7 +301,7 @@ def test_repo_default_model_path_points_into_models_folder():
     except FileNotFoundError as e:
         assert "models" in str(e)
     else:
-        assert path.name == "sem_b0.onnx" and path.parent.name == "models"
+        assert path.name == "sem_classifier.onnx" and path.parent.name == "models"
 
 
 def test_prepare_is_the_decode_half_of_predict(clf, grey_image):

@@ -28,7 +28,7 @@ from runtime.trt_backend import (
 )
 
 SIDECAR = {"tensorrt_version": "10.3.0.30", "gpu_name": "Orin", "compute_capability": "8.7", "precision": "fp16",
-           "onnx": "models/sem_b0.onnx"}
+           "onnx": "models/sem_classifier.onnx"}
 
 
 def check(sidecar=None, **running):
@@ -54,7 +54,7 @@ def test_mismatch_is_refused_with_the_rebuild_command(running, expect):
         check(**running)
     msg = str(info.value)
     assert expect in msg and "m.engine" in msg
-    assert "python -m export.build_engine --onnx models/sem_b0.onnx --fp16" in msg
+    assert "python -m export.build_engine --onnx models/sem_classifier.onnx --fp16" in msg
 
 
 def test_version_compatible_and_hardware_compatible_engines():
