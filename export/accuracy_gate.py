@@ -119,7 +119,7 @@ def _row(name: str, logits: np.ndarray, labels: np.ndarray, meta: ModelMetadata,
     from train.evaluate import compute_metrics
 
     probs = softmax(logits, t)
-    rej = reject_mask(logits, t, meta.score, thr, meta.reject_index) if meta.score_output is None else \
+    rej = reject_mask(logits, t, meta.score, thr) if meta.score_output is None else \
         np.zeros(len(logits), bool)
     m = compute_metrics(labels, probs, rej, meta.labels)
     return {"variant": name, "accuracy": m["rejection_off"]["accuracy"], "macro_f1": m["rejection_off"]["macro_f1"],
