@@ -1,0 +1,652 @@
+"""Leave-one-class-out open-set benchmark: how well does each rejection score send never-seen defects to ``other``?
+
+For every held-out named class ``c`` (default: all 7 named classes; ``other`` always stays a trained class):
+
+1. train a model that never saw ``c``. Two ways (``--mode``):
+
+   * ``partial`` (default, what fits a shared 2-core CPU): the ImageNet (Lite0) stem..stage 5 stay frozen — they
+     were never trained on our data, so they cannot leak ``c`` — and their activations are computed once for all
+     images (``--views`` augmented copies of each train image, via train.data's augmentation) and cached in
+     ``OUT/frozen_cache.pt``. Per fold, the top two MBConv stages, the 1280-d conv and a fresh head are
+     fine-tuned on those activations (AdamW, warm-up + cosine, label smoothing 0.1, class-weighted loss).
+   * ``full``: a fold dataset of symlinks to ``DATA/{train,val}`` without ``c``, trained by the project's own
+     training loop (:func:`train.loop.train`) end to end — the deployed recipe, ~10× the CPU time.
+
+3. extract logits and 1280-d features of the fold's train set (un-augmented), val set and the full test set;
+4. fit the open-set statistics (:func:`train.openset.fit_openset_stats`) on the training features, once on the
+   named classes only (the default, ``<score>``) and once including ``other`` (``<score>+other``);
+5. score val and test with every score (numpy references of :mod:`runtime.scores`; the in-graph torch head is
+   tested to match them) and measure, with known = test images of the other named classes and unknown = test
+   images of ``c`` (``other`` images are left out: rejecting them is correct either way):
+
+   * ``auroc`` (sklearn ``roc_auc_score``, known = positive) and ``fpr95`` (fraction of unknowns accepted at the
+     threshold that keeps 95% of known test images);
+   * with the threshold chosen on val for ``--target-recall`` of the named known classes: known recall on test,
+     known accuracy without rejection / with rejection (a rejected known image counts as wrong: it becomes
+     ``other``) / selective (on accepted images), and the share of unknowns that end up as ``other`` (rejected
+     or predicted ``other``).
+
+Writes ``results.json`` (config, per-fold per-score metrics, means, timings), ``table.md``, ``auroc.png``
+(held-out class × score) and ``coverage_accuracy.png`` (accuracy on accepted images vs coverage, unknowns
+counted as errors when accepted, mean over folds). ``--mode full`` keeps fold runs under ``OUT/folds/<class>/``
+(``--reuse`` re-scores them without retraining). ``--cost`` instead measures what the in-graph score head costs
+(ONNX Runtime CPU latency with vs without it, file size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime._atomic import atomic_write_text
+from runtime.contract import CLASSES, REJECT_LABEL
+from runtime.scores import FEATURE_SCORES, feature_score
+
+log = logging.getLogger("benchmarks.openset")
+
+NAMED_CLASSES = tuple(c for c in CLASSES if c != REJECT_LABEL)
+SPLITS_TRAINED = ("train", "val")
+COVERAGE_GRID = np.linspace(0.05, 1.0, 96)
+
+
+# ------------------------------------------------------------------ metrics (plain functions, tested)
+def auroc(known: np.ndarray, unknown: np.ndarray) -> float:
+    """AUROC of telling known (positive, higher score) from unknown images."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.r_[np.ones(len(known)), np.zeros(len(unknown))]
+    return float(roc_auc_score(y, np.r_[known, unknown]))
+
+
+def fpr_at_tpr(known: np.ndarray, unknown: np.ndarray, tpr: float = 0.95) -> float:
+    """Fraction of unknowns accepted at the threshold that keeps ``tpr`` of the known images."""
+    from train.confidence import choose_threshold
+
+    t = choose_threshold(known, None, tpr)
+    return float((np.asarray(unknown) >= t).mean())
+
+
+def coverage_accuracy_curve(scores: np.ndarray, correct: np.ndarray,
+                            grid: np.ndarray = COVERAGE_GRID) -> np.ndarray:
+    """Accuracy of the ``coverage`` highest-scoring images, for each coverage in ``grid``."""
+    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    cum = np.cumsum(np.asarray(correct, np.float64)[order])
+    n = np.maximum(1, np.round(grid * len(order)).astype(int))
+    return cum[n - 1] / n
+
+
+def score_metrics(s_val: np.ndarray, val_named: np.ndarray, s_test: np.ndarray, test_known: np.ndarray,
+                  test_unknown: np.ndarray, pred_test: np.ndarray, labels_test: np.ndarray, reject_index: int,
+                  target_recall: float) -> dict[str, Any]:
+    """Every per-score number of one fold (see the module docstring)."""
+    from train.confidence import choose_threshold
+
+    known, unknown = s_test[test_known], s_test[test_unknown]
+    t = choose_threshold(s_val, val_named, target_recall)
+    accepted = s_test >= t
+    right = pred_test == labels_test
+    k_acc = accepted[test_known]
+    unknown_to_other = (~accepted | (pred_test == reject_index))[test_unknown]
+    # Mixed-set view: known right when accepted and correct; unknown right when it comes out as `other`.
+    mixed = test_known | test_unknown
+    sys_correct = np.where(test_known, right & accepted, ~accepted | (pred_test == reject_index))[mixed]
+    return {
+        "auroc": auroc(known, unknown),
+        "fpr95": fpr_at_tpr(known, unknown, 0.95),
+        "threshold": t,
+        "known_recall": float(k_acc.mean()),
+        "known_acc_no_reject": float(right[test_known].mean()),
+        "known_acc_with_reject": float((right & accepted)[test_known].mean()),
+        "known_selective_acc": float(right[test_known][k_acc].mean()) if k_acc.any() else float("nan"),
+        "unknown_to_other": float(unknown_to_other.mean()),
+        "mixed_acc": float(sys_correct.mean()),
+        "curve": coverage_accuracy_curve(s_test[mixed], np.where(test_known, right, False)[mixed]).tolist(),
+    }
+
+
+# ------------------------------------------------------------------ folds
+def make_fold_data(data: Path, heldout: str, dest: Path, max_per_class: int | None = None, seed: int = 0) -> Path:
+    """``dest/{train,val}/<class>/`` as per-file symlinks into ``data``, without ``heldout``."""
+    from train.data import IMAGE_EXTENSIONS
+
+    rng = np.random.default_rng(seed)
+    for split in SPLITS_TRAINED:
+        for name in CLASSES:
+            if name == heldout:
+                continue
+            src = data / split / name
+            if not src.is_dir():
+                continue
+            files = sorted(f for f in src.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+            if max_per_class and split == "train" and len(files) > max_per_class:
+                files = sorted(rng.choice(files, max_per_class, replace=False).tolist())
+            out = dest / split / name
+            out.mkdir(parents=True, exist_ok=True)
+            for f in files:
+                link = out / f.name
+                if not link.exists():
+                    link.symlink_to(f.resolve())
+    return dest
+
+
+def train_fold(fold_dir: Path, args: argparse.Namespace) -> Path:
+    """Train one fold with the project's training loop; returns its best.pt."""
+    from train.loop import TrainConfig, train
+
+    best = fold_dir / "run" / "best.pt"
+    if args.reuse and best.is_file() and (fold_dir / "run" / "summary.json").is_file():
+        log.info("%s: reusing %s", fold_dir.name, best)
+        return best
+    cfg = TrainConfig(data=str(fold_dir / "data"), out=str(fold_dir / "run"), arch=args.arch, weights=args.weights,
+                      epochs=args.epochs, img_size=args.img_size, batch_size=args.batch_size, seed=args.seed,
+                      augment=args.augment, patience=0, head_warmup_epochs=args.head_warmup_epochs,
+                      warmup_epochs=min(1.0, float(args.epochs)), progress=args.progress, workers=0)
+    train(cfg)
+    return best
+
+
+def extract_fold(best: Path, data_dirs: dict[str, Path], batch_size: int) -> dict[str, Any]:
+    """Logits, features and labels of the fold model on each split, plus the classifier's weight and bias."""
+    from torch.utils.data import DataLoader
+
+    from train.checkpoint import model_from_checkpoint
+    from train.data import ImageFolderDataset
+    from train.openset import collect_outputs, final_linear
+
+    model, meta = model_from_checkpoint(best)
+    out: dict[str, Any] = {}
+    for split, d in data_dirs.items():
+        ds = ImageFolderDataset(d, meta.input_size, meta.mean, meta.std, augment=None, classes=meta.labels)
+        o = collect_outputs(model, DataLoader(ds, batch_size=batch_size), desc=split)
+        out[split] = {"logits": o.logits, "features": o.features, "labels": o.labels}
+    lin = final_linear(model)
+    out["weight"] = lin.weight.detach().numpy().copy()
+    out["bias"] = lin.bias.detach().numpy().copy()
+    return out
+
+
+def score_fold(ex: dict[str, Any], heldout: str, scores: Sequence[str], target_recall: float,
+               knn_k: int) -> dict[str, dict[str, Any]]:
+    """Fit statistics on the fold's training features and measure every score (and its ``+other`` variant)."""
+    from train.openset import fit_classes_for, fit_openset_stats, stats_to_numpy
+
+    reject = CLASSES.index(REJECT_LABEL)
+    h = CLASSES.index(heldout)
+    tr, va, te = ex["train"], ex["val"], ex["test"]
+    val_named = va["labels"] != reject
+    test_known = (te["labels"] != reject) & (te["labels"] != h)
+    test_unknown = te["labels"] == h
+    if not test_unknown.any() or not test_known.any():
+        raise ValueError(f"fold {heldout}: the test split needs images of {heldout!r} and of other named classes")
+    pred = te["logits"].argmax(1)
+    variants: dict[str, dict[str, np.ndarray] | None] = {"": None}
+    if any(s in FEATURE_SCORES for s in scores):
+        fit_named = [c for c in fit_classes_for(CLASSES, False) if c != h]
+        fit_all = [c for c in fit_classes_for(CLASSES, True) if c != h]
+        for tag, fit in (("", fit_named), ("+other", fit_all)):
+            st = fit_openset_stats(tr["features"], tr["labels"], ex["weight"], ex["bias"], fit_classes=fit,
+                                   knn_k=knn_k)
+            variants[tag] = stats_to_numpy(st)
+    res: dict[str, dict[str, Any]] = {}
+    for name in scores:
+        tags = ("", "+other") if name in FEATURE_SCORES else ("",)
+        for tag in tags:
+            st = variants[tag] if name in FEATURE_SCORES else None
+            sv = feature_score(name, va["logits"], va["features"], st or {})
+            stt = feature_score(name, te["logits"], te["features"], st or {})
+            res[name + tag] = score_metrics(sv, val_named, stt, test_known, test_unknown, pred, te["labels"],
+                                            reject, target_recall)
+    return res
+
+
+def run_fold_full(data: Path, heldout: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """``--mode full``: the whole network fine-tuned by :func:`train.loop.train` on the fold's data."""
+    fold_dir = out / "folds" / heldout
+    t0 = time.perf_counter()
+    make_fold_data(data, heldout, fold_dir / "data", args.max_train_per_class, args.seed)
+    best = train_fold(fold_dir, args)
+    t_train = time.perf_counter() - t0
+    dirs = {"train": fold_dir / "data" / "train", "val": fold_dir / "data" / "val", "test": data / "test"}
+    ex = extract_fold(best, dirs, 64)
+    t_extract = time.perf_counter() - t0 - t_train
+    return _finish_fold(ex, heldout, args, {"train": t_train, "extract": t_extract}, {})
+
+
+def _finish_fold(ex: dict[str, Any], heldout: str, args: argparse.Namespace, seconds: dict[str, float],
+                 info: dict[str, Any]) -> dict[str, Any]:
+    # Keep the fold's outputs so other scores or statistics can be tried later without retraining.
+    fold_dir = Path(args.out) / "folds" / heldout
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(fold_dir / "outputs.npz", weight=ex["weight"], bias=ex["bias"],
+                        **{f"{split}_{k}": v for split in ("train", "val", "test") for k, v in ex[split].items()})
+    t0 = time.perf_counter()
+    res = score_fold(ex, heldout, args.scores, args.target_recall, args.knn_k)
+    seconds["score"] = time.perf_counter() - t0
+    reject, h = CLASSES.index(REJECT_LABEL), CLASSES.index(heldout)
+    te, va = ex["test"], ex["val"]
+    known = (te["labels"] != reject) & (te["labels"] != h)
+    return {"heldout": heldout, "scores": res, "train_images": int(len(ex["train"]["labels"])),
+            "test_known": int(known.sum()), "test_unknown": int((te["labels"] == h).sum()),
+            "val_acc": float((va["logits"].argmax(1) == va["labels"]).mean()),
+            "test_known_acc": float((te["logits"].argmax(1) == te["labels"])[known].mean()),
+            "seconds": seconds, **info}
+
+
+# ------------------------------------------------------------------ partially frozen folds (the cheap default)
+class PartialCache:
+    """Activations of the frozen lower stages (ImageNet weights, never trained on our data, so no fold can leak
+    the held-out class through them), computed once for every image and reused by all folds.
+
+    Train images are cached in ``views`` augmented versions (train.data's augmentation, epoch ``v`` seeds view
+    ``v``) plus the un-augmented version that the statistics are fitted on.
+    """
+
+    def __init__(self, data: Path, args: argparse.Namespace, cache_file: Path | None = None) -> None:
+        import torch
+        from torch.utils.data import DataLoader
+
+        from train.data import AugmentConfig, ImageFolderDataset
+        from train.models import build_model, default_normalisation
+
+        torch.manual_seed(args.seed)
+        self.base = build_model(args.arch, len(CLASSES), args.weights).eval()
+        self.split_at = args.freeze_stages
+        self.mean, self.std = default_normalisation(args.arch, args.weights)
+        lower = self.base.features[: self.split_at]
+        size = (args.img_size, args.img_size)
+
+        def run(ds: Any, desc: str) -> tuple[torch.Tensor, np.ndarray]:
+            outs = []
+            with torch.inference_mode():
+                for x, _ in tqdm_(DataLoader(ds, batch_size=64), desc, args.progress):
+                    outs.append(lower(x))
+            return torch.cat(outs), ds.labels.copy()
+
+        key = {k: str(getattr(args, k)) for k in ("data", "arch", "weights", "img_size", "freeze_stages", "views",
+                                                    "augment", "seed")}
+        if cache_file is not None and cache_file.is_file():
+            saved = torch.load(cache_file, weights_only=True)
+            if saved.get("key") == key:
+                log.info("frozen-stage activations from %s", cache_file)
+                self.acts, self.views = saved["acts"], saved["views"]
+                self.labels = {k: v.numpy() for k, v in saved["labels"].items()}
+                return
+        self.acts: dict[str, torch.Tensor] = {}
+        self.labels: dict[str, np.ndarray] = {}
+        for split in ("train", "val", "test"):
+            ds = ImageFolderDataset(data / split, size, self.mean, self.std, augment=None)
+            self.acts[split], self.labels[split] = run(ds, f"frozen stages: {split}")
+        aug = AugmentConfig.strength(args.augment)
+        self.views: list[torch.Tensor] = []
+        if aug is not None:
+            ds = ImageFolderDataset(data / "train", size, self.mean, self.std, augment=aug, seed=args.seed)
+            for v in range(args.views):
+                ds.set_epoch(v)
+                self.views.append(run(ds, f"frozen stages: train view {v + 1}/{args.views}")[0])
+        if not self.views:
+            self.views = [self.acts["train"]]
+        if cache_file is not None:
+            import io
+
+            from runtime._atomic import atomic_write_bytes
+
+            buf = io.BytesIO()
+            torch.save({"key": key, "acts": self.acts, "views": self.views,
+                        "labels": {k: torch.from_numpy(v) for k, v in self.labels.items()}}, buf)
+            atomic_write_bytes(cache_file, buf.getvalue())
+
+
+def tqdm_(it: Any, desc: str, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(it, desc=desc, leave=False, disable=not enabled)
+
+
+def train_partial_fold(cache: PartialCache, heldout: str, args: argparse.Namespace) -> Any:
+    """Fine-tune the unfrozen top stages + a fresh head on cached activations of every class but ``heldout``."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    from train.loop import class_weights
+
+    h = CLASSES.index(heldout)
+    model = copy.deepcopy(cache.base)
+    torch.manual_seed(args.seed * 1000 + h)
+    lin = model.classifier[-1]
+    nn.init.uniform_(lin.weight, -1 / lin.in_features ** 0.5, 1 / lin.in_features ** 0.5)
+    nn.init.zeros_(lin.bias)
+    top = model.features[cache.split_at:]
+    keep = np.flatnonzero(cache.labels["train"] != h)
+    y_all = torch.as_tensor(cache.labels["train"])
+    counts = np.bincount(cache.labels["train"][keep], minlength=len(CLASSES))
+    crit = nn.CrossEntropyLoss(weight=torch.as_tensor(class_weights(counts), dtype=torch.float32),
+                               label_smoothing=0.1)
+    opt = torch.optim.AdamW([{"params": top.parameters(), "lr": args.lr},
+                             {"params": model.classifier.parameters(), "lr": args.lr * 3}], weight_decay=0.02)
+    steps_per_epoch = (len(keep) + args.batch_size - 1) // args.batch_size
+    total, warm = args.epochs * steps_per_epoch, max(1, steps_per_epoch // 2)
+    def lr_at(st: int) -> float:
+        return (st + 1) / warm if st < warm else 0.5 * (1 + float(np.cos(np.pi * (st - warm) / max(1, total - warm))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    g = torch.Generator().manual_seed(args.seed * 1000 + h)
+    model.train()
+    model.features[: cache.split_at].eval()
+    for epoch in tqdm_(range(args.epochs), f"train without {heldout}", args.progress):
+        view = cache.views[epoch % len(cache.views)]
+        order = keep[torch.randperm(len(keep), generator=g).numpy()]
+        for i in range(0, len(order), args.batch_size):
+            idx = torch.as_tensor(order[i:i + args.batch_size])
+            feats = torch.flatten(model.avgpool(top(view[idx])), 1)
+            loss = crit(model.classifier(feats), y_all[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        log.info("fold %s epoch %d/%d: last batch loss %.3f", heldout, epoch + 1, args.epochs, loss.item())
+    return model.eval()
+
+
+def run_fold_partial(cache: PartialCache, heldout: str, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    t0 = time.perf_counter()
+    model = train_partial_fold(cache, heldout, args)
+    t_train = time.perf_counter() - t0
+    h = CLASSES.index(heldout)
+    top = model.features[cache.split_at:]
+    ex: dict[str, Any] = {}
+    with torch.inference_mode():
+        for split in ("train", "val", "test"):
+            keep = np.flatnonzero(cache.labels[split] != h) if split != "test" else np.arange(len(cache.labels[split]))
+            feats = torch.flatten(model.avgpool(top(cache.acts[split][torch.as_tensor(keep)])), 1)
+            ex[split] = {"logits": model.classifier(feats).numpy(), "features": feats.numpy(),
+                         "labels": cache.labels[split][keep]}
+    lin = model.classifier[-1]
+    ex["weight"], ex["bias"] = lin.weight.detach().numpy().copy(), lin.bias.detach().numpy().copy()
+    return _finish_fold(ex, heldout, args, {"train": t_train, "extract": time.perf_counter() - t0 - t_train}, {})
+
+
+# ------------------------------------------------------------------ summary, table, plots
+def summarise(folds: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    names = list(folds[0]["scores"])
+    keys = [k for k, v in folds[0]["scores"][names[0]].items() if isinstance(v, float)]
+    return {n: {k: float(np.nanmean([f["scores"][n][k] for f in folds])) for k in keys} for n in names}
+
+
+def choose_default(summary: dict[str, dict[str, float]]) -> str:
+    """Highest mean AUROC; ties broken by lower FPR@95."""
+    return max(summary, key=lambda n: (round(summary[n]["auroc"], 3), -summary[n]["fpr95"]))
+
+
+def format_table(folds: list[dict[str, Any]], summary: dict[str, dict[str, float]]) -> str:
+    names = list(summary)
+    lines = ["AUROC / FPR@95TPR per held-out class (known = other named classes, unknown = held-out class)", "",
+             "| held out | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for f in folds:
+        cells = [f"{f['scores'][n]['auroc']:.3f} / {f['scores'][n]['fpr95']:.2f}" for n in names]
+        lines.append(f"| {f['heldout']} | " + " | ".join(cells) + " |")
+    lines.append("| **mean** | " + " | ".join(f"**{summary[n]['auroc']:.3f} / {summary[n]['fpr95']:.2f}**"
+                                             for n in names) + " |")
+    lines += ["", "At the val threshold (mean over folds): known recall, known accuracy no rejection → with rejection "
+              "(rejected = wrong) / selective, unknowns sent to `other`, accuracy on known+unknown test images", "",
+              "| score | known recall | acc no-reject | acc with reject | selective acc | unknown→other | mixed acc |",
+              "|---|---|---|---|---|---|---|"]
+    for n in names:
+        s = summary[n]
+        lines.append(f"| {n} | {s['known_recall']:.3f} | {s['known_acc_no_reject']:.3f} | "
+                     f"{s['known_acc_with_reject']:.3f} | {s['known_selective_acc']:.3f} | "
+                     f"{s['unknown_to_other']:.3f} | {s['mixed_acc']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(folds: list[dict[str, Any]], summary: dict[str, dict[str, float]], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    held = [f["heldout"] for f in folds]
+    grid = np.array([[f["scores"][n]["auroc"] for n in names] for f in folds] + [[summary[n]["auroc"]
+                                                                                  for n in names]])
+    fig, ax = plt.subplots(figsize=(1.1 * len(names) + 3, 0.5 * len(held) + 2.5))
+    im = ax.imshow(grid, vmin=0.5, vmax=1.0, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(names)), names, rotation=40, ha="right")
+    ax.set_yticks(range(len(held) + 1), held + ["mean"])
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="w" if grid[i, j] < 0.8 else "k",
+                    fontsize=8)
+    ax.set_title("AUROC: held-out class vs known named classes")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    p1 = out / "auroc.png"
+    fig.savefig(p1, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for n in names:
+        curve = np.mean([f["scores"][n]["curve"] for f in folds], axis=0)
+        ax.plot(COVERAGE_GRID, curve, label=f"{n} (AUROC {summary[n]['auroc']:.3f})",
+                ls="-" if "+other" not in n else "--")
+    ax.set_xlabel("coverage (fraction of known + unknown test images accepted)")
+    ax.set_ylabel("accuracy on accepted (accepted unknowns are errors)")
+    ax.set_title("Coverage / accuracy, mean over held-out classes")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    p2 = out / "coverage_accuracy.png"
+    fig.savefig(p2, dpi=110)
+    plt.close(fig)
+    return [p1, p2]
+
+
+# ------------------------------------------------------------------ cost of the in-graph score
+def measure_score_cost(out: Path, arch: str = "efficientnet_lite0", img_size: int = 224,
+                       scores: Sequence[str] = FEATURE_SCORES, bank_size: int = 2048, iters: int = 60,
+                       rounds: int = 6, threads: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """ONNX Runtime CPU latency (batch 1) and file size of the exported model with vs without each score head.
+
+    Weights and statistics are random (cost does not depend on their values; the KNN bank has ``bank_size`` rows).
+    Configurations run interleaved and are compared per round (:mod:`benchmarks.timing`), so a noisy neighbour
+    slows both sides of a ratio.
+    """
+    import onnxruntime as ort
+    import torch
+
+    from benchmarks.timing import paired_ratio, run_interleaved, summarize
+    from export.onnx_export import export_onnx
+    from runtime.contract import ModelMetadata
+    from runtime.ort_backend import session_options
+    from train.models import build_model
+    from train.openset import fit_openset_stats, metadata_updates, scored_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = build_model(arch, len(CLASSES), "none").eval()
+    rng = np.random.default_rng(0)
+    feats = np.abs(rng.normal(size=(bank_size, 1280))).astype(np.float32)
+    labels = np.arange(bank_size) % 7
+    lin = model.classifier[-1]
+    stats = fit_openset_stats(feats, labels, lin.weight, lin.bias, knn_bank_size=bank_size)
+    meta = ModelMetadata(input_size=(img_size, img_size), arch=arch)
+    paths = {"plain": export_onnx(model, meta, out / f"plain_{img_size}.onnx")}
+    for name in scores:
+        m = meta.with_updates(**metadata_updates(name, 0.0))
+        paths[name] = export_onnx(scored_model(model, stats, name), m, out / f"{name}_{img_size}.onnx")
+    x = np.random.default_rng(1).normal(size=(1, 3, img_size, img_size)).astype(np.float32)
+
+    class OrtRunner:
+        def __init__(self, path: Path) -> None:
+            self.sess = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+            self.name = self.sess.get_inputs()[0].name
+
+        def step(self) -> dict[str, float]:
+            t = time.perf_counter()
+            self.sess.run(None, {self.name: x})
+            return {"total": (time.perf_counter() - t) * 1e3}
+
+    names = list(paths)
+    samples = run_interleaved([OrtRunner(paths[n]) for n in names], iters=iters, warmup=3, rounds=rounds)
+    base = samples[0]
+    res: dict[str, Any] = {"img_size": img_size, "arch": arch, "bank_size": bank_size, "threads": threads,
+                           "models": {}}
+    for n, smp in zip(names, samples):
+        entry = {**summarize(smp.stages["total"]), "file_mb": paths[n].stat().st_size / 2**20}
+        if n != "plain":
+            entry["ratio_vs_plain"] = paired_ratio(smp, base)
+            entry["extra_mb"] = entry["file_mb"] - res["models"]["plain"]["file_mb"]
+        res["models"][n] = entry
+    return res
+
+
+def format_cost(results: list[dict[str, Any]]) -> str:
+    lines = ["| input | score head | median ms (batch 1) | ratio vs plain [per-round range] | file MB (+extra) |",
+             "|---|---|---|---|---|"]
+    for r in results:
+        for n, e in r["models"].items():
+            ratio = e.get("ratio_vs_plain")
+            rtxt = f"{ratio['ratio']:.3f} [{ratio['lo']:.3f}–{ratio['hi']:.3f}]" if ratio else "1"
+            extra = f" (+{e['extra_mb']:.1f})" if "extra_mb" in e else ""
+            lines.append(f"| {r['img_size']} px | {n} | {e['median_ms']:.2f} | {rtxt} | {e['file_mb']:.1f}{extra} |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ driver
+def run_cost(args: argparse.Namespace) -> list[dict[str, Any]]:
+    out = Path(args.out)
+    results = [measure_score_cost(out / "cost_models", args.arch, size, [s for s in args.scores if s in FEATURE_SCORES],
+                                  iters=args.cost_iters, threads=args.threads, progress=args.progress)
+               for size in args.cost_sizes]
+    atomic_write_text(out / "cost.json", json.dumps(results, indent=2) + "\n")
+    table = format_cost(results)
+    atomic_write_text(out / "cost.md", table)
+    print(table)
+    return results
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    if args.data is None:
+        raise SystemExit("--data is required (unless --cost)")
+    data, out = Path(args.data), Path(args.out)
+    for split in ("train", "val", "test"):
+        if not (data / split).is_dir():
+            raise SystemExit(f"{data}: missing {split}/ (expected {data}/{{train,val,test}}/<class>/)")
+    out.mkdir(parents=True, exist_ok=True)
+    heldout = args.heldout or list(NAMED_CLASSES)
+    unknown = [c for c in heldout if c not in NAMED_CLASSES]
+    if unknown:
+        raise SystemExit(f"--heldout {unknown}: only named classes can be held out ({', '.join(NAMED_CLASSES)})")
+    folds: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    cache = PartialCache(data, args, out / "frozen_cache.pt") if args.mode == "partial" else None
+    t_cache = time.perf_counter() - t0
+    for c in tqdm_(heldout, "held-out classes", args.progress):
+        log.info("fold: hold out %s", c)
+        fold = run_fold_partial(cache, c, args) if cache is not None else run_fold_full(data, c, out, args)
+        folds.append(fold)
+        s = {n: round(v["auroc"], 3) for n, v in fold["scores"].items()}
+        log.info("fold %s: AUROC %s (%.0f s)", c, s, sum(fold["seconds"].values()))
+        partial = {"config": _config(args), "folds": folds}
+        atomic_write_text(out / "results.json", json.dumps(partial, indent=2, default=float) + "\n")
+    summary = summarise(folds)
+    default = choose_default(summary)
+    result = {"config": _config(args), "folds": folds, "mean": summary, "default_score": default,
+              "seconds_total": time.perf_counter() - t0, "seconds_frozen_cache": t_cache}
+    atomic_write_text(out / "results.json", json.dumps(result, indent=2, default=float) + "\n")
+    table = format_table(folds, summary)
+    atomic_write_text(out / "table.md", table + f"\nDefault score (highest mean AUROC): {default}\n")
+    plot_results(folds, summary, out)
+    print(table)
+    print(f"default score: {default}; results in {out}")
+    return result
+
+
+def _config(args: argparse.Namespace) -> dict[str, Any]:
+    d = {k: v for k, v in vars(args).items() if k != "func"}
+    d["threads"] = os.environ.get("OMP_NUM_THREADS")
+    return d
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from train.openset import ALL_SCORES
+
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.openset",
+        description="Leave-one-class-out open-set benchmark: train without each named class, then measure how well "
+                    "every rejection score rejects it (AUROC, FPR@95TPR, accuracy at the val threshold).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  python -m train.synthetic --out data/synth --per-class 300 --size 64 --seed 0
+  python -m benchmarks.openset --data data/synth --out runs/openset_synth --epochs 4 --img-size 64
+  python -m benchmarks.openset --data data/synth --out runs/openset_synth --reuse      # re-score, no retraining
+  python -m benchmarks.openset --data /work/shared/datasets/sem-hackathon --out runs/openset_real --img-size 128
+  python -m benchmarks.openset --data data/synth --out /tmp/os --heldout cracks ler --epochs 1 --img-size 32
+  python -m benchmarks.openset --cost --out runs/openset_cost        # in-graph score head: latency and size
+""")
+    p.add_argument("--data", help="dataset root with train/, val/, test/ class folders")
+    p.add_argument("--cost", action="store_true",
+                   help="instead of the benchmark: ORT CPU latency and file size with vs without each score head")
+    p.add_argument("--cost-sizes", type=int, nargs="+", default=[128, 224], help="--cost: input sizes")
+    p.add_argument("--cost-iters", type=int, default=60, help="--cost: timed runs per model")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for training/extraction and ONNX Runtime threads for --cost (default: torch's "
+                        "and ORT's own). On a CPU shared with other jobs, 1 was 4x faster per step than 2 here")
+    p.add_argument("--out", required=True, help="output folder (results.json, table.md, plots, fold runs)")
+    p.add_argument("--heldout", nargs="*", default=None, help="named classes to hold out (default: all 7)")
+    p.add_argument("--scores", nargs="*", default=list(ALL_SCORES), choices=ALL_SCORES, help="scores to measure")
+    p.add_argument("--mode", choices=("partial", "full"), default="partial",
+                   help="partial (default): ImageNet lower stages frozen and cached once, top stages + head "
+                        "fine-tuned per fold; full: the whole network trained per fold with train.loop")
+    p.add_argument("--freeze-stages", type=int, default=6,
+                   help="partial mode: number of leading model.features blocks kept frozen (6 = stem..stage 5, "
+                        "the top 2 MBConv stages, the 1280-d conv and the head are trained)")
+    p.add_argument("--views", type=int, default=2, help="partial mode: augmented versions of each train image")
+    p.add_argument("--lr", type=float, default=1e-3, help="partial mode: top-stage learning rate (head: 3x)")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--img-size", type=int, default=96)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--arch", default="efficientnet_lite0")
+    p.add_argument("--weights", default="lite0", help="starting weights: none, imagenet, lite0 or a path")
+    p.add_argument("--augment", default="light", help="none, light, default or strong")
+    p.add_argument("--head-warmup-epochs", type=int, default=1, help="full mode: epochs with the backbone frozen")
+    p.add_argument("--max-train-per-class", type=int, default=None, help="full mode: cap training images per class")
+    p.add_argument("--target-recall", type=float, default=0.95, help="known-class recall the val threshold keeps")
+    p.add_argument("--knn-k", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reuse", action="store_true", help="full mode: reuse fold models already trained under --out")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for noisy in ("train.data", "train.loop"):
+        # Fold folders lack the held-out class on purpose; train.data would warn about it for every dataset.
+        logging.getLogger(noisy).setLevel(logging.ERROR if noisy == "train.data" else logging.INFO)
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.cost:
+        run_cost(args)
+    else:
+        run_benchmark(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The open-set benchmark's metrics on constructed scores, and a smoke run of its leave-one-class-out CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks.openset import auroc, coverage_accuracy_curve, fpr_at_tpr, score_metrics
+from runtime.contract import CLASSES
+
+
+def test_auroc_orientation_known_is_positive():
+    known, unknown = np.array([3.0, 4.0, 5.0]), np.array([0.0, 1.0])
+    assert auroc(known, unknown) == 1.0
+    assert auroc(unknown, known) == 0.0
+    assert auroc(np.array([1.0, 2.0]), np.array([1.0, 2.0])) == pytest.approx(0.5)
+
+
+def test_fpr_at_95_tpr_counts_unknowns_above_the_known_threshold():
+    known = np.arange(100, dtype=float)  # 95% kept ⇒ threshold 5
+    unknown = np.array([0.0, 4.0, 5.0, 50.0])
+    assert fpr_at_tpr(known, unknown, 0.95) == pytest.approx(0.5)
+
+
+def test_coverage_accuracy_curve_takes_the_most_confident_first():
+    scores = np.array([0.9, 0.8, 0.1, 0.2])
+    correct = np.array([True, True, False, False])
+    curve = coverage_accuracy_curve(scores, correct, np.array([0.5, 1.0]))
+    np.testing.assert_allclose(curve, [1.0, 0.5])
+
+
+def test_score_metrics_at_the_val_threshold():
+    other, held = CLASSES.index("other"), CLASSES.index("cracks")
+    # Val: named known scores 1..20; 95% recall ⇒ threshold 2 (one image of 20 may fall below).
+    s_val = np.arange(1.0, 21.0)
+    val_named = np.ones(20, bool)
+    # Test: 4 known images (clean, one wrongly predicted), 2 unknown (cracks), 1 `other`.
+    labels = np.array([0, 0, 0, 0, held, held, other])
+    pred = np.array([0, 0, 0, 1, 0, other, other])
+    s_test = np.array([5.0, 6.0, 1.0, 7.0, 10.0, 0.0, 0.5])
+    known = np.isin(labels, [0])
+    unknown = labels == held
+    m = score_metrics(s_val, val_named, s_test, known, unknown, pred, labels, other, 0.95)
+    assert m["threshold"] == 2.0
+    assert m["known_recall"] == pytest.approx(3 / 4)
+    assert m["known_acc_no_reject"] == pytest.approx(3 / 4)
+    assert m["known_acc_with_reject"] == pytest.approx(2 / 4)  # image 2 right but rejected, image 3 wrong
+    assert m["known_selective_acc"] == pytest.approx(2 / 3)
+    # Unknown 4 accepted as clean (wrong); unknown 5 rejected (and predicted other anyway) → 1 of 2 to `other`.
+    assert m["unknown_to_other"] == pytest.approx(0.5)
+    assert m["auroc"] == pytest.approx(auroc(s_test[known], s_test[unknown]))
+
+
+@pytest.mark.slow
+def test_cli_smoke_two_folds(tmp_path):
+    from benchmarks.openset import main
+    from train.synthetic import main as synth_main
+
+    data = tmp_path / "synth"
+    synth_main(["--out", str(data), "--per-class", "10", "--size", "48", "--seed", "3", "--quiet"])
+    out = tmp_path / "out"
+    assert main(["--data", str(data), "--out", str(out), "--heldout", "cracks", "ler", "--epochs", "1",
+                 "--img-size", "32", "--views", "1", "--scores", "msp", "mahalanobis", "knn", "--knn-k", "2",
+                 "--no-progress"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [f["heldout"] for f in res["folds"]] == ["cracks", "ler"]
+    for f in res["folds"]:
+        assert set(f["scores"]) == {"msp", "mahalanobis", "mahalanobis+other", "knn", "knn+other"}
+        assert f["test_unknown"] > 0 and f["test_known"] > 0
+        for m in f["scores"].values():
+            assert 0.0 <= m["auroc"] <= 1.0 and 0.0 <= m["fpr95"] <= 1.0
+    assert res["default_score"] in res["mean"]
+    for name in ("table.md", "auroc.png", "coverage_accuracy.png"):
+        assert (out / name).stat().st_size > 0
