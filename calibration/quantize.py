@@ -38,6 +38,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from export.onnx_export import set_metadata_props
 from runtime._atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -263,14 +264,8 @@ def write_tensorrt_qdq(model_path: str | Path, ranges: dict[str, tuple[float, fl
 
 
 def _set_props(model: onnx.ModelProto, props: dict[str, str] | None) -> None:
-    if not props:
-        return
-    existing = {p.key: p for p in model.metadata_props}
-    for k, v in props.items():
-        if k in existing:
-            existing[k].value = v
-        else:
-            model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+    if props:
+        set_metadata_props(model, props)
 
 
 # ------------------------------------------------------------------ CPU (ONNX Runtime) INT8
