@@ -633,18 +633,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for noisy in ("train.data", "train.loop"):
-        # Fold folders lack the held-out class on purpose; train.data would warn about it for every dataset.
-        logging.getLogger(noisy).setLevel(logging.ERROR if noisy == "train.data" else logging.INFO)
     args = build_parser().parse_args(argv)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    if args.cost:
-        run_cost(args)
-    else:
-        run_benchmark(args)
+    # Fold folders lack the held-out class on purpose; train.data would warn about it for every dataset. The levels
+    # are restored afterwards so a caller (or a test run) keeps its own logging.
+    levels = {"train.data": logging.ERROR, "train.loop": logging.INFO}
+    saved = {name: logging.getLogger(name).level for name in levels}
+    try:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        if args.cost:
+            run_cost(args)
+        else:
+            run_benchmark(args)
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
     return 0
 
 

@@ -12,6 +12,8 @@ import torch
 from sklearn.metrics import f1_score
 
 from runtime.contract import CLASSES, ModelMetadata
+from runtime.preprocess import Preprocessor
+from runtime.scores import msp
 from train.checkpoint import save_checkpoint
 from train.evaluate import compute_metrics, expected_calibration_error, main
 from train.models import build_model
@@ -100,8 +102,15 @@ def test_onnx_model_goes_through_the_runtime_and_agrees_with_the_checkpoint(
     from train.checkpoint import model_from_checkpoint
 
     data = make_class_dataset(tmp_path / "test", per_class=2, size=32, splits=())
-    ckpt = _checkpoint(tmp_path)
-    model, meta = model_from_checkpoint(ckpt)
+    torch.manual_seed(0)
+    model, meta = model_from_checkpoint(_checkpoint(tmp_path))
+    # Threshold at this data's median score, so the rule rejects some images and keeps others whatever the head.
+    pre = Preprocessor(meta)
+    x = torch.from_numpy(np.stack([pre(p) for p in sorted(data.rglob("*.png"))]))
+    with torch.inference_mode():
+        scores = msp(model(x).numpy(), meta.temperature)
+    meta = meta.with_updates(threshold=float(np.median(scores)))
+    ckpt = save_checkpoint(tmp_path / "model.pt", model, meta, epoch=1)
     onnx_path = export.export_onnx(model, meta, tmp_path / "model.onnx", simplify=False)
     out = tmp_path / "eval_onnx"
     assert main(["--model", str(onnx_path), "--data", str(data), "--out", str(out), "--backend", "cpu"]) == 0
