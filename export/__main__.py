@@ -49,16 +49,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     ckpt_path = Path(args.checkpoint)
     try:
         model, meta = model_from_checkpoint(ckpt_path)
-        ckpt_args = load_checkpoint(ckpt_path).get("args") or {}
-    except (OSError, CheckpointError) as e:
+        ckpt = load_checkpoint(ckpt_path)
+        ckpt_args = ckpt.get("args") or {}
+        output_names = [meta.output_name]
+        if meta.score_output:
+            # A feature-space rejection score is computed inside the graph (extra output), from the statistics
+            # fitted at the end of training, so every backend gets it without Python-side feature handling.
+            from train.openset import scored_model, stats_from_checkpoint
+
+            stats = stats_from_checkpoint(ckpt, meta.score, str(ckpt_path))
+            model = scored_model(model, stats, meta.score, meta.temperature)
+            output_names.append(meta.score_output)
+    except (OSError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else ckpt_path.with_suffix(".onnx")
-    path = export_onnx(model, meta, out, opset=args.opset, simplify=not args.no_simplify)
+    path = export_onnx(model, meta, out, output_names=output_names, opset=args.opset, simplify=not args.no_simplify)
     inputs, source = parity_inputs(meta, [args.parity_data, ckpt_args.get("data") if isinstance(ckpt_args, dict)
                                           else None], n=args.parity_images)
     try:
-        result = parity_check(model, path, inputs, source, args.tolerance)
+        result = parity_check(model, path, inputs, source, args.tolerance, output_names=output_names)
     except ParityError as e:
         bad = path.with_name(path.name + ".failed-parity")
         path.replace(bad)

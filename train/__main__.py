@@ -10,6 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from train.loop import TrainConfig, train
+from train.openset import ALL_SCORES
 
 EPILOG = """examples:
   python -m train --data data --out runs/lite0            # the default (best) recipe
@@ -66,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=d.threads,
                     help="torch CPU threads (0 = one per core; use fewer on a CPU shared with other jobs)")
     ap.add_argument("--cache", type=_bool, default=d.cache, help="keep decoded grey images in memory")
-    ap.add_argument("--score", default=d.score, choices=("msp", "max_logit", "energy"), help="rejection score")
+    ap.add_argument("--score", default=d.score, choices=ALL_SCORES,
+                    help="rejection score: logit scores (msp, max_logit, energy) or feature scores computed in the "
+                    "exported graph (mahalanobis, relative_mahalanobis, knn, vim); default msp")
     ap.add_argument("--target-recall", type=float, default=d.target_recall,
                     help="share of known-class val images the rejection threshold must keep")
     ap.add_argument("--device", default=d.device, help="auto | cpu | cuda[:N]")

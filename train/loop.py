@@ -40,6 +40,15 @@ from train.confidence import calibrate, reject_mask
 from train.data import AugmentConfig, ImageFolderDataset, fingerprint_dataset, split_dirs
 from train.evaluate import compute_metrics, predict_logits, write_report
 from train.models import ARCHS, build_model, default_normalisation
+from train.openset import CHECKPOINT_KEY as OPENSET_KEY
+from train.openset import (
+    calibrate_threshold,
+    collect_outputs,
+    fit_openset_from_loader,
+    metadata_updates,
+    needs_score_output,
+    score_outputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -384,6 +393,22 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     return finalise(cfg, out, device, history)
 
 
+def _fit_openset(model: torch.nn.Module, train_dir: Path, meta: ModelMetadata, cfg: TrainConfig, device: str,
+                 required: bool) -> dict[str, torch.Tensor] | None:
+    """Feature statistics for the open-set scores, fitted on the (unaugmented) training split and stored with the
+    model, so a feature score can be chosen at export time without retraining. Only fatal if the run's score needs
+    them."""
+    ds = ImageFolderDataset(train_dir, meta.input_size, meta.mean, meta.std, augment=None, cache=cfg.cache)
+    try:
+        return fit_openset_from_loader(model, DataLoader(ds, batch_size=64), labels=meta.labels, device=device,
+                                       progress=False)
+    except (ValueError, RuntimeError) as e:
+        if required:
+            raise
+        log.warning("open-set feature statistics not fitted (%s); feature scores will need a retrain", e)
+        return None
+
+
 def finalise(cfg: TrainConfig, out: Path, device: str, history: list[dict[str, Any]]) -> dict[str, Any]:
     """Calibrate best.pt on val (temperature, rejection threshold), write its final metadata, test if present."""
     best_path = out / "best.pt"
@@ -395,17 +420,32 @@ def finalise(cfg: TrainConfig, out: Path, device: str, history: list[dict[str, A
     splits = split_dirs(cfg.data)
     val_ds = ImageFolderDataset(splits["val"], meta.input_size, meta.mean, meta.std, augment=None, cache=cfg.cache)
     val_logits, val_labels = predict_logits(model, DataLoader(val_ds, batch_size=64), device)
-    cal = calibrate(val_logits, val_labels, cfg.score, cfg.target_recall, meta.labels)
+    feature_score = needs_score_output(cfg.score)
+    # Temperature is always fitted on logits; a feature-space score gets its threshold from the in-graph score head.
+    cal = calibrate(val_logits, val_labels, "msp" if feature_score else cfg.score, cfg.target_recall, meta.labels)
+    stats = _fit_openset(model, splits["train"], meta, cfg, device, required=feature_score)
+    if stats is not None:
+        ckpt[OPENSET_KEY] = stats
+    if feature_score:
+        thr, rep = calibrate_threshold(model, stats, DataLoader(val_ds, batch_size=64), cfg.score,
+                                       target_recall=cfg.target_recall, temperature=cal["temperature"],
+                                       labels=meta.labels, device=device)
+        cal.update({"score": cfg.score, "threshold": thr, "known_recall": rep["val_named_recall"]})
     log.info("calibration on val: temperature %.3f (NLL %.3f → %.3f), %s threshold %.4f keeps %.1f%% of known-class "
              "images", cal["temperature"], cal["nll_before"], cal["nll_after"], cfg.score, cal["threshold"],
              100 * cal["known_recall"])
-    meta = meta.with_updates(temperature=cal["temperature"], score=cfg.score, threshold=cal["threshold"])
+    meta = meta.with_updates(temperature=cal["temperature"], **metadata_updates(cfg.score, cal["threshold"]))
 
-    def metrics_for(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-        rej = reject_mask(logits, meta.temperature, meta.score, meta.threshold)
-        return compute_metrics(labels, softmax(logits, meta.temperature), rej, meta.labels)
+    def metrics_for(ds: ImageFolderDataset) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+        outs = collect_outputs(model, DataLoader(ds, batch_size=64), device)
+        if feature_score:
+            rej = ~(score_outputs(outs, stats, meta.score, meta.temperature) >= np.float32(meta.threshold))
+        else:
+            rej = reject_mask(outs.logits, meta.temperature, meta.score, meta.threshold)
+        return compute_metrics(outs.labels, softmax(outs.logits, meta.temperature), rej, meta.labels), \
+            outs.logits, outs.labels
 
-    val_metrics = metrics_for(val_logits, val_labels)
+    val_metrics = metrics_for(val_ds)[0]
     best_epoch = int(ckpt["epoch"])
     slim = {k: val_metrics[k] for k in ("accuracy", "macro_f1", "weighted_f1", "ece", "nll")}
     slim["rejection_off"] = {k: val_metrics["rejection_off"][k] for k in ("accuracy", "macro_f1")}
@@ -426,8 +466,7 @@ def finalise(cfg: TrainConfig, out: Path, device: str, history: list[dict[str, A
     if "test" in splits:
         test_ds = ImageFolderDataset(splits["test"], meta.input_size, meta.mean, meta.std, augment=None,
                                      cache=cfg.cache)
-        tl, ty = predict_logits(model, DataLoader(test_ds, batch_size=64), device)
-        test_metrics = metrics_for(tl, ty)
+        test_metrics = metrics_for(test_ds)[0]
         write_report(test_metrics, out / "eval_test")
         summary["test"] = {"macro_f1": test_metrics["macro_f1"], "accuracy": test_metrics["accuracy"],
                            "macro_f1_rejection_off": test_metrics["rejection_off"]["macro_f1"],
