@@ -113,7 +113,19 @@ def _open_append(path: Path) -> TextIO:
         raise OutputError(f"{path}: cannot open for writing: {e.strerror or e}") from None
 
 
-class JsonlOutput(Output):
+class _AppendedRecords(Output):
+    """A records file opened for appending: every record is flushed; closing also syncs it to disk."""
+
+    _f: TextIO
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+
+
+class JsonlOutput(_AppendedRecords):
     """One JSON object per line, appended and flushed per record."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -131,14 +143,9 @@ class JsonlOutput(Output):
         self._f.write(json.dumps(result.record(), ensure_ascii=False) + "\n")
         self._f.flush()
 
-    def close(self) -> None:
-        if not self._f.closed:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
 
 
-class CsvOutput(Output):
+class CsvOutput(_AppendedRecords):
     """One CSV row per frame; header written once per file; a file with another header is not touched."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -169,11 +176,6 @@ class CsvOutput(Output):
         self._w.writerow(rec)
         self._f.flush()
 
-    def close(self) -> None:
-        if not self._f.closed:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
 
 
 class ConsoleOutput(Output):
