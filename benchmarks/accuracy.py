@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -146,13 +145,7 @@ def run_accuracy(data: Path, models: Sequence[Path], backend: str = "auto", batc
     from runtime.classifier import Classifier  # noqa: F401 - fail early with the import error, before scanning
 
     first_meta = _labels_of(models[0], backend, threads)
-    data_log = logging.getLogger("train.data")
-    sidecars = _DropSidecarNotes()
-    data_log.addFilter(sidecars)  # train.synthetic's per-image .json sidecars are expected, not problems
-    try:
-        report = scan_folder(data, first_meta, verify=False)
-    finally:
-        data_log.removeFilter(sidecars)
+    report = scan_folder(data, first_meta, verify=False)  # it already passes over per-image .json descriptions
     samples = list(report.samples)
     records = []
     for m in models:
@@ -167,17 +160,8 @@ def run_accuracy(data: Path, models: Sequence[Path], backend: str = "auto", batc
     return {"schema": SCHEMA, "command": " ".join(["python -m benchmarks.accuracy", *sys.argv[1:]]),
             "machine": envinfo.machine_info(threads), "data": str(data), "num_images": len(samples),
             "class_counts": report.counts, "reference": reference,
-            "dataset_problems": [p for p in report.problems if not _is_sidecar_note(p)],
+            "dataset_problems": list(report.problems),
             "records": records}
-
-
-def _is_sidecar_note(message: str) -> bool:
-    return message.endswith("(extension .json); skipped")
-
-
-class _DropSidecarNotes(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not _is_sidecar_note(record.getMessage())
 
 
 def _labels_of(model: Path, backend: str, threads: int | None) -> tuple[str, ...]:
@@ -233,7 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"DIR/<class>/ images (default {DEFAULT_DATA})")
     ap.add_argument("--models", type=Path, nargs="+", default=None,
-                    help="ONNX files / TensorRT engines (default: the bundled sem_classifier.onnx and sem_classifier.int8.onnx)")
+                    help="ONNX files / TensorRT engines "
+                         "(default: the bundled sem_classifier.onnx and sem_classifier.int8.onnx)")
     ap.add_argument("--backend", default="auto", help="runtime.Classifier backend (auto, ort, cpu, cuda, trt)")
     ap.add_argument("--batch-size", type=int, default=32, help="images per inference call (32)")
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (physical cores)")
