@@ -42,6 +42,7 @@ from train.evaluate import compute_metrics, predict_logits, write_report
 from train.models import ARCHS, build_model, default_normalisation
 from train.openset import CHECKPOINT_KEY as OPENSET_KEY
 from train.openset import (
+    Outputs,
     calibrate_threshold,
     collect_outputs,
     fit_openset_from_loader,
@@ -419,7 +420,8 @@ def finalise(cfg: TrainConfig, out: Path, device: str, history: list[dict[str, A
     model = model.to(device).to(memory_format=torch.channels_last)
     splits = split_dirs(cfg.data)
     val_ds = ImageFolderDataset(splits["val"], meta.input_size, meta.mean, meta.std, augment=None, cache=cfg.cache)
-    val_logits, val_labels = predict_logits(model, DataLoader(val_ds, batch_size=64), device)
+    val_outs = collect_outputs(model, DataLoader(val_ds, batch_size=64), device)
+    val_logits, val_labels = val_outs.logits, val_outs.labels
     feature_score = needs_score_output(cfg.score)
     # Temperature is always fitted on logits; a feature-space score gets its threshold from the in-graph score head.
     cal = calibrate(val_logits, val_labels, "msp" if feature_score else cfg.score, cfg.target_recall, meta.labels)
@@ -436,16 +438,14 @@ def finalise(cfg: TrainConfig, out: Path, device: str, history: list[dict[str, A
              100 * cal["known_recall"])
     meta = meta.with_updates(temperature=cal["temperature"], **metadata_updates(cfg.score, cal["threshold"]))
 
-    def metrics_for(ds: ImageFolderDataset) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-        outs = collect_outputs(model, DataLoader(ds, batch_size=64), device)
+    def metrics_for(outs: Outputs) -> dict[str, Any]:
         if feature_score:
             rej = ~(score_outputs(outs, stats, meta.score, meta.temperature) >= np.float32(meta.threshold))
         else:
             rej = reject_mask(outs.logits, meta.temperature, meta.score, meta.threshold)
-        return compute_metrics(outs.labels, softmax(outs.logits, meta.temperature), rej, meta.labels), \
-            outs.logits, outs.labels
+        return compute_metrics(outs.labels, softmax(outs.logits, meta.temperature), rej, meta.labels)
 
-    val_metrics = metrics_for(val_ds)[0]
+    val_metrics = metrics_for(val_outs)
     best_epoch = int(ckpt["epoch"])
     slim = {k: val_metrics[k] for k in ("accuracy", "macro_f1", "weighted_f1", "ece", "nll")}
     slim["rejection_off"] = {k: val_metrics["rejection_off"][k] for k in ("accuracy", "macro_f1")}
@@ -466,7 +466,7 @@ def finalise(cfg: TrainConfig, out: Path, device: str, history: list[dict[str, A
     if "test" in splits:
         test_ds = ImageFolderDataset(splits["test"], meta.input_size, meta.mean, meta.std, augment=None,
                                      cache=cfg.cache)
-        test_metrics = metrics_for(test_ds)[0]
+        test_metrics = metrics_for(collect_outputs(model, DataLoader(test_ds, batch_size=64), device))
         write_report(test_metrics, out / "eval_test")
         summary["test"] = {"macro_f1": test_metrics["macro_f1"], "accuracy": test_metrics["accuracy"],
                            "macro_f1_rejection_off": test_metrics["rejection_off"]["macro_f1"],
