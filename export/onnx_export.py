@@ -226,23 +226,24 @@ def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     for vi in g.value_info:
         if vi.type.tensor_type.elem_type == F32:
             vi.type.tensor_type.elem_type = F16
+    def rename(old_name: str, new_name: str, field: str) -> None:
+        for n in g.node:
+            names = getattr(n, field)
+            for i, x in enumerate(names):
+                if x == old_name:
+                    names[i] = new_name
+
     cast_in, cast_out = [], []
     for inp in g.input:
         if inp.type.tensor_type.elem_type == F32:
-            internal = inp.name + "_fp16"
-            for n in g.node:
-                for i, x in enumerate(n.input):
-                    if x == inp.name:
-                        n.input[i] = internal
-            cast_in.append(helper.make_node("Cast", [inp.name], [internal], name=inp.name + "_to_fp16", to=F16))
+            rename(inp.name, inp.name + "_fp16", "input")
+            cast_in.append(helper.make_node("Cast", [inp.name], [inp.name + "_fp16"], name=inp.name + "_to_fp16",
+                                            to=F16))
     for out in g.output:
         if out.type.tensor_type.elem_type == F32:
-            internal = out.name + "_fp16"
-            for n in g.node:
-                for i, x in enumerate(n.output):
-                    if x == out.name:
-                        n.output[i] = internal
-            cast_out.append(helper.make_node("Cast", [internal], [out.name], name=out.name + "_to_fp32", to=F32))
+            rename(out.name, out.name + "_fp16", "output")
+            cast_out.append(helper.make_node("Cast", [out.name + "_fp16"], [out.name], name=out.name + "_to_fp32",
+                                             to=F32))
     nodes = cast_in + list(g.node) + cast_out
     del g.node[:]
     g.node.extend(nodes)
