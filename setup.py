@@ -17,7 +17,8 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["runtime*", "train*", "export*", "calibration*", "benchmarks*"]) + ["runtime.models"],
+    packages=find_packages(include=["runtime*", "train*", "export*", "calibration*", "benchmarks*"])
+    + ["runtime.models"],
     # The bundled default model lives in models/ in the repository and installs as runtime/models/.
     package_dir={"runtime.models": "models"},
     package_data={"runtime.models": ["*.onnx", "*.json", "*.md"]},

@@ -52,10 +52,11 @@ DEFAULT_MAX_SPREAD = 0.25
 def artifact_candidates(model: Path, precision: str, backend: str = "onnxruntime") -> list[Path]:
     """Files that hold ``precision`` of ``model``, in order of preference.
 
-    ``models/sem_classifier.onnx`` + int8 → ``sem_classifier.int8.onnx`` (bundled name), then ``sem_classifier.int8.cpu.onnx`` (what
-    ``export.build_engine --int8`` writes for ONNX Runtime on CPU), then ``sem_classifier.int8.qdq.onnx`` (its TensorRT-style
-    Q/DQ file). TensorRT engines: ``X.engine`` / ``X.fp16.engine`` / ``X.int8.engine``. ``model`` may itself be a
-    precision variant; its stem is taken without the precision part.
+    ``models/sem_classifier.onnx`` + int8 → ``sem_classifier.int8.onnx`` (bundled name), then
+    ``sem_classifier.int8.cpu.onnx`` (what ``export.build_engine --int8`` writes for ONNX Runtime on CPU), then
+    ``sem_classifier.int8.qdq.onnx`` (its TensorRT-style Q/DQ file). TensorRT engines: ``X.engine`` /
+    ``X.fp16.engine`` / ``X.int8.engine``. ``model`` may itself be a precision variant; its stem is taken without
+    the precision part.
     """
     name = model.name
     for suffix in (".onnx", ".engine"):

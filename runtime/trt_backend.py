@@ -15,7 +15,7 @@ by ``python -m export.build_engine``) is checked before deserializing. Sidecar f
     compute_capability   "8.7" | [8, 7]        must match, unless
     hardware_compatibility_level "ampere_plus" (then any GPU with compute capability >= 8.0)
     precision            "fp16" | "int8" | "fp32"
-    onnx                 "models/sem_classifier.onnx"  the ONNX it was built from (relative to the sidecar's folder or cwd)
+    onnx                 "sem_classifier.onnx" the ONNX it was built from (relative to the sidecar's folder or cwd)
     onnx_sha256          "ab12..."             if that ONNX still exists and its hash differs, the engine is stale
     engine_sha256        "cd34..."             optional: checked against the engine file (corrupt copies)
     profile_shapes       {"images": {"min": [1,3,224,224], "opt": [...], "max": [...]}}  (informational; the

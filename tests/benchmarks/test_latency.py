@@ -117,7 +117,8 @@ def test_precisions_map_to_artifacts_next_to_the_model() -> None:
     m = Path("models/sem_classifier.onnx")
     assert latency.artifact_for(m, "fp32") == m
     assert latency.artifact_for(m, "int8") == Path("models/sem_classifier.int8.onnx")
-    assert latency.artifact_for(Path("models/sem_classifier.int8.onnx"), "fp16") == Path("models/sem_classifier.fp16.onnx")
+    int8 = Path("models/sem_classifier.int8.onnx")
+    assert latency.artifact_for(int8, "fp16") == Path("models/sem_classifier.fp16.onnx")
     assert latency.artifact_for(m, "int8", "tensorrt") == Path("models/sem_classifier.int8.engine")
 
 
