@@ -334,10 +334,9 @@ def batch_stage_times(preds: Sequence[Any]) -> dict[str, float]:
 
 class TrtBareRunner:
     """A ready tensor in the engine's pinned input buffer: host→device copy, ``execute_async_v3`` and
-    device→host copies, each timed with CUDA events on the backend's stream (the TensorRT floor).
-
-    Uses the TrtBackend's buffers and stream so the measurement is of the deployed engine setup; written against
-    runtime.trt_backend's attributes and cuda_buffers' CudaEvent. NOT RUN on the development machine (no GPU).
+    device→host copies, each timed with CUDA events on the backend's stream (the TensorRT floor), through
+    :meth:`TrtBackend.timed_run`, so the measurement is of the deployed engine setup. NOT RUN on the development
+    machine (no GPU).
     """
 
     def __init__(self, cfg: Config, threads: int) -> None:
@@ -349,35 +348,15 @@ class TrtBareRunner:
             raise SkipConfig(f"batch {cfg.batch} exceeds the engine's profile maximum {self.be.max_batch}")
         if cfg.batch < self.be.min_batch:
             raise SkipConfig(f"batch {cfg.batch} is below the engine's profile minimum {self.be.min_batch}")
-        cb = self.be._cb
-        self.cb = cb
         buf = self.be.input_buffer(cfg.batch)
         buf[:] = np.random.default_rng(0).standard_normal(buf.shape, dtype=np.float32)
-        if self.be._staging is not None:  # engine input is not float32: stage once, as a deployed infer() would
-            np.copyto(self.be._host[self.be.input_name].array[:cfg.batch], buf, casting="same_kind")
-        self.events = [cb.CudaEvent() for _ in range(4)]
         cfg.notes.append(self.be.describe())
 
     def step(self) -> dict[str, float]:
-        be, cb, n = self.be, self.cb, self.cfg.batch
-        e0, e1, e2, e3 = self.events
-        stream = be._stream
         sw = Stopwatch()
-        be._set_batch(n)
-        host_in = be._host[be.input_name]
-        e0.record(stream)
-        cb.copy_htod_async(be._device[be.input_name], host_in, host_in.array[:n].nbytes, stream)
-        e1.record(stream)
-        be._execute(n)
-        e2.record(stream)
-        for name in be.output_names:
-            host = be._host[name]
-            cb.copy_dtoh_async(host, be._device[name], host.array[:n].nbytes, stream)
-        e3.record(stream)
-        e3.synchronize()
+        gpu = self.be.timed_run(self.cfg.batch)
         out = sw.result()
-        out.update({"h2d": e1.elapsed_ms_since(e0), "inference": e2.elapsed_ms_since(e1),
-                    "d2h": e3.elapsed_ms_since(e2)})
+        out.update(gpu)
         return out
 
 

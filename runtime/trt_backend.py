@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from runtime.contract import read_sidecar
-from runtime.errors import BackendUnavailable, MetadataError
+from runtime.errors import BackendUnavailable, InputError, MetadataError
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 
@@ -259,6 +259,7 @@ class TrtBackend:
         self._host: dict[str, Any] = {}
         self._device: dict[str, Any] = {}
         self._stream: Any = None
+        self._events: list[Any] | None = None
         self.cuda_graphs = cuda_graphs
         self.device = device
         self._owner_thread = threading.get_ident()
@@ -393,6 +394,9 @@ class TrtBackend:
         """Raw outputs for a ``(N, C, H, W)`` batch; runs in profile-sized chunks when N exceeds the profile."""
         if self._closed:
             raise RuntimeError(f"{self.path}: backend is closed")
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_shape or len(batch) == 0:
+            raise InputError(f"{self.path}: expected a (N, {', '.join(map(str, self.input_shape))}) batch with N ≥ 1, "
+                             f"got {tuple(batch.shape)}")
         cb = self._cb
         if threading.get_ident() != self._owner_thread and self.device != 0:
             cb.set_device(self.device)  # the current device is per thread; device 0 is every thread's default
@@ -417,6 +421,35 @@ class TrtBackend:
                 results[tname].append(self._host[tname].array[:count].astype(np.float32, copy=True))
         return {k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in results.items()}
 
+    def timed_run(self, n: int) -> dict[str, float]:
+        """Run the ``n`` rows already written to :meth:`input_buffer` once, timing each stage with CUDA events on
+        this backend's stream: ``{"h2d", "inference", "d2h"}`` in ms (GPU time; the benchmark's floor). Outputs
+        stay in the pinned host buffers; use :meth:`infer` for results."""
+        if self._closed:
+            raise RuntimeError(f"{self.path}: backend is closed")
+        if not self.min_batch <= n <= self.max_batch:
+            raise ValueError(f"{self.path}: batch {n} is outside the engine profile "
+                             f"{self.min_batch}..{self.max_batch}")
+        cb = self._cb
+        if self._events is None:
+            self._events = [cb.CudaEvent() for _ in range(4)]
+        e0, e1, e2, e3 = self._events
+        host_in = self._host[self.input_name]
+        if self._staging is not None:  # engine input is not float32: convert on the host, as infer() does
+            np.copyto(host_in.array[:n], self._staging[:n], casting="same_kind")
+        self._set_batch(n)
+        e0.record(self._stream)
+        cb.copy_htod_async(self._device[self.input_name], host_in, host_in.array[:n].nbytes, self._stream)
+        e1.record(self._stream)
+        self._execute(n)
+        e2.record(self._stream)
+        for tname in self.output_names:
+            host = self._host[tname]
+            cb.copy_dtoh_async(host, self._device[tname], host.array[:n].nbytes, self._stream)
+        e3.record(self._stream)
+        e3.synchronize()
+        return {"h2d": e1.elapsed_ms_since(e0), "inference": e2.elapsed_ms_since(e1), "d2h": e3.elapsed_ms_since(e2)}
+
     def describe(self) -> str:
         trt = import_tensorrt()
         return (f"TensorRT {trt.__version__} on {self.gpu_name} (sm {self.compute_capability[0]}"
@@ -436,6 +469,9 @@ class TrtBackend:
         for graph in self._graphs.values():
             graph.destroy()
         self._graphs.clear()
+        for event in self._events or ():
+            event.destroy()
+        self._events = None
         for buf in (*self._host.values(), *self._device.values()):
             buf.free()
         self._host.clear()
