@@ -35,6 +35,7 @@ relative Mahalanobis (leave-one-class-out on synthetic data: KNN 0.62 → 0.57, 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ from runtime.contract import CLASSES, LOGIT_SCORES, REJECT_LABEL
 from runtime.scores import FEATURE_SCORES
 from train.confidence import choose_threshold
 from train.models import forward_features
+
+log = logging.getLogger(__name__)
 
 #: Every score this module can put in the graph; logit scores need no statistics.
 ALL_SCORES: tuple[str, ...] = LOGIT_SCORES + FEATURE_SCORES
@@ -227,8 +230,15 @@ def fit_openset_from_loader(model: nn.Module, batches: Iterable[Sequence[torch.T
     """End-of-training hook: features of the training set (un-augmented!) → statistics for the checkpoint."""
     out = collect_outputs(model, batches, device, progress=progress, desc="open-set statistics")
     lin = final_linear(model)
+    # A dataset may lack a class (a fab without cracks, a leave-one-class-out fold): "known" is then what was seen.
+    counts = np.bincount(np.asarray(out.labels, np.int64), minlength=len(labels))
+    wanted = fit_classes_for(labels, include_reject_class)
+    fit = [c for c in wanted if counts[c] >= 2]
+    if fit and len(fit) < len(wanted):
+        missing = ", ".join(f"{labels[c]} ({counts[c]})" for c in wanted if c not in fit)
+        log.warning("open-set statistics fitted without %s: fewer than 2 training images", missing)
     return fit_openset_stats(out.features, out.labels, lin.weight, lin.bias,
-                             fit_classes=fit_classes_for(labels, include_reject_class), **fit_kwargs)  # type: ignore[arg-type]
+                             fit_classes=fit or wanted, **fit_kwargs)  # type: ignore[arg-type]
 
 
 def stats_to_numpy(stats: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:

@@ -21,6 +21,7 @@ from train.openset import (
     check_stats,
     collect_outputs,
     fit_classes_for,
+    fit_openset_from_loader,
     fit_openset_stats,
     metadata_updates,
     scored_model,
@@ -234,3 +235,14 @@ def test_stats_from_checkpoint_checks_what_the_score_needs():
         stats_from_checkpoint({}, "mahalanobis", source="best.pt")
     with pytest.raises(ValueError, match="not a dict of tensors"):
         stats_from_checkpoint({CHECKPOINT_KEY: {"knn_k": 3}})
+
+
+def test_training_hook_fits_the_classes_the_data_has(tiny_b0, caplog):
+    """A dataset without one class (no cracks at this fab, a leave-one-class-out fold) still gets statistics."""
+    model, _, images, _ = tiny_b0
+    labels = torch.arange(32) % 8
+    keep = labels != CLASSES.index("cracks")
+    with caplog.at_level("WARNING"):
+        st = fit_openset_from_loader(model, [(images[keep], labels[keep])], progress=False, knn_k=2)
+    assert st["class_ids"].tolist() == [0, 1, 2, 4, 5, 6]  # named classes present; `other` is never "known"
+    assert "without cracks (0)" in caplog.text
