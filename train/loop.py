@@ -63,7 +63,7 @@ class TrainConfig:
     arch: str = "efficientnet_lite0"
     weights: str = "lite0"
     epochs: int = 15
-    img_size: int = 128
+    img_size: int = 224  # sem-hackathon (128 px sources) tested better upsampled to 224 than at 128: see README
     batch_size: int = 32
     lr: float = 3e-4  # backbone peak learning rate
     head_lr: float = 1e-3
