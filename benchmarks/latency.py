@@ -81,6 +81,13 @@ def artifact_for(model: Path, precision: str, backend: str = "onnxruntime") -> P
     return next((c for c in cands if c.is_file()), cands[0])
 
 
+def cpu_artifacts(model: Path, precisions: Sequence[str]) -> list[tuple[str, Path]]:
+    """(precision, ONNX file) pairs the CPU pipeline measurements can run: existing files, FP16 left out (ONNX
+    Runtime's CPU provider has no FP16 kernels worth timing)."""
+    pairs = [(p, artifact_for(model, p)) for p in precisions if p != "fp16"]
+    return [(p, art) for p, art in pairs if art.is_file()]
+
+
 def read_onnx_metadata(path: Path) -> ModelMetadata:
     """The model contract stored in an ONNX file (via ONNX Runtime, which reads only the header)."""
     import onnxruntime as ort
@@ -716,10 +723,7 @@ def predict_overhead(model: Path, precisions: Sequence[str], frame_size: int, it
     """Classifier.predict on a decoded frame vs bare session.run on a ready tensor, interleaved, per precision."""
     frame = make_frames(1, frame_size)[0]
     results = []
-    for p in precisions:
-        art = artifact_for(model, p)
-        if p == "fp16" or not art.is_file():
-            continue
+    for p, art in cpu_artifacts(model, precisions):
         bare = OrtBareRunner(Config("onnxruntime", "bare", p, 1, artifact=str(art)), threads)
         pred = PredictRunner(str(art), frame, threads)
         s_bare, s_pred = run_interleaved([bare, pred], iters, warmup, rounds)
@@ -767,10 +771,7 @@ def pipeline_fps(model: Path, precisions: Sequence[str], frame_size: int, n_fram
     video = write_video(out_dir / f"pipeline_{frame_size}.mp4", frames, n_frames)
     short = max(5, n_frames // 5)
     rows = []
-    for p in precisions:
-        art = artifact_for(model, p)
-        if p == "fp16" or not art.is_file():
-            continue
+    for p, art in cpu_artifacts(model, precisions):
         bare = OrtBareRunner(Config("onnxruntime", "bare", p, 1, artifact=str(art)), threads)
         bare_samples: list[float] = []
         fps_rounds: list[float] = []
