@@ -20,7 +20,11 @@ For every held-out named class ``c`` (default: all 7 named classes; ``other`` al
    images of ``c`` (``other`` images are left out: rejecting them is correct either way):
 
    * ``auroc`` (sklearn ``roc_auc_score``, known = positive) and ``fpr95`` (fraction of unknowns accepted at the
-     threshold that keeps 95% of known test images);
+     threshold that keeps 95% of known test images) of the score alone;
+   * ``auroc_system`` / ``fpr95_system``: the same for what the deployed rule does. ``runtime.Classifier`` labels
+     a top prediction of ``other`` as ``other`` whatever its score, so such images rank below every image the
+     rule could accept. The score alone counts an unknown predicted ``other`` with high confidence as "accepted";
+     the system sends it where it belongs. The default score is chosen on this view;
    * with the threshold chosen on val for ``--target-recall`` of the named known classes: known recall on test,
      known accuracy without rejection / with rejection (a rejected known image counts as wrong: it becomes
      ``other``) / selective (on accepted images), and the share of unknowns that end up as ``other`` (rejected
@@ -84,6 +88,17 @@ def coverage_accuracy_curve(scores: np.ndarray, correct: np.ndarray,
     return cum[n - 1] / n
 
 
+def system_scores(scores: np.ndarray, pred: np.ndarray, reject_index: int) -> np.ndarray:
+    """The score as the deployed rule sees it: a top prediction of ``other`` comes out as ``other`` whatever its
+    score (``runtime.Classifier``), so it ranks below every image the rule could accept."""
+    s = np.asarray(scores, np.float64)
+    routed = np.asarray(pred) == reject_index
+    if not routed.any():
+        return s
+    floor = (s[~routed].min() if (~routed).any() else 0.0) - 1.0
+    return np.where(routed, floor, s)
+
+
 def score_metrics(s_val: np.ndarray, val_named: np.ndarray, s_test: np.ndarray, test_known: np.ndarray,
                   test_unknown: np.ndarray, pred_test: np.ndarray, labels_test: np.ndarray, reject_index: int,
                   target_recall: float) -> dict[str, Any]:
@@ -99,9 +114,12 @@ def score_metrics(s_val: np.ndarray, val_named: np.ndarray, s_test: np.ndarray, 
     # Mixed-set view: known right when accepted and correct; unknown right when it comes out as `other`.
     mixed = test_known | test_unknown
     sys_correct = np.where(test_known, right & accepted, ~accepted | (pred_test == reject_index))[mixed]
+    s_sys = system_scores(s_test, pred_test, reject_index)
     return {
         "auroc": auroc(known, unknown),
         "fpr95": fpr_at_tpr(known, unknown, 0.95),
+        "auroc_system": auroc(s_sys[test_known], s_sys[test_unknown]),
+        "fpr95_system": fpr_at_tpr(s_sys[test_known], s_sys[test_unknown], 0.95),
         "threshold": t,
         "known_recall": float(k_acc.mean()),
         "known_acc_no_reject": float(right[test_known].mean()),
@@ -109,7 +127,7 @@ def score_metrics(s_val: np.ndarray, val_named: np.ndarray, s_test: np.ndarray, 
         "known_selective_acc": float(right[test_known][k_acc].mean()) if k_acc.any() else float("nan"),
         "unknown_to_other": float(unknown_to_other.mean()),
         "mixed_acc": float(sys_correct.mean()),
-        "curve": coverage_accuracy_curve(s_test[mixed], np.where(test_known, right, False)[mixed]).tolist(),
+        "curve": coverage_accuracy_curve(s_sys[mixed], np.where(test_known, right, False)[mixed]).tolist(),
     }
 
 
@@ -211,6 +229,11 @@ def score_fold(ex: dict[str, Any], heldout: str, scores: Sequence[str], target_r
 def run_fold_full(data: Path, heldout: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """``--mode full``: the whole network fine-tuned by :func:`train.loop.train` on the fold's data."""
     fold_dir = out / "folds" / heldout
+    saved = fold_dir / "outputs.npz"
+    if args.reuse and saved.is_file() and (fold_dir / "run" / "summary.json").is_file():
+        # Re-scoring only: the fold's model and its outputs are already there.
+        log.info("%s: re-scoring the saved outputs %s", heldout, saved)
+        return _finish_fold(load_fold_outputs(saved), heldout, args, {}, {})
     t0 = time.perf_counter()
     make_fold_data(data, heldout, fold_dir / "data", args.max_train_per_class, args.seed)
     best = train_fold(fold_dir, args)
@@ -219,6 +242,15 @@ def run_fold_full(data: Path, heldout: str, out: Path, args: argparse.Namespace)
     ex = extract_fold(best, dirs, 64)
     t_extract = time.perf_counter() - t0 - t_train
     return _finish_fold(ex, heldout, args, {"train": t_train, "extract": t_extract}, {})
+
+
+def load_fold_outputs(path: Path) -> dict[str, Any]:
+    """The ``outputs.npz`` a fold saved, back in :func:`extract_fold`'s layout."""
+    with np.load(path) as z:
+        ex: dict[str, Any] = {split: {k: z[f"{split}_{k}"] for k in ("logits", "features", "labels")}
+                              for split in ("train", "val", "test")}
+        ex["weight"], ex["bias"] = z["weight"], z["bias"]
+    return ex
 
 
 def _finish_fold(ex: dict[str, Any], heldout: str, args: argparse.Namespace, seconds: dict[str, float],
@@ -386,8 +418,8 @@ def summarise(folds: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def choose_default(summary: dict[str, dict[str, float]]) -> str:
-    """Highest mean AUROC; ties broken by lower FPR@95."""
-    return max(summary, key=lambda n: (round(summary[n]["auroc"], 3), -summary[n]["fpr95"]))
+    """Highest mean system AUROC (what the deployed rule achieves); ties broken by lower system FPR@95."""
+    return max(summary, key=lambda n: (round(summary[n]["auroc_system"], 3), -summary[n]["fpr95_system"]))
 
 
 def format_table(folds: list[dict[str, Any]], summary: dict[str, dict[str, float]]) -> str:
@@ -399,6 +431,13 @@ def format_table(folds: list[dict[str, Any]], summary: dict[str, dict[str, float
         lines.append(f"| {f['heldout']} | " + " | ".join(cells) + " |")
     lines.append("| **mean** | " + " | ".join(f"**{summary[n]['auroc']:.3f} / {summary[n]['fpr95']:.2f}**"
                                              for n in names) + " |")
+    lines += ["", "System view: the same, with top-1 `other` predictions counted as rejected (as runtime.Classifier "
+              "labels them)", "", "| held out | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for f in folds:
+        cells = [f"{f['scores'][n]['auroc_system']:.3f} / {f['scores'][n]['fpr95_system']:.2f}" for n in names]
+        lines.append(f"| {f['heldout']} | " + " | ".join(cells) + " |")
+    lines.append("| **mean** | " + " | ".join(
+        f"**{summary[n]['auroc_system']:.3f} / {summary[n]['fpr95_system']:.2f}**" for n in names) + " |")
     lines += ["", "At the val threshold (mean over folds): known recall, known accuracy no rejection → with rejection "
               "(rejected = wrong) / selective, unknowns sent to `other`, accuracy on known+unknown test images", "",
               "| score | known recall | acc no-reject | acc with reject | selective acc | unknown→other | mixed acc |",
@@ -419,8 +458,8 @@ def plot_results(folds: list[dict[str, Any]], summary: dict[str, dict[str, float
 
     names = list(summary)
     held = [f["heldout"] for f in folds]
-    grid = np.array([[f["scores"][n]["auroc"] for n in names] for f in folds] + [[summary[n]["auroc"]
-                                                                                  for n in names]])
+    grid = np.array([[f["scores"][n]["auroc_system"] for n in names] for f in folds]
+                    + [[summary[n]["auroc_system"] for n in names]])
     fig, ax = plt.subplots(figsize=(1.1 * len(names) + 3, 0.5 * len(held) + 2.5))
     im = ax.imshow(grid, vmin=0.5, vmax=1.0, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(names)), names, rotation=40, ha="right")
@@ -429,7 +468,7 @@ def plot_results(folds: list[dict[str, Any]], summary: dict[str, dict[str, float
         for j in range(grid.shape[1]):
             ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="w" if grid[i, j] < 0.8 else "k",
                     fontsize=8)
-    ax.set_title("AUROC: held-out class vs known named classes")
+    ax.set_title("System AUROC (top-1 `other` = rejected): held-out class vs known named classes")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     p1 = out / "auroc.png"
@@ -439,7 +478,7 @@ def plot_results(folds: list[dict[str, Any]], summary: dict[str, dict[str, float
     fig, ax = plt.subplots(figsize=(7, 5))
     for n in names:
         curve = np.mean([f["scores"][n]["curve"] for f in folds], axis=0)
-        ax.plot(COVERAGE_GRID, curve, label=f"{n} (AUROC {summary[n]['auroc']:.3f})",
+        ax.plot(COVERAGE_GRID, curve, label=f"{n} (system AUROC {summary[n]['auroc_system']:.3f})",
                 ls="-" if "+other" not in n else "--")
     ax.set_xlabel("coverage (fraction of known + unknown test images accepted)")
     ax.set_ylabel("accuracy on accepted (accepted unknowns are errors)")
@@ -567,7 +606,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
               "seconds_total": time.perf_counter() - t0, "seconds_frozen_cache": t_cache}
     atomic_write_text(out / "results.json", json.dumps(result, indent=2, default=float) + "\n")
     table = format_table(folds, summary)
-    atomic_write_text(out / "table.md", table + f"\nDefault score (highest mean AUROC): {default}\n")
+    atomic_write_text(out / "table.md", table + f"\nDefault score (highest mean system AUROC): {default}\n")
     plot_results(folds, summary, out)
     print(table)
     print(f"default score: {default}; results in {out}")
@@ -626,7 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-recall", type=float, default=0.95, help="known-class recall the val threshold keeps")
     p.add_argument("--knn-k", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--reuse", action="store_true", help="full mode: reuse fold models already trained under --out")
+    p.add_argument("--reuse", action="store_true",
+                   help="full mode: reuse fold models (and their saved outputs.npz) already under --out: re-scores "
+                        "without training or feature extraction")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks.openset import auroc, coverage_accuracy_curve, fpr_at_tpr, score_metrics
+from benchmarks.openset import auroc, coverage_accuracy_curve, fpr_at_tpr, score_metrics, system_scores
 from runtime.contract import CLASSES
 
 
@@ -53,6 +53,24 @@ def test_score_metrics_at_the_val_threshold():
     assert m["auroc"] == pytest.approx(auroc(s_test[known], s_test[unknown]))
 
 
+def test_system_view_counts_a_confident_other_prediction_as_rejected():
+    other, held = CLASSES.index("other"), CLASSES.index("cracks")
+    labels = np.array([0, 0, 1, held, held])
+    # The second unknown is predicted `other` with the highest score of all: the score alone calls it the most
+    # "known" image, but runtime.Classifier labels it `other`, which is right.
+    pred = np.array([0, 0, 1, 0, other])
+    s_test = np.array([0.8, 0.9, 0.7, 0.75, 0.99])
+    sys_s = system_scores(s_test, pred, other)
+    assert sys_s[4] < s_test[:4].min() and np.array_equal(sys_s[:4], s_test[:4])
+    known, unknown = labels != held, labels == held
+    m = score_metrics(np.array([0.6, 0.7, 0.8]), np.ones(3, bool), s_test, known, unknown, pred, labels, other, 0.95)
+    assert m["auroc"] == pytest.approx(1 / 3)  # of the 6 known/unknown pairs, only 2 ranked right
+    assert m["auroc_system"] == pytest.approx(5 / 6)  # now only 0.7 < 0.75 is ranked wrong
+    assert m["fpr95_system"] <= m["fpr95"]
+    # Nothing predicted `other`: both views agree.
+    assert np.array_equal(system_scores(s_test, np.zeros(5, int), other), s_test)
+
+
 @pytest.mark.slow
 def test_cli_smoke_two_folds(tmp_path):
     from benchmarks.openset import main
@@ -71,6 +89,7 @@ def test_cli_smoke_two_folds(tmp_path):
         assert f["test_unknown"] > 0 and f["test_known"] > 0
         for m in f["scores"].values():
             assert 0.0 <= m["auroc"] <= 1.0 and 0.0 <= m["fpr95"] <= 1.0
+            assert 0.0 <= m["auroc_system"] <= 1.0 and 0.0 <= m["fpr95_system"] <= 1.0
     assert res["default_score"] in res["mean"]
     for name in ("table.md", "auroc.png", "coverage_accuracy.png"):
         assert (out / name).stat().st_size > 0
