@@ -23,8 +23,10 @@ For every held-out named class ``c`` (default: all 7 named classes; ``other`` al
      threshold that keeps 95% of known test images) of the score alone;
    * ``auroc_system`` / ``fpr95_system``: the same for what the deployed rule does. ``runtime.Classifier`` labels
      a top prediction of ``other`` as ``other`` whatever its score, so such images rank below every image the
-     rule could accept. The score alone counts an unknown predicted ``other`` with high confidence as "accepted";
-     the system sends it where it belongs. The default score is chosen on this view;
+     rule could accept. The score alone counts an unknown predicted ``other`` with high confidence as
+     "accepted"; the system sends it where it belongs. The default score is chosen on this view.
+     ``fpr95_system`` is NaN ("n/a" in the table) where over 5% of the known images are predicted ``other``:
+     then no threshold keeps 95% of them;
    * with the threshold chosen on val for ``--target-recall`` of the named known classes: known recall on test,
      known accuracy without rejection / with rejection (a rejected known image counts as wrong: it becomes
      ``other``) / selective (on accepted images), and the share of unknowns that end up as ``other`` (rejected
@@ -45,6 +47,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -119,7 +122,9 @@ def score_metrics(s_val: np.ndarray, val_named: np.ndarray, s_test: np.ndarray, 
         "auroc": auroc(known, unknown),
         "fpr95": fpr_at_tpr(known, unknown, 0.95),
         "auroc_system": auroc(s_sys[test_known], s_sys[test_unknown]),
-        "fpr95_system": fpr_at_tpr(s_sys[test_known], s_sys[test_unknown], 0.95),
+        # NaN when more than 5% of the known images are predicted `other`: the rule cannot keep 95% of them.
+        "fpr95_system": (fpr_at_tpr(s_sys[test_known], s_sys[test_unknown], 0.95)
+                         if (pred_test[test_known] != reject_index).mean() >= 0.95 else float("nan")),
         "threshold": t,
         "known_recall": float(k_acc.mean()),
         "known_acc_no_reject": float(right[test_known].mean()),
@@ -414,12 +419,19 @@ def run_fold_partial(cache: PartialCache, heldout: str, args: argparse.Namespace
 def summarise(folds: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     names = list(folds[0]["scores"])
     keys = [k for k, v in folds[0]["scores"][names[0]].items() if isinstance(v, float)]
-    return {n: {k: float(np.nanmean([f["scores"][n][k] for f in folds])) for k in keys} for n in names}
+    with warnings.catch_warnings():  # a metric that is NaN in every fold (fpr95_system) stays NaN, quietly
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return {n: {k: float(np.nanmean([f["scores"][n][k] for f in folds])) for k in keys} for n in names}
 
 
 def choose_default(summary: dict[str, dict[str, float]]) -> str:
     """Highest mean system AUROC (what the deployed rule achieves); ties broken by lower system FPR@95."""
-    return max(summary, key=lambda n: (round(summary[n]["auroc_system"], 3), -summary[n]["fpr95_system"]))
+    return max(summary, key=lambda n: (round(summary[n]["auroc_system"], 3),
+                                       -np.nan_to_num(summary[n]["fpr95_system"], nan=1.0)))
+
+
+def _rate(x: float) -> str:
+    return "n/a" if not np.isfinite(x) else f"{x:.2f}"
 
 
 def format_table(folds: list[dict[str, Any]], summary: dict[str, dict[str, float]]) -> str:
@@ -434,10 +446,12 @@ def format_table(folds: list[dict[str, Any]], summary: dict[str, dict[str, float
     lines += ["", "System view: the same, with top-1 `other` predictions counted as rejected (as runtime.Classifier "
               "labels them)", "", "| held out | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for f in folds:
-        cells = [f"{f['scores'][n]['auroc_system']:.3f} / {f['scores'][n]['fpr95_system']:.2f}" for n in names]
+        cells = [f"{f['scores'][n]['auroc_system']:.3f} / {_rate(f['scores'][n]['fpr95_system'])}" for n in names]
         lines.append(f"| {f['heldout']} | " + " | ".join(cells) + " |")
     lines.append("| **mean** | " + " | ".join(
-        f"**{summary[n]['auroc_system']:.3f} / {summary[n]['fpr95_system']:.2f}**" for n in names) + " |")
+        f"**{summary[n]['auroc_system']:.3f} / {_rate(summary[n]['fpr95_system'])}**" for n in names) + " |")
+    lines += ["", "n/a: over 5% of the known images were predicted `other`, so no threshold keeps 95% of them; "
+              "the mean FPR is over the folds where it exists."]
     lines += ["", "At the val threshold (mean over folds): known recall, known accuracy no rejection → with rejection "
               "(rejected = wrong) / selective, unknowns sent to `other`, accuracy on known+unknown test images", "",
               "| score | known recall | acc no-reject | acc with reject | selective acc | unknown→other | mixed acc |",

@@ -67,6 +67,11 @@ def test_system_view_counts_a_confident_other_prediction_as_rejected():
     assert m["auroc"] == pytest.approx(1 / 3)  # of the 6 known/unknown pairs, only 2 ranked right
     assert m["auroc_system"] == pytest.approx(5 / 6)  # now only 0.7 < 0.75 is ranked wrong
     assert m["fpr95_system"] <= m["fpr95"]
+    # One of three known images predicted `other`: no threshold keeps 95% of them, so FPR@95 is undefined.
+    pred_k = pred.copy()
+    pred_k[2] = other
+    m = score_metrics(np.array([0.6, 0.7, 0.8]), np.ones(3, bool), s_test, known, unknown, pred_k, labels, other, 0.95)
+    assert np.isnan(m["fpr95_system"]) and np.isfinite(m["fpr95"])
     # Nothing predicted `other`: both views agree.
     assert np.array_equal(system_scores(s_test, np.zeros(5, int), other), s_test)
 
