@@ -42,6 +42,7 @@ counted as errors when accepted, mean over folds). ``--mode full`` keeps fold ru
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -54,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime._atomic import atomic_write_text
+from runtime._atomic import atomic_write_bytes, atomic_write_text
 from runtime.contract import CLASSES, REJECT_LABEL
 from runtime.scores import FEATURE_SCORES, feature_score
 
@@ -238,7 +239,7 @@ def run_fold_full(data: Path, heldout: str, out: Path, args: argparse.Namespace)
     if args.reuse and saved.is_file() and (fold_dir / "run" / "summary.json").is_file():
         # Re-scoring only: the fold's model and its outputs are already there.
         log.info("%s: re-scoring the saved outputs %s", heldout, saved)
-        return _finish_fold(load_fold_outputs(saved), heldout, args, {}, {})
+        return _finish_fold(load_fold_outputs(saved), heldout, args, {}, {}, save=False)
     t0 = time.perf_counter()
     make_fold_data(data, heldout, fold_dir / "data", args.max_train_per_class, args.seed)
     best = train_fold(fold_dir, args)
@@ -259,12 +260,15 @@ def load_fold_outputs(path: Path) -> dict[str, Any]:
 
 
 def _finish_fold(ex: dict[str, Any], heldout: str, args: argparse.Namespace, seconds: dict[str, float],
-                 info: dict[str, Any]) -> dict[str, Any]:
+                 info: dict[str, Any], save: bool = True) -> dict[str, Any]:
     # Keep the fold's outputs so other scores or statistics can be tried later without retraining.
     fold_dir = Path(args.out) / "folds" / heldout
     fold_dir.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(fold_dir / "outputs.npz", weight=ex["weight"], bias=ex["bias"],
-                        **{f"{split}_{k}": v for split in ("train", "val", "test") for k, v in ex[split].items()})
+    if save:
+        buf = io.BytesIO()
+        np.savez_compressed(buf, weight=ex["weight"], bias=ex["bias"],
+                            **{f"{split}_{k}": v for split in ("train", "val", "test") for k, v in ex[split].items()})
+        atomic_write_bytes(fold_dir / "outputs.npz", buf.getvalue())
     t0 = time.perf_counter()
     res = score_fold(ex, heldout, args.scores, args.target_recall, args.knn_k)
     seconds["score"] = time.perf_counter() - t0

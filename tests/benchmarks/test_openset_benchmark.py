@@ -94,7 +94,8 @@ def test_cli_smoke_two_folds(tmp_path):
         assert f["test_unknown"] > 0 and f["test_known"] > 0
         for m in f["scores"].values():
             assert 0.0 <= m["auroc"] <= 1.0 and 0.0 <= m["fpr95"] <= 1.0
-            assert 0.0 <= m["auroc_system"] <= 1.0 and 0.0 <= m["fpr95_system"] <= 1.0
+            assert 0.0 <= m["auroc_system"] <= 1.0
+            assert np.isnan(m["fpr95_system"]) or 0.0 <= m["fpr95_system"] <= 1.0  # NaN: 95% TPR out of reach
     assert res["default_score"] in res["mean"]
     for name in ("table.md", "auroc.png", "coverage_accuracy.png"):
         assert (out / name).stat().st_size > 0
