@@ -37,7 +37,7 @@ from runtime.contract import CLASSES, ModelMetadata
 from runtime.scores import softmax
 from train.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from train.confidence import calibrate, reject_mask
-from train.data import AugmentConfig, ImageFolderDataset, fingerprint_dataset, split_dirs
+from train.data import AugmentConfig, DatasetError, ImageFolderDataset, fingerprint_dataset, split_dirs
 from train.evaluate import compute_metrics, predict_logits, write_report
 from train.models import ARCHS, build_model, default_normalisation
 from train.openset import CHECKPOINT_KEY as OPENSET_KEY
@@ -465,9 +465,16 @@ def finalise(cfg: TrainConfig, out: Path, device: str, history: list[dict[str, A
         eps = history[-min(len(history), 5):]
         summary["timing"] = {"epoch_s_mean_last5": float(np.mean([h["epoch_s"] for h in eps])),
                              "data_frac_mean": float(np.mean([h["data_frac"] for h in history]))}
+    test_ds = None
     if "test" in splits:
-        test_ds = ImageFolderDataset(splits["test"], meta.input_size, meta.mean, meta.std, augment=None,
-                                     cache=cfg.cache)
+        try:
+            test_ds = ImageFolderDataset(splits["test"], meta.input_size, meta.mean, meta.std, augment=None,
+                                         cache=cfg.cache)
+        except DatasetError as e:
+            # An empty test/ (e.g. a generator split of 0.9,0.1,0) must not cost the finished run its summary.
+            log.warning("test evaluation skipped: %s", e)
+            summary["test_skipped"] = str(e)
+    if test_ds is not None:
         test_metrics = metrics_for(collect_outputs(model, DataLoader(test_ds, batch_size=64), device))
         write_report(test_metrics, out / "eval_test")
         summary["test"] = {"macro_f1": test_metrics["macro_f1"], "accuracy": test_metrics["accuracy"],

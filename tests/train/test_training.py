@@ -50,9 +50,13 @@ def test_training_skips_bad_files_and_missing_classes(tmp_path: Path,
     (data / "train" / "gaps" / "Thumbs.db").write_bytes(b"\0\1")
     for f in (data / "train" / "ler").iterdir():
         f.unlink()
+    for name in CLASSES:  # an empty test split, as `train.synthetic --split 0.9,0.1,0` leaves it
+        (data / "test" / name).mkdir(parents=True)
     out = tmp_path / "run"
-    train(TrainConfig(data=str(data), out=str(out), epochs=1, weights="none", **TINY))
+    summary = train(TrainConfig(data=str(data), out=str(out), epochs=1, weights="none", **TINY))
     assert (out / "best.pt").is_file()
+    assert "test" not in summary and "no usable images" in summary["test_skipped"]
+    assert json.loads((out / "summary.json").read_text())["best_epoch"] == 1
 
 
 def test_resume_refuses_a_file_that_is_not_a_checkpoint(tiny_dataset: Path, tmp_path: Path) -> None:
