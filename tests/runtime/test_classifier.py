@@ -316,7 +316,7 @@ def test_bundled_model_recognises_the_bundled_samples():
         c = clf if not int8 else Classifier(bundled_model_path(int8=True), warmup=False)
         preds = c.predict_batch([str(p) for p in samples])
         right = sum(p.top_label == f.stem.rsplit("_", 1)[0] for p, f in zip(preds, samples))
-        # 15 of 16 when the model was bundled (one foreign_materials sample reads as cmp); a broken export, a
+        # 15 of 16 for the bundled model (one foreign_materials sample reads as cmp); a broken export, a
         # preprocessing change or a wrong label order drops this to chance (~2).
         assert right >= 14, (int8, [(f.name, p.top_label) for p, f in zip(preds, samples)])
 
