@@ -558,7 +558,9 @@ def generate_dataset(
         raise ValueError("split needs three fractions: train, val, test")
     out = Path(out)
     counts = split_counts(per_class, split)
-    for sp in SPLITS:
+    for sp, n_split in zip(SPLITS, counts):
+        if n_split == 0:
+            continue  # no empty test/ for a 0.9,0.1,0 split: trainers would treat it as a test split to evaluate
         for cls in classes:
             (out / sp / cls).mkdir(parents=True, exist_ok=True)
     tasks = [(str(out), cls, i, _split_of(i, counts), size, seed) for cls in classes for i in range(per_class)]

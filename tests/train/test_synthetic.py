@@ -242,6 +242,13 @@ def test_cli_writes_split_layout_jsons_and_montages(tmp_path: Path) -> None:
         assert grid is not None and grid.shape[0] > 2 * 64 and grid.shape[1] > 2 * 64
 
 
+def test_a_zero_split_gets_no_folder(tmp_path: Path) -> None:
+    out = tmp_path / "synth"
+    assert syn.main(["--out", str(out), "--per-class", "2", "--size", "48", "--split", "0.5,0.5,0", "--quiet"]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["train", "val"]  # no empty test/ to evaluate
+    assert all(len(list((out / sp / c).glob("*.png"))) == 1 for sp in ("train", "val") for c in syn.CLASSES)
+
+
 def test_cli_help_has_examples() -> None:
     res = subprocess.run([sys.executable, "-m", "train.synthetic", "--help"], cwd=REPO, capture_output=True,
                          text=True, timeout=60)
