@@ -34,7 +34,7 @@ def test_train_end_to_end_writes_calibrated_best_checkpoint(tiny_dataset: Path, 
     assert not model.training
     assert meta.labels == CLASSES and meta.input_size == (32, 32) and meta.arch == "efficientnet_lite0"
     assert meta.mean == pytest.approx((127 / 255,) * 3) and meta.std == pytest.approx((128 / 255,) * 3)
-    assert meta.threshold is not None and meta.score == "msp" and 0.01 <= meta.temperature <= 100
+    assert meta.threshold is not None and meta.score == "energy" and 0.01 <= meta.temperature <= 100
     assert len(meta.data_fingerprint) == 64
     assert meta.extra["train_args"]["epochs"] == 2 and "macro_f1" in meta.extra["val_metrics"]
     history = json.loads((out / "history.json").read_text())
