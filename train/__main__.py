@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache", type=_bool, default=d.cache, help="keep decoded grey images in memory")
     ap.add_argument("--score", default=d.score, choices=ALL_SCORES,
                     help="rejection score: logit scores (msp, max_logit, energy) or feature scores computed in the "
-                    "exported graph (mahalanobis, relative_mahalanobis, knn, vim); default energy")
+                    f"exported graph (mahalanobis, relative_mahalanobis, knn, vim); default {d.score}")
     ap.add_argument("--target-recall", type=float, default=d.target_recall,
                     help="share of known-class val images the rejection threshold must keep")
     ap.add_argument("--device", default=d.device, help="auto | cpu | cuda[:N]")
