@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--balance", default=d.balance, choices=("loss", "sampler", "none"),
                     help="class balancing: weighted loss, balanced sampler or none")
     ap.add_argument("--augment", default=d.augment, choices=("none", "light", "default", "strong"))
+    ap.add_argument("--crop-scale", type=float, nargs=2, metavar=("MIN", "MAX"), default=d.crop_scale,
+                    help="random-crop area fraction, overriding the --augment preset's (default: the preset's; "
+                    "e.g. 0.85 1.0 keeps small defects near the border in the crop)")
     ap.add_argument("--patience", type=int, default=d.patience,
                     help=f"early stopping: epochs without val macro-F1 gain (default {d.patience}; 0 = off)")
     ap.add_argument("--seed", type=int, default=d.seed)

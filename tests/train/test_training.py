@@ -121,3 +121,27 @@ def test_resume_after_sigkill_mid_epoch_finishes_the_same_schedule(tmp_path: Pat
         assert abs(g["train_loss"] - w["train_loss"]) < 1e-3 * max(1.0, w["train_loss"])
         assert abs(g["val_loss"] - w["val_loss"]) < 1e-3 * max(1.0, w["val_loss"])
     assert load_checkpoint(run / "best.pt")["metadata"]["threshold"] is not None
+
+
+def test_crop_scale_overrides_the_preset_so_a_border_defect_stays_in_the_crop() -> None:
+    import numpy as np
+
+    from train.data import augment_grey
+    from train.loop import augment_config
+
+    grey = np.full((64, 64), 100, np.uint8)
+    grey[:8, :8] = 255  # a small bright "defect" in a corner
+
+    def kept(cfg: TrainConfig) -> float:
+        aug = augment_config(cfg)
+        rng = np.random.default_rng(0)
+        outs = [augment_grey(grey, (32, 32), aug, rng) for _ in range(200)]
+        return float(np.mean([o.max() - np.median(o) > 0.1 for o in outs]))
+
+    assert augment_config(TrainConfig(augment="default", crop_scale=(0.85, 1.0))).crop_scale == (0.85, 1.0)
+    assert augment_config(TrainConfig(augment="light")).crop_scale == (0.8, 1.0)  # None keeps the preset's
+    assert augment_config(TrainConfig(augment="none", crop_scale=(0.9, 1.0))) is None
+    assert kept(TrainConfig(augment="default", crop_scale=(1.0, 1.0))) == 1.0
+    assert kept(TrainConfig(augment="default")) < 0.9  # the preset's 0.6–1.0 crops lose it often
+    with pytest.raises(ValueError, match="crop-scale"):
+        augment_config(TrainConfig(crop_scale=(0.9, 0.5)))
