@@ -6,7 +6,7 @@ them apart, or nothing does. *Leaks* are near-identical images with the same lab
 test scores look better than they will be on new images.
 
 Images are compared as 32×32 grey thumbnails (``runtime.preprocess.load_grey``, area resize), z-normalised, by
-Pearson correlation. Flipped or rotated copies are not matched. On sem-hackathon, 32 different-label pairs reach 0.9.
+Pearson correlation. Flipped or rotated copies are not matched. On sem-hackathon, 38 different-label pairs reach 0.9.
 
     python -m train.audit --data data                     # train/ val/ [test/] or one folder of class folders
     python -m train.audit --data data --out runs/audit    # + audit.json and pairs.png
