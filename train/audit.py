@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 THUMB = 32
 DEFAULT_THRESHOLD = 0.9
+MAX_PAIRS = 100_000
 _CHUNK = 2048
 
 
@@ -54,18 +55,28 @@ def thumbnail(grey: np.ndarray, side: int = THUMB) -> np.ndarray | None:
     return ((t - t.mean()) / sd).astype(np.float32)
 
 
-def near_pairs(thumbs: np.ndarray, threshold: float) -> list[tuple[int, int, float]]:
-    """``(i, j, correlation)`` for every ``i < j`` with correlation ≥ ``threshold``, highest first."""
+Pair = tuple[int, int, float]
+
+
+def near_pairs(thumbs: np.ndarray, threshold: float, limit: int = MAX_PAIRS) -> tuple[list[Pair], bool]:
+    """``(i, j, correlation)`` for ``i < j`` with correlation ≥ ``threshold``, highest first, and whether the search
+    stopped at ``limit`` pairs (a folder of video frames can hold millions; the first ``limit`` found are returned)."""
     n, d = thumbs.shape
-    out: list[tuple[int, int, float]] = []
+    out: list[Pair] = []
+    truncated = False
     for a in range(0, n, _CHUNK):
         c = thumbs[a:a + _CHUNK] @ thumbs.T / np.float32(d)
         ii, jj = np.nonzero(c >= threshold)
-        for i, j in zip(ii.tolist(), jj.tolist()):
-            if a + i < j:
-                out.append((a + i, j, float(c[i, j])))
+        keep = a + ii < jj
+        ii, jj = ii[keep], jj[keep]
+        if len(out) + len(ii) > limit:
+            ii, jj = ii[:limit - len(out)], jj[:limit - len(out)]
+            truncated = True
+        out.extend((a + i, j, float(c[i, j])) for i, j in zip(ii.tolist(), jj.tolist()))
+        if truncated:
+            break
     out.sort(key=lambda p: -p[2])
-    return out
+    return out, truncated
 
 
 def _collect(data: Path, classes: Sequence[str]) -> tuple[list[AuditImage], list[str]]:
@@ -115,7 +126,10 @@ def audit_dataset(data: str | Path, threshold: float = DEFAULT_THRESHOLD, classe
             continue
         thumbs.append(t)
         kept.append(im)
-    pairs = near_pairs(np.stack(thumbs), threshold) if len(thumbs) > 1 else []
+    pairs, truncated = near_pairs(np.stack(thumbs), threshold) if len(thumbs) > 1 else ([], False)
+    if truncated:
+        problems.append(f"more than {MAX_PAIRS} near-identical pairs at threshold {threshold}: only the first "
+                        f"{MAX_PAIRS} found are reported (raise --threshold)")
     conflicts, leaks, duplicates = [], [], []
     for i, j, c in pairs:
         a, b = kept[i], kept[j]

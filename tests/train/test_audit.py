@@ -64,10 +64,14 @@ def test_near_pairs_matches_brute_force_across_chunks(monkeypatch: pytest.Monkey
     x = np.concatenate([base, base + rng.normal(scale=0.2, size=base.shape).astype(np.float32)])
     t = np.stack([thumbnail(v.reshape(8, 8), 8) for v in x])
     monkeypatch.setattr(audit, "_CHUNK", 3)  # several chunks, pairs that straddle them
-    got = {(i, j) for i, j, _ in near_pairs(t, 0.8)}
+    pairs, truncated = near_pairs(t, 0.8)
+    got = {(i, j) for i, j, _ in pairs}
     c = t @ t.T / t.shape[1]
     want = {(i, j) for i in range(len(t)) for j in range(i + 1, len(t)) if c[i, j] >= 0.8}
-    assert got == want and {(k, k + 5) for k in range(5)} <= got
+    assert got == want and {(k, k + 5) for k in range(5)} <= got and not truncated
+    assert [p[2] for p in pairs] == sorted((p[2] for p in pairs), reverse=True)
+    few, truncated = near_pairs(t, 0.8, limit=2)  # a folder of near-identical frames must not exhaust memory
+    assert len(few) == 2 and truncated and {(i, j) for i, j, _ in few} <= want
 
 
 def test_cli_writes_json_and_sheet_and_reports_a_missing_folder(dataset: Path, tmp_path: Path,
