@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,11 +154,7 @@ def audit_dataset(data: str | Path, threshold: float = DEFAULT_THRESHOLD, classe
 
 
 def _label_pair_counts(conflicts: list[dict[str, Any]]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for r in conflicts:
-        key = " / ".join(sorted((r["a"]["label"], r["b"]["label"])))
-        counts[key] = counts.get(key, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+    return dict(Counter(" / ".join(sorted((r["a"]["label"], r["b"]["label"]))) for r in conflicts).most_common())
 
 
 def pairs_sheet(records: list[dict[str, Any]], side: int = 160, limit: int = 24) -> np.ndarray | None:
