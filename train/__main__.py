@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "e.g. 0.85 1.0 keeps small defects near the border in the crop)")
     ap.add_argument("--patience", type=int, default=d.patience,
                     help=f"early stopping: epochs without val macro-F1 gain (default {d.patience}; 0 = off)")
+    ap.add_argument("--ema", type=float, default=d.ema, metavar="DECAY",
+                    help="keep an exponential moving average of the weights (per step, e.g. 0.99) and validate, "
+                    "select and save that instead of the raw weights (default 0 = off)")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
     ap.add_argument("--threads", type=int, default=d.threads,
