@@ -103,6 +103,17 @@ def system_scores(scores: np.ndarray, pred: np.ndarray, reject_index: int) -> np
     return np.where(routed, floor, s)
 
 
+def unknown_destinations(logits: np.ndarray, labels: np.ndarray, heldout_index: int,
+                         names: Sequence[str] = CLASSES) -> dict[str, float]:
+    """Where the held-out class's images go: share of them per top-1 predicted class (before any rejection), largest
+    first. A never-seen defect absorbed by one look-alike class is what no score can undo."""
+    pred = np.asarray(logits).argmax(1)[np.asarray(labels) == heldout_index]
+    if not len(pred):
+        return {}
+    counts = np.bincount(pred, minlength=len(names))
+    return {names[i]: float(counts[i] / len(pred)) for i in np.argsort(-counts, kind="stable") if counts[i]}
+
+
 def score_metrics(s_val: np.ndarray, val_named: np.ndarray, s_test: np.ndarray, test_known: np.ndarray,
                   test_unknown: np.ndarray, pred_test: np.ndarray, labels_test: np.ndarray, reject_index: int,
                   target_recall: float) -> dict[str, Any]:
@@ -279,6 +290,7 @@ def _finish_fold(ex: dict[str, Any], heldout: str, args: argparse.Namespace, sec
             "test_known": int(known.sum()), "test_unknown": int((te["labels"] == h).sum()),
             "val_acc": float((va["logits"].argmax(1) == va["labels"]).mean()),
             "test_known_acc": float((te["logits"].argmax(1) == te["labels"])[known].mean()),
+            "unknown_top1": unknown_destinations(te["logits"], te["labels"], h),
             "seconds": seconds, **info}
 
 
@@ -465,6 +477,13 @@ def format_table(folds: list[dict[str, Any]], summary: dict[str, dict[str, float
         lines.append(f"| {n} | {s['known_recall']:.3f} | {s['known_acc_no_reject']:.3f} | "
                      f"{s['known_acc_with_reject']:.3f} | {s['known_selective_acc']:.3f} | "
                      f"{s['unknown_to_other']:.3f} | {s['mixed_acc']:.3f} |")
+    if all("unknown_top1" in f for f in folds):
+        lines += ["", "Where the unknowns go: top-1 prediction of the held-out class's test images, before rejection "
+                  "(the classes that absorb a never-seen defect)", "",
+                  "| held out | known acc | top-1 predictions of the held-out images |", "|---|---|---|"]
+        for f in folds:
+            dest = ", ".join(f"{c} {100 * v:.0f}%" for c, v in f["unknown_top1"].items())
+            lines.append(f"| {f['heldout']} | {f['test_known_acc']:.3f} | {dest} |")
     return "\n".join(lines) + "\n"
 
 

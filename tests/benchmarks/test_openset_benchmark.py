@@ -7,7 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks.openset import auroc, coverage_accuracy_curve, fpr_at_tpr, score_metrics, system_scores
+from benchmarks.openset import (
+    auroc,
+    coverage_accuracy_curve,
+    fpr_at_tpr,
+    score_metrics,
+    system_scores,
+    unknown_destinations,
+)
 from runtime.contract import CLASSES
 
 
@@ -76,6 +83,17 @@ def test_system_view_counts_a_confident_other_prediction_as_rejected():
     assert np.array_equal(system_scores(s_test, np.zeros(5, int), other), s_test)
 
 
+def test_unknown_destinations_count_top1_predictions_of_the_heldout_images_only():
+    held, cmp_, other = CLASSES.index("cracks"), CLASSES.index("cmp"), CLASSES.index("other")
+    labels = np.array([held, held, held, held, 0, 0])
+    pred = np.array([cmp_, cmp_, other, cmp_, 1, 1])  # the known images' predictions must not count
+    logits = np.eye(len(CLASSES))[pred] * 5.0
+    dest = unknown_destinations(logits, labels, held)
+    assert dest == {"cmp": 0.75, "other": 0.25}
+    assert list(dest) == ["cmp", "other"]  # largest share first
+    assert unknown_destinations(logits, np.zeros(6, int), held) == {}
+
+
 @pytest.mark.slow
 def test_cli_smoke_two_folds(tmp_path):
     from benchmarks.openset import main
@@ -92,6 +110,7 @@ def test_cli_smoke_two_folds(tmp_path):
     for f in res["folds"]:
         assert set(f["scores"]) == {"msp", "mahalanobis", "mahalanobis+other", "knn", "knn+other"}
         assert f["test_unknown"] > 0 and f["test_known"] > 0
+        assert sum(f["unknown_top1"].values()) == pytest.approx(1.0) and f["heldout"] not in f["unknown_top1"]
         for m in f["scores"].values():
             assert 0.0 <= m["auroc"] <= 1.0 and 0.0 <= m["fpr95"] <= 1.0
             assert 0.0 <= m["auroc_system"] <= 1.0
@@ -99,3 +118,4 @@ def test_cli_smoke_two_folds(tmp_path):
     assert res["default_score"] in res["mean"]
     for name in ("table.md", "auroc.png", "coverage_accuracy.png"):
         assert (out / name).stat().st_size > 0
+    assert "Where the unknowns go" in (out / "table.md").read_text()
