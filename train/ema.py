@@ -16,9 +16,12 @@ from torch import nn
 
 
 class WeightEMA:
-    """``avg ← d·avg + (1−d)·w`` after every optimizer step, with ``d = min(decay, (1+n)/(10+n))`` after ``n``
-    updates, so the first steps (far from the final weights) do not dominate a short run. Integer buffers
-    (BatchNorm's ``num_batches_tracked``) are copied, not averaged."""
+    """After the ``n``-th optimizer step, ``avg`` is the bias-corrected exponential average of the weights seen so
+    far: ``Σ_k decay^(n−k)·w_k / Σ_k decay^(n−k)``. Updated as ``avg ← d·avg + (1−d)·w`` with
+    ``d = decay·(1−decay^(n−1)) / (1−decay^n)``: the first update takes the weights as they are (the starting weights
+    get no share, unlike a plain EMA that starts from them), and ``d`` rises to ``decay`` within a few ``1/(1−decay)``
+    steps, so ``decay`` means the same on a short run as on a long one. Integer buffers (BatchNorm's
+    ``num_batches_tracked``) are copied, not averaged."""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         if not 0.0 < decay < 1.0:
@@ -30,7 +33,9 @@ class WeightEMA:
             p.requires_grad_(False)
 
     def current_decay(self) -> float:
-        return min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
+        """The ``d`` of the next update (0 for the first)."""
+        n = self.updates + 1
+        return self.decay * (1.0 - self.decay ** (n - 1)) / (1.0 - self.decay ** n)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -24,26 +25,29 @@ def _fill(model: nn.Module, value: float) -> None:
                 t.fill_(value)
 
 
-def test_weight_ema_is_the_warmed_up_moving_average() -> None:
+def test_weight_ema_is_the_bias_corrected_exponential_average() -> None:
     model = nn.Sequential(nn.Linear(2, 1), nn.BatchNorm1d(1))
-    _fill(model, 0.0)
-    ema = WeightEMA(model, decay=0.15)
-    want = 0.0
-    for step, value in enumerate((1.0, 2.0, 4.0)):
+    _fill(model, 100.0)  # the starting weights must get no share
+    ema = WeightEMA(model, decay=0.5)
+    seen = [1.0, 2.0, 4.0]
+    for step, value in enumerate(seen):
         _fill(model, value)
         model[1].num_batches_tracked.fill_(7 + step)
-        d = min(0.15, (1 + step) / (10 + step))  # 0.1 (warm-up), then the 0.15 cap
-        want = d * want + (1 - d) * value
         ema.update(model)
+    w = np.array([0.5 ** 2, 0.5, 1.0])  # decay^(n-k)
+    want = float((w * seen).sum() / w.sum())
     avg = ema.model.state_dict()
     for name in ("0.weight", "0.bias", "1.weight", "1.running_mean", "1.running_var"):
         assert torch.allclose(avg[name], torch.full_like(avg[name], want)), name
     assert int(avg["1.num_batches_tracked"]) == 9  # integer buffers are copied, not averaged
     assert ema.updates == 3 and not any(p.requires_grad for p in ema.model.parameters())
     assert all(p.requires_grad for p in model.parameters())  # the trained model is left alone
+    for _ in range(40):
+        ema.update(model)
+    assert ema.current_decay() == pytest.approx(0.5)  # the correction fades: d reaches the decay asked for
     restored = WeightEMA(nn.Sequential(nn.Linear(2, 1), nn.BatchNorm1d(1)), decay=0.9)
     restored.load_state_dict(ema.state_dict())
-    assert restored.updates == 3 and restored.decay == 0.15
+    assert restored.updates == 43 and restored.decay == 0.5
     assert torch.equal(restored.model[0].weight, ema.model[0].weight)
 
 
