@@ -29,14 +29,15 @@ class CheckpointError(ValueError):
     """A file that is not (or no longer) a checkpoint written by this project."""
 
 
-def _cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s weights and buffers as detached, contiguous CPU tensors, ready for ``torch.save``."""
     # contiguous(): channels_last strides are a training detail; consumers get the standard layout.
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
 def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: ModelMetadata, **state: Any) -> Path:
     """Write ``model``'s weights, ``meta`` and any extra resume ``state`` (epoch, optimizer, ...) atomically."""
-    ckpt: dict[str, Any] = {"model": _cpu_state_dict(model), "arch": meta.arch, "metadata": meta.to_dict()}
+    ckpt: dict[str, Any] = {"model": cpu_state_dict(model), "arch": meta.arch, "metadata": meta.to_dict()}
     ckpt.update(state)
     buf = io.BytesIO()
     torch.save(ckpt, buf)

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from train.checkpoint import cpu_state_dict
+
 
 class WeightEMA:
     """After the ``n``-th optimizer step, ``avg`` is the bias-corrected exponential average of the weights seen so
@@ -50,8 +52,7 @@ class WeightEMA:
                 avg.copy_(w)
 
     def state_dict(self) -> dict[str, Any]:
-        weights = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        return {"decay": self.decay, "updates": self.updates, "model": weights}
+        return {"decay": self.decay, "updates": self.updates, "model": cpu_state_dict(self.model)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.decay = float(state["decay"])

@@ -415,12 +415,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
                  val_loss, rec["val_acc"], rec["val_macro_f1"], rec["epoch_s"], 100 * rec["data_frac"])
         state = {"epoch": epoch + 1, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                  "rng": get_rng_state(), "history": history, "args": args_dict}
-        if ema is not None:
-            state["ema"] = ema.state_dict()
         if rec["val_macro_f1"] > max((h["val_macro_f1"] for h in history[:-1]), default=-1.0):
             save_checkpoint(best_path, selected, meta, **state)
             log.info("new best val macro-F1 %.3f → %s", rec["val_macro_f1"], best_path)
-        save_checkpoint(last_path, model, meta, **state)  # after best.pt, so a resume never loses a best epoch
+        # The average goes to last.pt only: a resume needs it, and best.pt's weights already are the average.
+        resume_ema = {"ema": ema.state_dict()} if ema is not None else {}
+        save_checkpoint(last_path, model, meta, **state, **resume_ema)  # after best.pt: a resume never loses a best
         write_history(out, history)
 
     if loader.num_workers:
