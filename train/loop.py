@@ -405,7 +405,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
                "val_macro_f1": _macro_f1(val_labels, val_pred), "lr": opt.param_groups[-1]["lr"],
                "backbone_lr": opt.param_groups[0]["lr"], "steps": steps_per_epoch, "train_s": train_time,
                "epoch_s": time.perf_counter() - t_epoch, "data_s": t_data, "step_s": t_step,
-               "data_frac": t_data / max(t_data + t_step, 1e-9), "order_digest": order_digest(order)}
+               "data_frac": t_data / max(t_data + t_step, 1e-9), "order_digest": order_digest(order),
+               "threads": torch.get_num_threads()}
         if ema is not None:
             raw_logits, _ = predict_logits(model, val_loader, device)
             rec["val_macro_f1_raw"] = _macro_f1(val_labels, raw_logits.argmax(1))
@@ -484,8 +485,11 @@ def finalise(cfg: TrainConfig, out: Path, device: str, history: list[dict[str, A
     slim = {k: val_metrics[k] for k in ("accuracy", "macro_f1", "weighted_f1", "ece", "nll")}
     slim["rejection_off"] = {k: val_metrics["rejection_off"][k] for k in ("accuracy", "macro_f1")}
     slim["rejection_on"] = val_metrics["rejection_on"]
+    # The thread count actually used (train_args keeps 0 for "torch's default"): it changes the numerics, so two runs
+    # of one seed repeat exactly only with the same count.
     meta = meta.with_updates(extra={"train_args": asdict(cfg), "best_epoch": best_epoch, "val_metrics": slim,
-                                    "calibration": cal}).validate(str(best_path))
+                                    "calibration": cal, "torch_threads": torch.get_num_threads()}
+                             ).validate(str(best_path))
     ckpt["metadata"] = meta.to_dict()
     buf = io.BytesIO()
     torch.save(ckpt, buf)

@@ -24,7 +24,8 @@ TINY = dict(img_size=32, batch_size=4, threads=1, progress=False, patience=0)
 
 def test_train_end_to_end_writes_calibrated_best_checkpoint(tiny_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    summary = train(TrainConfig(data=str(tiny_dataset), out=str(out), epochs=2, **TINY))
+    # threads=0 (torch's default): the metadata must still say how many threads actually ran.
+    summary = train(TrainConfig(data=str(tiny_dataset), out=str(out), epochs=2, **{**TINY, "threads": 0}))
     for name in ("best.pt", "last.pt", "history.csv", "history.json", "curves.png", "summary.json",
                  "eval_val/metrics.json", "eval_test/metrics.json", "eval_test/confusion_matrix.png"):
         assert (out / name).is_file(), name
@@ -37,9 +38,10 @@ def test_train_end_to_end_writes_calibrated_best_checkpoint(tiny_dataset: Path, 
     assert meta.threshold is not None and meta.score == "energy" and 0.01 <= meta.temperature <= 100
     assert len(meta.data_fingerprint) == 64
     assert meta.extra["train_args"]["epochs"] == 2 and "macro_f1" in meta.extra["val_metrics"]
+    assert meta.extra["torch_threads"] == torch.get_num_threads() >= 1  # what ran, so a rerun can match it
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
-    assert all(0.0 <= h["data_frac"] < 1.0 for h in history)
+    assert all(0.0 <= h["data_frac"] < 1.0 and h["threads"] == torch.get_num_threads() for h in history)
     assert "test" in summary and summary["best_epoch"] in (1, 2)
 
 
