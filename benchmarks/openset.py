@@ -29,8 +29,9 @@ For every held-out named class ``c`` (default: all 7 named classes; ``other`` al
      then no threshold keeps 95% of them;
    * with the threshold chosen on val for ``--target-recall`` of the named known classes: known recall on test,
      known accuracy without rejection / with rejection (a rejected known image counts as wrong: it becomes
-     ``other``) / selective (on accepted images), and the share of unknowns that end up as ``other`` (rejected
-     or predicted ``other``).
+     ``other``) / selective (on accepted images), the share of unknowns that end up as ``other`` (rejected
+     or predicted ``other``), and the share that end up ``clean`` (accepted with a top-1 ``clean``: a new defect
+     passed as defect-free, the costliest error; NaN when ``clean`` itself is held out).
 
 Writes ``results.json`` (config, per-fold per-score metrics, means, timings), ``table.md``, ``auroc.png``
 (held-out class × score) and ``coverage_accuracy.png`` (accuracy on accepted images vs coverage, unknowns
@@ -126,6 +127,9 @@ def score_metrics(s_val: np.ndarray, val_named: np.ndarray, s_test: np.ndarray, 
     right = pred_test == labels_test
     k_acc = accepted[test_known]
     unknown_to_other = (~accepted | (pred_test == reject_index))[test_unknown]
+    clean = CLASSES.index("clean")
+    missed = (accepted & (pred_test == clean))[test_unknown]
+    clean_held_out = bool((labels_test[test_unknown] == clean).any())
     # Mixed-set view: known right when accepted and correct; unknown right when it comes out as `other`.
     mixed = test_known | test_unknown
     sys_correct = np.where(test_known, right & accepted, ~accepted | (pred_test == reject_index))[mixed]
@@ -143,6 +147,7 @@ def score_metrics(s_val: np.ndarray, val_named: np.ndarray, s_test: np.ndarray, 
         "known_acc_with_reject": float((right & accepted)[test_known].mean()),
         "known_selective_acc": float(right[test_known][k_acc].mean()) if k_acc.any() else float("nan"),
         "unknown_to_other": float(unknown_to_other.mean()),
+        "unknown_to_clean": float("nan") if clean_held_out else float(missed.mean()),
         "mixed_acc": float(sys_correct.mean()),
         "curve": coverage_accuracy_curve(s_sys[mixed], np.where(test_known, right, False)[mixed]).tolist(),
     }
@@ -450,6 +455,10 @@ def _rate(x: float) -> str:
     return "n/a" if not np.isfinite(x) else f"{x:.2f}"
 
 
+def _share(x: float) -> str:
+    return "n/a" if not np.isfinite(x) else f"{x:.3f}"
+
+
 def format_table(folds: list[dict[str, Any]], summary: dict[str, dict[str, float]]) -> str:
     names = list(summary)
     lines = ["AUROC / FPR@95TPR per held-out class (known = other named classes, unknown = held-out class)", "",
@@ -469,14 +478,17 @@ def format_table(folds: list[dict[str, Any]], summary: dict[str, dict[str, float
     lines += ["", "n/a: over 5% of the known images were predicted `other`, so no threshold keeps 95% of them; "
               "the mean FPR is over the folds where it exists."]
     lines += ["", "At the val threshold (mean over folds): known recall, known accuracy no rejection → with rejection "
-              "(rejected = wrong) / selective, unknowns sent to `other`, accuracy on known+unknown test images", "",
-              "| score | known recall | acc no-reject | acc with reject | selective acc | unknown→other | mixed acc |",
-              "|---|---|---|---|---|---|---|"]
+              "(rejected = wrong) / selective, unknowns sent to `other`, unknowns passed as `clean` (accepted, top-1 "
+              "`clean`; folds holding out a defect class), accuracy on known+unknown test images", "",
+              "| score | known recall | acc no-reject | acc with reject | selective acc | unknown→other "
+              "| unknown→clean | mixed acc |",
+              "|---|---|---|---|---|---|---|---|"]
     for n in names:
         s = summary[n]
         lines.append(f"| {n} | {s['known_recall']:.3f} | {s['known_acc_no_reject']:.3f} | "
                      f"{s['known_acc_with_reject']:.3f} | {s['known_selective_acc']:.3f} | "
-                     f"{s['unknown_to_other']:.3f} | {s['mixed_acc']:.3f} |")
+                     f"{s['unknown_to_other']:.3f} | {_share(s.get('unknown_to_clean', float('nan')))} | "
+                     f"{s['mixed_acc']:.3f} |")
     if all("unknown_top1" in f for f in folds):
         lines += ["", "Where the unknowns go: top-1 prediction of the held-out class's test images, before rejection "
                   "(the classes that absorb a never-seen defect)", "",

@@ -57,7 +57,15 @@ def test_score_metrics_at_the_val_threshold():
     assert m["known_selective_acc"] == pytest.approx(2 / 3)
     # Unknown 4 accepted as clean (wrong); unknown 5 rejected (and predicted other anyway) → 1 of 2 to `other`.
     assert m["unknown_to_other"] == pytest.approx(0.5)
+    assert m["unknown_to_clean"] == pytest.approx(0.5)  # unknown 4: a new defect passed as clean (index 0)
     assert m["auroc"] == pytest.approx(auroc(s_test[known], s_test[unknown]))
+    # Predicted clean but rejected is not a miss; and with `clean` itself held out the question does not arise.
+    s_low = s_test.copy()
+    s_low[4] = 1.0
+    assert score_metrics(s_val, val_named, s_low, known, unknown, pred, labels, other, 0.95)["unknown_to_clean"] == 0
+    clean_out = labels == 0
+    m = score_metrics(s_val, val_named, s_test, labels == held, clean_out, pred, labels, other, 0.95)
+    assert np.isnan(m["unknown_to_clean"])
 
 
 def test_system_view_counts_a_confident_other_prediction_as_rejected():
@@ -111,6 +119,7 @@ def test_cli_smoke_two_folds(tmp_path):
         assert set(f["scores"]) == {"msp", "mahalanobis", "mahalanobis+other", "knn", "knn+other"}
         assert f["test_unknown"] > 0 and f["test_known"] > 0
         assert sum(f["unknown_top1"].values()) == pytest.approx(1.0) and f["heldout"] not in f["unknown_top1"]
+        assert all(0.0 <= m["unknown_to_clean"] <= 1.0 for m in f["scores"].values())  # cracks, ler: defects
         for m in f["scores"].values():
             assert 0.0 <= m["auroc"] <= 1.0 and 0.0 <= m["fpr95"] <= 1.0
             assert 0.0 <= m["auroc_system"] <= 1.0
@@ -118,4 +127,5 @@ def test_cli_smoke_two_folds(tmp_path):
     assert res["default_score"] in res["mean"]
     for name in ("table.md", "auroc.png", "coverage_accuracy.png"):
         assert (out / name).stat().st_size > 0
-    assert "Where the unknowns go" in (out / "table.md").read_text()
+    table = (out / "table.md").read_text()
+    assert "Where the unknowns go" in table and "unknown→clean" in table
