@@ -189,6 +189,7 @@ def train_fold(fold_dir: Path, args: argparse.Namespace) -> Path:
     cfg = TrainConfig(data=str(fold_dir / "data"), out=str(fold_dir / "run"), arch=args.arch, weights=args.weights,
                       epochs=args.epochs, img_size=args.img_size, batch_size=args.batch_size, seed=args.seed,
                       augment=args.augment, patience=0, head_warmup_epochs=args.head_warmup_epochs,
+                      anomaly_p=args.anomaly_p,
                       warmup_epochs=min(1.0, float(args.epochs)), progress=args.progress, workers=0)
     train(cfg)
     return best
@@ -710,6 +711,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="lite0", help="starting weights: none, imagenet, lite0 or a path")
     p.add_argument("--augment", default="light", help="none, light, default or strong")
     p.add_argument("--head-warmup-epochs", type=int, default=1, help="full mode: epochs with the backbone frozen")
+    p.add_argument("--anomaly-p", type=float, default=0.0,
+                   help="full mode: train folds with outlier exposure (python -m train --anomaly-p)")
     p.add_argument("--max-train-per-class", type=int, default=None, help="full mode: cap training images per class")
     p.add_argument("--target-recall", type=float, default=0.95, help="known-class recall the val threshold keeps")
     p.add_argument("--knn-k", type=int, default=10)

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--crop-scale", type=float, nargs=2, metavar=("MIN", "MAX"), default=d.crop_scale,
                     help="random-crop area fraction, overriding the --augment preset's (default: the preset's; "
                     "e.g. 0.85 1.0 keeps small defects near the border in the crop)")
+    ap.add_argument("--anomaly-p", type=float, default=d.anomaly_p, metavar="P",
+                    help="outlier exposure: paste a CutPaste anomaly into this share of the clean training images "
+                    "and train them as `other` (default 0 = off; needs an augmentation preset)")
     ap.add_argument("--patience", type=int, default=d.patience,
                     help=f"early stopping: epochs without val macro-F1 gain (default {d.patience}; 0 = off)")
     ap.add_argument("--ema", type=float, default=d.ema, metavar="DECAY",

@@ -153,6 +153,8 @@ class AugmentConfig:
     blur_p: float = 0.3
     blur_sigma: tuple[float, float] = (0.3, 1.3)
     invert_p: float = 0.0
+    # Outlier exposure: share of `clean` training images that get a pasted anomaly and are relabelled `other`.
+    anomaly_p: float = 0.0
 
     @classmethod
     def strength(cls, name: str) -> AugmentConfig | None:
@@ -220,6 +222,28 @@ def augment_grey(grey: np.ndarray, size: tuple[int, int], cfg: AugmentConfig, rn
     return img.astype(np.float32, copy=False)
 
 
+def paste_anomaly(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A copy of ``img`` (float, 0–1) with one CutPaste-style anomaly (Li et al. 2021): a patch of 10–30% of each
+    side, cut from the image itself, rotated by 90/180/270°, maybe mirrored, its contrast and brightness changed,
+    pasted elsewhere. It breaks the local pattern without drawing any known defect's shape (no dark line, no round
+    particle), so an image with it stands for "something is wrong here that we have no class for"."""
+    h, w = img.shape[:2]
+    ph = max(2, int(round(h * rng.uniform(0.1, 0.3))))
+    pw = max(2, int(round(w * rng.uniform(0.1, 0.3))))
+    y0, x0 = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
+    patch = np.rot90(img[y0:y0 + ph, x0:x0 + pw], int(rng.integers(1, 4)))
+    if rng.random() < 0.5:
+        patch = patch[:, ::-1]
+    m = float(patch.mean())
+    patch = (patch - m) * np.float32(rng.uniform(0.7, 1.5)) + np.float32(m + rng.uniform(-0.15, 0.15))
+    qh, qw = patch.shape[:2]
+    qh, qw = min(qh, h), min(qw, w)
+    y1, x1 = int(rng.integers(0, h - qh + 1)), int(rng.integers(0, w - qw + 1))
+    out = img.copy()
+    out[y1:y1 + qh, x1:x1 + qw] = np.clip(patch[:qh, :qw], 0.0, 1.0)
+    return out
+
+
 # ------------------------------------------------------------------ datasets
 class ImageFolderDataset(Dataset):
     """``root/<class>/*`` → ``(float32 (C,H,W) tensor, class index)`` through the runtime's preprocessing stages.
@@ -257,6 +281,11 @@ class ImageFolderDataset(Dataset):
         if not self.samples:
             raise DatasetError(f"{self.root}: no usable images ({len(self.problems)} problem(s))")
         self.labels = np.array([lbl for _, lbl in self.samples], np.int64)
+        # Outlier exposure needs both classes; without them (a custom label set) anomalies are never pasted.
+        self._clean = self.classes.index("clean") if "clean" in self.classes else -1
+        self._other = self.classes.index("other") if "other" in self.classes else -1
+        if self._other < 0:
+            self._clean = -1
 
     def _cached_form(self, grey: np.ndarray) -> np.ndarray:
         if self.augment is None:
@@ -296,6 +325,8 @@ class ImageFolderDataset(Dataset):
         else:
             rng = np.random.default_rng((self.seed, self.epoch, i))
             img = augment_grey(grey, self.size, self.augment, rng, self.resize)
+            if self.augment.anomaly_p and label == self._clean and rng.random() < self.augment.anomaly_p:
+                img, label = paste_anomaly(img, rng), self._other
         return torch.from_numpy(self.normalize(img)), label
 
 

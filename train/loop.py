@@ -76,6 +76,7 @@ class TrainConfig:
     balance: str = "loss"  # loss | sampler | none
     augment: str = "default"  # none | light | default | strong
     crop_scale: tuple[float, float] | None = None  # random-crop area fraction (min, max); None = the preset's
+    anomaly_p: float = 0.0  # outlier exposure: share of clean training images given a pasted anomaly, labelled other
     # Early stopping on val macro-F1 (epochs without improvement; 0 = never stop early). 12 keeps the best epoch of
     # all three measured 30-epoch runs (a late best at epoch 26 after 8 flat epochs) while cutting plateaued runs.
     patience: int = 12
@@ -104,9 +105,13 @@ def augment_config(cfg: TrainConfig) -> AugmentConfig | None:
     if cfg.crop_scale is not None and not 0.0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1.0:
         raise ValueError(f"--crop-scale {cfg.crop_scale[0]} {cfg.crop_scale[1]}: need 0 < MIN <= MAX <= 1 "
                          "(area fractions of the image)")
+    if not 0.0 <= cfg.anomaly_p <= 1.0:
+        raise ValueError(f"--anomaly-p {cfg.anomaly_p}: need a share between 0 and 1")
     aug = AugmentConfig.strength(cfg.augment)
     if aug is not None and cfg.crop_scale is not None:
         aug = replace(aug, crop_scale=(float(cfg.crop_scale[0]), float(cfg.crop_scale[1])))
+    if aug is not None and cfg.anomaly_p:
+        aug = replace(aug, anomaly_p=float(cfg.anomaly_p))
     return aug
 
 

@@ -19,6 +19,7 @@ from train.data import (
     ImageFolderDataset,
     augment_grey,
     fingerprint_dataset,
+    paste_anomaly,
     scan_folder,
     split_dirs,
 )
@@ -130,3 +131,43 @@ def test_fingerprint_tracks_content_and_names(tmp_path: Path, make_class_dataset
     assert fp2 != fp
     f.rename(f.with_name("renamed.png"))
     assert fingerprint_dataset(root) != fp2
+
+
+def test_paste_anomaly_changes_one_patch_sized_rectangle_and_leaves_the_input_alone() -> None:
+    rng = np.random.default_rng(0)
+    img = np.tile(np.linspace(0.2, 0.8, 40, dtype=np.float32), (40, 1))  # a gradient: any moved patch shows
+    for seed in range(20):
+        before = img.copy()
+        out = paste_anomaly(img, np.random.default_rng(seed))
+        assert np.array_equal(img, before) and out.shape == img.shape and out.dtype == np.float32
+        assert 0.0 <= out.min() and out.max() <= 1.0
+        ys, xs = np.nonzero(np.abs(out - img) > 1e-6)
+        assert len(ys), f"seed {seed}: nothing pasted"
+        # Everything changed lies in one rectangle no larger than the patch (30% of each side, rounded).
+        assert ys.max() - ys.min() + 1 <= 12 and xs.max() - xs.min() + 1 <= 12
+        assert np.array_equal(out, paste_anomaly(img, np.random.default_rng(seed)))  # reproducible
+    assert not np.array_equal(paste_anomaly(img, rng), paste_anomaly(img, rng))
+
+
+def test_anomaly_p_relabels_only_clean_training_images_as_other(tmp_path: Path,
+                                                               make_class_dataset: Callable[..., Path]) -> None:
+    root = make_class_dataset(tmp_path / "data", per_class=4, size=32, splits=())
+    clean, other = CLASSES.index("clean"), CLASSES.index("other")
+    plain = ImageFolderDataset(root, (32, 32), MEAN, STD, augment=AugmentConfig(noise_p=0.0))
+    always = ImageFolderDataset(root, (32, 32), MEAN, STD, augment=AugmentConfig(noise_p=0.0, anomaly_p=1.0))
+    evaluation = ImageFolderDataset(root, (32, 32), MEAN, STD, augment=None)
+    for i, label in enumerate(plain.labels):
+        x0, y0 = plain[i]
+        x1, y1 = always[i]
+        assert y0 == label and evaluation[i][1] == label
+        if label == clean:
+            # Same augmentation draw, plus the pasted patch; trained as `other`.
+            assert y1 == other and not torch.equal(x0, x1)
+        else:
+            assert y1 == label and torch.equal(x0, x1)
+    half = ImageFolderDataset(root, (32, 32), MEAN, STD, augment=AugmentConfig(anomaly_p=0.5))
+    relabelled = []
+    for epoch in range(8):
+        half.set_epoch(epoch)
+        relabelled += [half[i][1] == other for i in np.flatnonzero(half.labels == clean)]
+    assert 0 < sum(relabelled) < len(relabelled)  # some, not all: the share is drawn per image and epoch

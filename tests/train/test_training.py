@@ -16,7 +16,7 @@ import torch
 
 from runtime.contract import CLASSES
 from train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from train.loop import TrainConfig, epoch_order, train
+from train.loop import TrainConfig, augment_config, epoch_order, train
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = dict(img_size=32, batch_size=4, threads=1, progress=False, patience=0)
@@ -125,11 +125,17 @@ def test_resume_after_sigkill_mid_epoch_finishes_the_same_schedule(tmp_path: Pat
     assert load_checkpoint(run / "best.pt")["metadata"]["threshold"] is not None
 
 
+def test_anomaly_p_reaches_the_augmentation_and_is_range_checked() -> None:
+    assert augment_config(TrainConfig(anomaly_p=0.3)).anomaly_p == 0.3
+    assert augment_config(TrainConfig()).anomaly_p == 0.0
+    with pytest.raises(ValueError, match="--anomaly-p"):
+        augment_config(TrainConfig(anomaly_p=1.5))
+
+
 def test_crop_scale_overrides_the_preset_so_a_border_defect_stays_in_the_crop() -> None:
     import numpy as np
 
     from train.data import augment_grey
-    from train.loop import augment_config
 
     grey = np.full((64, 64), 100, np.uint8)
     grey[:8, :8] = 255  # a small bright "defect" in a corner
