@@ -236,8 +236,8 @@ def paste_anomaly(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         patch = patch[:, ::-1]
     m = float(patch.mean())
     patch = (patch - m) * np.float32(rng.uniform(0.7, 1.5)) + np.float32(m + rng.uniform(-0.15, 0.15))
-    qh, qw = patch.shape[:2]
-    qh, qw = min(qh, h), min(qw, w)
+    # Turned 90°, a patch of a very wide or tall image may not fit: clip it to the image.
+    qh, qw = min(patch.shape[0], h), min(patch.shape[1], w)
     y1, x1 = int(rng.integers(0, h - qh + 1)), int(rng.integers(0, w - qw + 1))
     out = img.copy()
     out[y1:y1 + qh, x1:x1 + qw] = np.clip(patch[:qh, :qw], 0.0, 1.0)

@@ -108,6 +108,9 @@ def augment_config(cfg: TrainConfig) -> AugmentConfig | None:
     if not 0.0 <= cfg.anomaly_p <= 1.0:
         raise ValueError(f"--anomaly-p {cfg.anomaly_p}: need a share between 0 and 1")
     aug = AugmentConfig.strength(cfg.augment)
+    if aug is None and cfg.anomaly_p:
+        raise ValueError(f"--anomaly-p {cfg.anomaly_p} needs an --augment preset (anomalies are pasted while "
+                         "augmenting); --augment none turns augmentation off")
     if aug is not None and cfg.crop_scale is not None:
         aug = replace(aug, crop_scale=(float(cfg.crop_scale[0]), float(cfg.crop_scale[1])))
     if aug is not None and cfg.anomaly_p:

@@ -130,6 +130,8 @@ def test_anomaly_p_reaches_the_augmentation_and_is_range_checked() -> None:
     assert augment_config(TrainConfig()).anomaly_p == 0.0
     with pytest.raises(ValueError, match="--anomaly-p"):
         augment_config(TrainConfig(anomaly_p=1.5))
+    with pytest.raises(ValueError, match="--augment preset"):  # not a silent no-op
+        augment_config(TrainConfig(anomaly_p=0.3, augment="none"))
 
 
 def test_crop_scale_overrides_the_preset_so_a_border_defect_stays_in_the_crop() -> None:
