@@ -5,7 +5,7 @@ defect image and its twin with the defect edited out, or a copy filed under two 
 them apart, or nothing does. *Leaks* are near-identical images with the same label in two splits, which make val and
 test scores look better than they will be on new images.
 
-Images are compared as 32×32 grey thumbnails (``runtime.preprocess.load_grey``, area resize), z-normalised, by
+Images are compared as 32×32 grey thumbnails (``runtime.preprocess.load_grey`` and ``resize_grey``), z-normalised, by
 Pearson correlation. Flipped or rotated copies are not matched. On sem-hackathon, 38 different-label pairs reach 0.9.
 
     python -m train.audit --data data                     # train/ val/ [test/] or one folder of class folders
@@ -29,7 +29,7 @@ import numpy as np
 
 from runtime._atomic import atomic_write_bytes, atomic_write_text
 from runtime.contract import CLASSES
-from runtime.preprocess import load_grey
+from runtime.preprocess import load_grey, resize_grey
 from train.data import SPLITS, DatasetError, scan_folder
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class AuditImage:
 
 def thumbnail(grey: np.ndarray, side: int = THUMB) -> np.ndarray | None:
     """Flattened, zero-mean, unit-variance ``side``×``side`` thumbnail; None for a flat image (nothing to match)."""
-    t = cv2.resize(np.ascontiguousarray(grey), (side, side), interpolation=cv2.INTER_AREA).astype(np.float64).ravel()
+    t = resize_grey(np.ascontiguousarray(grey), (side, side)).astype(np.float64).ravel()
     sd = t.std()
     if sd < 1e-6 * max(1.0, float(np.abs(t).max())):
         return None
@@ -162,8 +162,8 @@ def pairs_sheet(records: list[dict[str, Any]], side: int = 160, limit: int = 24)
     rows = []
     for r in records[:limit]:
         try:
-            a = cv2.resize(load_grey(r["a"]["path"]), (side, side), interpolation=cv2.INTER_AREA).astype(np.float32)
-            b = cv2.resize(load_grey(r["b"]["path"]), (side, side), interpolation=cv2.INTER_AREA).astype(np.float32)
+            a = resize_grey(load_grey(r["a"]["path"]), (side, side)).astype(np.float32)
+            b = resize_grey(load_grey(r["b"]["path"]), (side, side)).astype(np.float32)
         except Exception:  # noqa: BLE001 - a file that vanished since the audit is skipped in the picture only
             continue
         scale = 255.0 / max(float(a.max()), float(b.max()), 1.0)
