@@ -282,10 +282,9 @@ class ImageFolderDataset(Dataset):
             raise DatasetError(f"{self.root}: no usable images ({len(self.problems)} problem(s))")
         self.labels = np.array([lbl for _, lbl in self.samples], np.int64)
         # Outlier exposure needs both classes; without them (a custom label set) anomalies are never pasted.
-        self._clean = self.classes.index("clean") if "clean" in self.classes else -1
-        self._other = self.classes.index("other") if "other" in self.classes else -1
-        if self._other < 0:
-            self._clean = -1
+        both = "clean" in self.classes and "other" in self.classes
+        self._clean = self.classes.index("clean") if both else -1
+        self._other = self.classes.index("other") if both else -1
 
     def _cached_form(self, grey: np.ndarray) -> np.ndarray:
         if self.augment is None:
