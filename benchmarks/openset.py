@@ -452,12 +452,8 @@ def choose_default(summary: dict[str, dict[str, float]]) -> str:
                                        -np.nan_to_num(summary[n]["fpr95_system"], nan=1.0)))
 
 
-def _rate(x: float) -> str:
-    return "n/a" if not np.isfinite(x) else f"{x:.2f}"
-
-
-def _share(x: float) -> str:
-    return "n/a" if not np.isfinite(x) else f"{x:.3f}"
+def _rate(x: float, digits: int = 2) -> str:
+    return "n/a" if not np.isfinite(x) else f"{x:.{digits}f}"
 
 
 def format_table(folds: list[dict[str, Any]], summary: dict[str, dict[str, float]]) -> str:
@@ -488,7 +484,7 @@ def format_table(folds: list[dict[str, Any]], summary: dict[str, dict[str, float
         s = summary[n]
         lines.append(f"| {n} | {s['known_recall']:.3f} | {s['known_acc_no_reject']:.3f} | "
                      f"{s['known_acc_with_reject']:.3f} | {s['known_selective_acc']:.3f} | "
-                     f"{s['unknown_to_other']:.3f} | {_share(s.get('unknown_to_clean', float('nan')))} | "
+                     f"{s['unknown_to_other']:.3f} | {_rate(s.get('unknown_to_clean', float('nan')), 3)} | "
                      f"{s['mixed_acc']:.3f} |")
     if all("unknown_top1" in f for f in folds):
         lines += ["", "Where the unknowns go: top-1 prediction of the held-out class's test images, before rejection "
