@@ -194,6 +194,76 @@ def test_params_reloaded_from_json_render_identically() -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Visibility floor: a labelled defect must stand out from the clutter around it
+# --------------------------------------------------------------------------------------------------------------------
+def test_defect_visibility_grows_with_contrast_and_is_zero_without_a_change() -> None:
+    rng = np.random.default_rng(0)
+    background = np.clip(120 + 12 * rng.standard_normal((64, 64)), 0, 255).astype(np.uint8)
+    assert syn.defect_visibility(background, background) == 0.0
+    scores = []
+    for c in (3, 10, 30):
+        img = background.astype(np.int16)
+        img[28:36, 28:36] += c
+        scores.append(syn.defect_visibility(np.clip(img, 0, 255).astype(np.uint8), background))
+    assert scores[0] < 1.0 < scores[2] and scores[0] < scores[1] < scores[2]
+
+
+def test_faint_cmp_defects_are_redrawn_visible_on_the_same_scene() -> None:
+    faint = 0
+    for i in range(24):
+        p = syn.sample_params("cmp", syn.image_rng(0, "cmp", i), SIZE)
+        a, _ = syn.render_params(p)
+        b, _ = syn.render_params(p, defects=False)
+        before = syn.defect_visibility(a, b)
+        img, meta = syn.render_sample("cmp", syn.image_rng(0, "cmp", i), SIZE, min_visibility=1.0)
+        vis = meta["visibility"]
+        twin, _ = syn.render_params(meta, defects=False)
+        assert vis["contrast_to_clutter"] == pytest.approx(syn.defect_visibility(img, twin), abs=1e-3)  # honest record
+        # Only the defect is drawn again: same scene, imaging and noise, same kind of CMP damage.
+        assert meta["scene"] == p["scene"] and meta["imaging"] == p["imaging"] and meta["seeds"] == p["seeds"]
+        assert [d["type"] for d in meta["defects"]] == [d["type"] for d in p["defects"]]
+        if before >= 1.0:
+            assert vis["redraws"] == 0 and np.array_equal(img, a)  # visible ones are left exactly as they were
+        else:
+            faint += 1
+            assert vis["contrast_to_clutter"] >= 0.95, (i, vis)
+    assert faint >= 4  # the sample really contains faint defects, or this test would prove nothing
+
+
+def test_deepened_defects_rerender_from_their_json_and_pattern_edits_are_not_checked() -> None:
+    deepened = None
+    for i in range(18, 40):
+        img, meta = syn.render_sample("cmp", syn.image_rng(0, "cmp", i), SIZE, min_visibility=1.0)
+        if "deepened" in meta["visibility"]:
+            deepened = (img, meta)
+            break
+    assert deepened is not None, "no deepened defect in the sample"
+    img, meta = deepened
+    again, _ = syn.render_params(json.loads(json.dumps(meta)))
+    assert np.array_equal(img, again)
+    _, bridge = syn.render_sample("bridges", syn.image_rng(0, "bridges", 0), SIZE, min_visibility=1.0)
+    assert "visibility" not in bridge
+
+
+def test_zero_floor_samples_exactly_as_before() -> None:
+    for cls in ("cmp", "cracks", "other"):
+        for i in range(3):
+            img, meta = syn.render_sample(cls, syn.image_rng(5, cls, i), 96, min_visibility=0.0)
+            ref, _ = syn.render_params(syn.sample_params(cls, syn.image_rng(5, cls, i), 96))
+            assert np.array_equal(img, ref) and "visibility" not in meta
+
+
+def test_cli_records_the_floor_and_rejects_a_negative_one(tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    assert syn.main(["--out", str(out), "--per-class", "1", "--size", "48", "--quiet", "--split", "1,0,0"]) == 0
+    assert json.loads((out / "summary.json").read_text())["min_visibility"] == syn.DEFAULT_MIN_VISIBILITY
+    meta = json.loads((out / "train" / "cmp" / "cmp_000000.json").read_text())
+    assert meta["visibility"]["floor"] == syn.DEFAULT_MIN_VISIBILITY and meta["generator_version"] == 2
+    with pytest.raises(SystemExit):
+        syn.main(["--out", str(out), "--min-visibility", "-1", "--quiet"])
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Dataset writing, determinism, CLI
 # --------------------------------------------------------------------------------------------------------------------
 def _files(root: Path) -> dict[str, bytes]:
