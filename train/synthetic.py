@@ -4,7 +4,9 @@ Renders line/space arrays, contact-hole arrays and planar post-CMP fields the wa
 ARTIMAGEN-style imaging: SE edge effect, material contrast, astigmatic beam blur, scan jitter/drift, charging gradient,
 shot + read noise; Palasantzas-spectrum edge roughness), and draws the defect of each class on the scene types where it
 occurs physically.  Every image gets a sidecar JSON with everything that was drawn (scene, imaging, roughness, defects
-with bounding boxes, seed), from which it can be re-rendered bit-exactly.
+with bounding boxes, seed), from which it can be re-rendered bit-exactly.  A defect on texture that would not stand out
+from the clutter around it is drawn again, or deepened (the visibility floor, :func:`defect_visibility`), so that
+labels do not rest on changes nobody could see.
 
 Each image's RNG derives only from (seed, class, index), so outputs do not depend on ordering or worker count.
 
@@ -518,15 +520,15 @@ def render_sample(
     rng: np.random.Generator,
     size: int = 256,
     defects: bool = True,
-    min_visibility: float = 0.0,
+    min_visibility: float = DEFAULT_MIN_VISIBILITY,
     max_redraws: int = 12,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Sample and render one image of class ``cls``: (uint8 HxW image, metadata dict).
 
     With ``min_visibility`` > 0, a defect whose :func:`defect_visibility` falls below it is drawn again on the same
     scene (so scenes stay distributed as for ``clean``), up to ``max_redraws`` times, keeping the most visible try;
-    ``meta["visibility"]`` then records the score, the floor and the number of redraws.  0 (the default) samples
-    exactly as generator version 1 did.
+    ``meta["visibility"]`` then records the score, the floor and the number of redraws.  0 samples exactly as generator
+    version 1 did.
     """
     params = sample_params(cls, rng, size)
     if not defects or min_visibility <= 0 or all(d["type"] in _PATTERN_EDITS for d in params["defects"]):
