@@ -515,6 +515,18 @@ def _redraw_defects(params: dict[str, Any], rng: np.random.Generator) -> dict[st
     return {**params, "defects": _tidy(fresh)}
 
 
+def _deepen_cut(p: dict[str, Any], k: float) -> dict[str, Any]:
+    # core multiplies the signal inside the groove (0 = black): its contrast is 1 - core.
+    return {**p, "core": max(0.02, 1.0 - (1.0 - p["core"]) * k), "lip": p["lip"] * k}
+
+
+# Defects whose contrast may be raised to reach the visibility floor, and how.
+_DEEPEN: dict[str, Callable[[dict[str, Any], float], dict[str, Any]]] = {
+    "dishing": lambda p, k: {**p, "depth": p["depth"] * k, "rim": p["rim"] * k},
+    "chatter": _deepen_cut,
+}
+
+
 def render_sample(
     cls: str,
     rng: np.random.Generator,
@@ -527,18 +539,22 @@ def render_sample(
 
     With ``min_visibility`` > 0, a defect whose :func:`defect_visibility` falls below it is drawn again on the same
     scene (so scenes stay distributed as for ``clean``), up to ``max_redraws`` times, keeping the most visible try;
-    ``meta["visibility"]`` then records the score, the floor and the number of redraws.  0 samples exactly as generator
-    version 1 did.
+    dishing and chatter marks still below it are then deepened.  ``meta["visibility"]`` records the score, the floor,
+    the number of redraws and any deepening.  0 samples exactly as generator version 1 did.
     """
     params = sample_params(cls, rng, size)
     if not defects or min_visibility <= 0 or all(d["type"] in _PATTERN_EDITS for d in params["defects"]):
         return render_params(params, defects=defects)
     twin, _ = render_params(params, defects=False)
+
+    def attempt(p: dict[str, Any]) -> tuple[float, np.ndarray, dict[str, Any]]:
+        img, meta = render_params(p)
+        return defect_visibility(img, twin), img, meta
+
     best: tuple[float, np.ndarray, dict[str, Any]] | None = None
     redraws = 0
     while True:
-        img, meta = render_params(params)
-        score = defect_visibility(img, twin)
+        score, img, meta = attempt(params)
         if best is None or score > best[0]:
             best = (score, img, meta)
         if score >= min_visibility or redraws == max_redraws:
@@ -557,24 +573,11 @@ def render_sample(
         factor = round(min(3.0, 1.15 * min_visibility / max(score, 1e-3)), 3)
         deeper = {**meta, "defects": [{**d, "params": _tidy(_DEEPEN[d["type"]](d["params"], factor))}
                                       if d["type"] in _DEEPEN else d for d in meta["defects"]]}
-        img, meta = render_params(deeper)
-        score = defect_visibility(img, twin)
+        score, img, meta = attempt(deeper)
         total *= factor
         record.update(contrast_to_clutter=round(score, 3), deepened=round(total, 3))
     meta["visibility"] = record
     return img, meta
-
-
-def _deepen_cut(p: dict[str, Any], k: float) -> dict[str, Any]:
-    # core multiplies the signal inside the groove (0 = black): its contrast is 1 - core.
-    return {**p, "core": max(0.02, 1.0 - (1.0 - p["core"]) * k), "lip": p["lip"] * k}
-
-
-# Defects whose contrast may be raised to reach the visibility floor, and how.
-_DEEPEN: dict[str, Callable[[dict[str, Any], float], dict[str, Any]]] = {
-    "dishing": lambda p, k: {**p, "depth": p["depth"] * k, "rim": p["rim"] * k},
-    "chatter": _deepen_cut,
-}
 
 
 # --------------------------------------------------------------------------------------------------------------------
