@@ -43,6 +43,7 @@ from train.evaluate import compute_metrics, predict_logits, write_report
 from train.models import ARCHS, build_model, default_normalisation
 from train.openset import CHECKPOINT_KEY as OPENSET_KEY
 from train.openset import (
+    DEFAULT_SCORE,
     Outputs,
     calibrate_threshold,
     collect_outputs,
@@ -87,9 +88,7 @@ class TrainConfig:
     workers: int = 0
     threads: int = 0  # torch intra-op threads (0 = torch's default, one per core)
     cache: bool = True
-    # energy: best mean leave-one-class-out AUROC (system view) with the stronger synthetic folds and on sem-hackathon
-    # folds; msp tied it only with the weakest folds (see README, "Rejection and unknown defects").
-    score: str = "energy"
+    score: str = DEFAULT_SCORE  # see train.openset.DEFAULT_SCORE for the measurements behind it
     target_recall: float = 0.95
     device: str = "auto"
     progress: bool = True
