@@ -129,3 +129,24 @@ def test_cli_smoke_two_folds(tmp_path):
         assert (out / name).stat().st_size > 0
     table = (out / "table.md").read_text()
     assert "Where the unknowns go" in table and "unknown→clean" in table
+
+
+@pytest.mark.slow
+def test_cli_scores_a_separate_test_folder(tmp_path):
+    """--test replaces DATA/test: every fold is measured on that folder's images (a larger, fresh test set)."""
+    from benchmarks.openset import main
+    from train.synthetic import main as synth_main
+
+    data, fresh = tmp_path / "synth", tmp_path / "fresh"
+    synth_main(["--out", str(data), "--per-class", "6", "--size", "32", "--seed", "3", "--quiet"])
+    synth_main(["--out", str(fresh), "--per-class", "9", "--size", "32", "--seed", "4", "--split", "0,0,1",
+                "--quiet"])
+    out = tmp_path / "out"
+    args = ["--data", str(data), "--out", str(out), "--heldout", "ler", "--epochs", "1", "--img-size", "32",
+            "--views", "1", "--scores", "energy", "--no-progress"]
+    assert main([*args, "--test", str(fresh / "test")]) == 0
+    fold = json.loads((out / "results.json").read_text())["folds"][0]
+    # 9 fresh images per class: 9 of ler unknown, 9 of each of the other 6 named classes known (`other` left out).
+    assert (fold["test_unknown"], fold["test_known"]) == (9, 54)
+    with pytest.raises(SystemExit, match="no such test folder"):
+        main([*args, "--test", str(tmp_path / "missing")])
