@@ -249,7 +249,7 @@ def score_fold(ex: dict[str, Any], heldout: str, scores: Sequence[str], target_r
     return res
 
 
-def test_dir(args: argparse.Namespace) -> Path:
+def fold_test_dir(args: argparse.Namespace) -> Path:
     """Where the test images come from: ``--test`` or, by default, ``DATA/test``."""
     return Path(args.test) if getattr(args, "test", None) else Path(args.data) / "test"
 
@@ -266,7 +266,7 @@ def run_fold_full(data: Path, heldout: str, out: Path, args: argparse.Namespace)
     make_fold_data(data, heldout, fold_dir / "data", args.max_train_per_class, args.seed)
     best = train_fold(fold_dir, args)
     t_train = time.perf_counter() - t0
-    dirs = {"train": fold_dir / "data" / "train", "val": fold_dir / "data" / "val", "test": test_dir(args)}
+    dirs = {"train": fold_dir / "data" / "train", "val": fold_dir / "data" / "val", "test": fold_test_dir(args)}
     ex = extract_fold(best, dirs, 64)
     t_extract = time.perf_counter() - t0 - t_train
     return _finish_fold(ex, heldout, args, {"train": t_train, "extract": t_extract}, {})
@@ -337,7 +337,7 @@ class PartialCache:
 
         key = {k: str(getattr(args, k)) for k in ("data", "arch", "weights", "img_size", "freeze_stages", "views",
                                                     "augment", "seed")}
-        key["test"] = str(test_dir(args))
+        key["test"] = str(fold_test_dir(args))
         if cache_file is not None and cache_file.is_file():
             saved = torch.load(cache_file, weights_only=True)
             if saved.get("key") == key:
@@ -347,7 +347,7 @@ class PartialCache:
                 return
         self.acts: dict[str, torch.Tensor] = {}
         self.labels: dict[str, np.ndarray] = {}
-        dirs = {"train": data / "train", "val": data / "val", "test": test_dir(args)}
+        dirs = {"train": data / "train", "val": data / "val", "test": fold_test_dir(args)}
         for split, d in dirs.items():
             ds = ImageFolderDataset(d, size, self.mean, self.std, augment=None)
             self.acts[split], self.labels[split] = run(ds, f"frozen stages: {split}")
@@ -636,8 +636,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     for split in ("train", "val"):
         if not (data / split).is_dir():
             raise SystemExit(f"{data}: missing {split}/ (expected {data}/{{train,val,test}}/<class>/)")
-    if not test_dir(args).is_dir():
-        raise SystemExit(f"{test_dir(args)}: no such test folder (expected <class>/ folders; --test or DATA/test/)")
+    test = fold_test_dir(args)
+    if not test.is_dir():
+        raise SystemExit(f"{test}: no such test folder (expected <class>/ folders; --test or DATA/test/)")
     out.mkdir(parents=True, exist_ok=True)
     heldout = args.heldout or list(NAMED_CLASSES)
     unknown = [c for c in heldout if c not in NAMED_CLASSES]

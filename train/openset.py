@@ -59,9 +59,9 @@ SCORE_OUTPUT = "score"
 CHECKPOINT_KEY = "openset"
 #: Default score (``python -m train --score``), from the leave-one-class-out benchmark (benchmarks/openset.py, system
 #: view): energy led on the sem-hackathon folds (224 px, 20 epochs: energy 0.757, MSP 0.745, ViM 0.660), where fold
-#: classifiers are as weak as real-data models are. On 128-px synthetic folds with ~93% known accuracy KNN (0.871) and
-#: ViM (0.864) beat energy (0.834): models that accurate may prefer ``--score knn`` (README, "Rejection and unknown
-#: defects").
+#: classifiers are as weak as real-data models are. On 128-px synthetic folds with ~93% known accuracy KNN (0.876) and
+#: ViM (0.873) beat energy (0.829) (150 test images per class): models that accurate may prefer ``--score knn``
+#: (README, "Rejection and unknown defects").
 DEFAULT_SCORE = "energy"
 
 #: Statistics each score needs inside the graph (everything else stays out of the exported file).
