@@ -258,8 +258,10 @@ def run_fold_full(data: Path, heldout: str, out: Path, args: argparse.Namespace)
     """``--mode full``: the whole network fine-tuned by :func:`train.loop.train` on the fold's data."""
     fold_dir = out / "folds" / heldout
     saved = fold_dir / "outputs.npz"
-    if args.reuse and saved.is_file() and (fold_dir / "run" / "summary.json").is_file():
-        # Re-scoring only: the fold's model and its outputs are already there.
+    if (args.reuse and saved.is_file() and (fold_dir / "run" / "summary.json").is_file()
+            and saved_test_dir(saved, data) == fold_test_dir(args).resolve()):
+        # Re-scoring only: the fold's model and its outputs (on the same test folder) are already there; with
+        # another --test the saved model is reused (train_fold) but the outputs are extracted again.
         log.info("%s: re-scoring the saved outputs %s", heldout, saved)
         return _finish_fold(load_fold_outputs(saved), heldout, args, {}, {}, save=False)
     t0 = time.perf_counter()
@@ -270,6 +272,12 @@ def run_fold_full(data: Path, heldout: str, out: Path, args: argparse.Namespace)
     ex = extract_fold(best, dirs, 64)
     t_extract = time.perf_counter() - t0 - t_train
     return _finish_fold(ex, heldout, args, {"train": t_train, "extract": t_extract}, {})
+
+
+def saved_test_dir(path: Path, data: Path) -> Path:
+    """The test folder a fold's ``outputs.npz`` was extracted from (files written before ``--test``: DATA/test)."""
+    with np.load(path) as z:
+        return Path(str(z["test_dir"])) if "test_dir" in z.files else (data / "test").resolve()
 
 
 def load_fold_outputs(path: Path) -> dict[str, Any]:
@@ -288,7 +296,7 @@ def _finish_fold(ex: dict[str, Any], heldout: str, args: argparse.Namespace, sec
     fold_dir.mkdir(parents=True, exist_ok=True)
     if save:
         buf = io.BytesIO()
-        np.savez_compressed(buf, weight=ex["weight"], bias=ex["bias"],
+        np.savez_compressed(buf, weight=ex["weight"], bias=ex["bias"], test_dir=str(fold_test_dir(args).resolve()),
                             **{f"{split}_{k}": v for split in ("train", "val", "test") for k, v in ex[split].items()})
         atomic_write_bytes(fold_dir / "outputs.npz", buf.getvalue())
     t0 = time.perf_counter()
@@ -733,7 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reuse", action="store_true",
                    help="full mode: reuse fold models (and their saved outputs.npz) already under --out: re-scores "
-                        "without training or feature extraction")
+                        "without training or feature extraction (test outputs are extracted again if --test changed)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 

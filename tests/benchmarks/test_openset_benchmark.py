@@ -150,3 +150,30 @@ def test_cli_scores_a_separate_test_folder(tmp_path):
     assert (fold["test_unknown"], fold["test_known"]) == (9, 54)
     with pytest.raises(SystemExit, match="no such test folder"):
         main([*args, "--test", str(tmp_path / "missing")])
+
+
+@pytest.mark.slow
+def test_reuse_rescores_only_outputs_of_the_same_test_folder(tmp_path):
+    """--reuse must not report old test outputs for a new --test: the fold model is kept, the test set re-extracted."""
+    from benchmarks.openset import main
+    from train.synthetic import main as synth_main
+
+    data, fresh = tmp_path / "synth", tmp_path / "fresh"
+    synth_main(["--out", str(data), "--per-class", "6", "--size", "32", "--seed", "3", "--quiet"])
+    synth_main(["--out", str(fresh), "--per-class", "9", "--size", "32", "--seed", "4", "--split", "0,0,1",
+                "--quiet"])
+    out = tmp_path / "out"
+    args = ["--data", str(data), "--out", str(out), "--heldout", "ler", "--mode", "full", "--epochs", "1",
+            "--img-size", "32", "--scores", "energy", "--no-progress"]
+
+    def counts(*extra: str) -> tuple[int, int]:
+        assert main([*args, *extra]) == 0
+        fold = json.loads((out / "results.json").read_text())["folds"][0]
+        return fold["test_unknown"], fold["test_known"]
+
+    default = counts()
+    best = out / "folds" / "ler" / "run" / "best.pt"
+    trained_at = best.stat().st_mtime_ns
+    assert counts("--reuse", "--test", str(fresh / "test")) == (9, 54)
+    assert counts("--reuse") == default != (9, 54)
+    assert best.stat().st_mtime_ns == trained_at  # the fold model was reused, never retrained
