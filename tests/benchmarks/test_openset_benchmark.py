@@ -131,49 +131,48 @@ def test_cli_smoke_two_folds(tmp_path):
     assert "Where the unknowns go" in table and "unknown→clean" in table
 
 
-@pytest.mark.slow
-def test_cli_scores_a_separate_test_folder(tmp_path):
-    """--test replaces DATA/test: every fold is measured on that folder's images (a larger, fresh test set)."""
-    from benchmarks.openset import main
+@pytest.fixture
+def data_and_fresh_test(tmp_path):
+    """A tiny synthetic dataset and a separate test-only set of 9 images per class (another seed)."""
     from train.synthetic import main as synth_main
 
     data, fresh = tmp_path / "synth", tmp_path / "fresh"
     synth_main(["--out", str(data), "--per-class", "6", "--size", "32", "--seed", "3", "--quiet"])
     synth_main(["--out", str(fresh), "--per-class", "9", "--size", "32", "--seed", "4", "--split", "0,0,1",
                 "--quiet"])
-    out = tmp_path / "out"
-    args = ["--data", str(data), "--out", str(out), "--heldout", "ler", "--epochs", "1", "--img-size", "32",
-            "--views", "1", "--scores", "energy", "--no-progress"]
-    assert main([*args, "--test", str(fresh / "test")]) == 0
+    return data, fresh
+
+
+def _ler_fold_counts(out, *args: str) -> tuple[int, int]:
+    """Run a one-fold (ler held out) benchmark; return its (unknown, known) test image counts."""
+    from benchmarks.openset import main
+
+    assert main(["--out", str(out), "--heldout", "ler", "--epochs", "1", "--img-size", "32", "--scores", "energy",
+                 "--no-progress", *args]) == 0
     fold = json.loads((out / "results.json").read_text())["folds"][0]
-    # 9 fresh images per class: 9 of ler unknown, 9 of each of the other 6 named classes known (`other` left out).
-    assert (fold["test_unknown"], fold["test_known"]) == (9, 54)
-    with pytest.raises(SystemExit, match="no such test folder"):
-        main([*args, "--test", str(tmp_path / "missing")])
+    return fold["test_unknown"], fold["test_known"]
 
 
 @pytest.mark.slow
-def test_reuse_rescores_only_outputs_of_the_same_test_folder(tmp_path):
+def test_cli_scores_a_separate_test_folder(tmp_path, data_and_fresh_test):
+    """--test replaces DATA/test: every fold is measured on that folder's images (a larger, fresh test set)."""
+    data, fresh = data_and_fresh_test
+    # 9 fresh images per class: 9 of ler unknown, 9 of each of the other 6 named classes known (`other` left out).
+    assert _ler_fold_counts(tmp_path / "out", "--data", str(data), "--views", "1", "--test", str(fresh / "test")) \
+        == (9, 54)
+    with pytest.raises(SystemExit, match="no such test folder"):
+        _ler_fold_counts(tmp_path / "out", "--data", str(data), "--test", str(tmp_path / "missing"))
+
+
+@pytest.mark.slow
+def test_reuse_rescores_only_outputs_of_the_same_test_folder(tmp_path, data_and_fresh_test):
     """--reuse must not report old test outputs for a new --test: the fold model is kept, the test set re-extracted."""
-    from benchmarks.openset import main
-    from train.synthetic import main as synth_main
-
-    data, fresh = tmp_path / "synth", tmp_path / "fresh"
-    synth_main(["--out", str(data), "--per-class", "6", "--size", "32", "--seed", "3", "--quiet"])
-    synth_main(["--out", str(fresh), "--per-class", "9", "--size", "32", "--seed", "4", "--split", "0,0,1",
-                "--quiet"])
+    data, fresh = data_and_fresh_test
     out = tmp_path / "out"
-    args = ["--data", str(data), "--out", str(out), "--heldout", "ler", "--mode", "full", "--epochs", "1",
-            "--img-size", "32", "--scores", "energy", "--no-progress"]
-
-    def counts(*extra: str) -> tuple[int, int]:
-        assert main([*args, *extra]) == 0
-        fold = json.loads((out / "results.json").read_text())["folds"][0]
-        return fold["test_unknown"], fold["test_known"]
-
-    default = counts()
+    full = ("--data", str(data), "--mode", "full")
+    default = _ler_fold_counts(out, *full)
     best = out / "folds" / "ler" / "run" / "best.pt"
     trained_at = best.stat().st_mtime_ns
-    assert counts("--reuse", "--test", str(fresh / "test")) == (9, 54)
-    assert counts("--reuse") == default != (9, 54)
+    assert _ler_fold_counts(out, *full, "--reuse", "--test", str(fresh / "test")) == (9, 54)
+    assert _ler_fold_counts(out, *full, "--reuse") == default != (9, 54)
     assert best.stat().st_mtime_ns == trained_at  # the fold model was reused, never retrained
