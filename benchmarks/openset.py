@@ -250,8 +250,8 @@ def score_fold(ex: dict[str, Any], heldout: str, scores: Sequence[str], target_r
 
 
 def fold_test_dir(args: argparse.Namespace) -> Path:
-    """Where the test images come from: ``--test`` or, by default, ``DATA/test``."""
-    return Path(args.test) if getattr(args, "test", None) else Path(args.data) / "test"
+    """Where the test images come from (absolute): ``--test`` or, by default, ``DATA/test``."""
+    return (Path(args.test) if args.test else Path(args.data) / "test").resolve()
 
 
 def run_fold_full(data: Path, heldout: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -259,7 +259,7 @@ def run_fold_full(data: Path, heldout: str, out: Path, args: argparse.Namespace)
     fold_dir = out / "folds" / heldout
     saved = fold_dir / "outputs.npz"
     if (args.reuse and saved.is_file() and (fold_dir / "run" / "summary.json").is_file()
-            and saved_test_dir(saved, data) == fold_test_dir(args).resolve()):
+            and saved_test_dir(saved, data) == fold_test_dir(args)):
         # Re-scoring only: the fold's model and its outputs (on the same test folder) are already there; with
         # another --test the saved model is reused (train_fold) but the outputs are extracted again.
         log.info("%s: re-scoring the saved outputs %s", heldout, saved)
@@ -296,7 +296,7 @@ def _finish_fold(ex: dict[str, Any], heldout: str, args: argparse.Namespace, sec
     fold_dir.mkdir(parents=True, exist_ok=True)
     if save:
         buf = io.BytesIO()
-        np.savez_compressed(buf, weight=ex["weight"], bias=ex["bias"], test_dir=str(fold_test_dir(args).resolve()),
+        np.savez_compressed(buf, weight=ex["weight"], bias=ex["bias"], test_dir=str(fold_test_dir(args)),
                             **{f"{split}_{k}": v for split in ("train", "val", "test") for k, v in ex[split].items()})
         atomic_write_bytes(fold_dir / "outputs.npz", buf.getvalue())
     t0 = time.perf_counter()
