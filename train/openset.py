@@ -113,13 +113,6 @@ def collect_outputs(model: nn.Module, batches: Iterable[Sequence[torch.Tensor]],
 
 
 # ------------------------------------------------------------------ fitting
-def _shrinkage(centred: np.ndarray) -> float:
-    """Ledoit-Wolf's shrinkage intensity for the covariance of already-centred rows."""
-    from sklearn.covariance import ledoit_wolf
-
-    return float(ledoit_wolf(centred, assume_centered=True)[1])
-
-
 def _shrunk_whitener(centred: np.ndarray, shrinkage: float) -> np.ndarray:
     """``W`` with ``W Wᵀ = Σ⁻¹`` for ``Σ = (1-a) S + a tr(S)/D I``, the shrunk sample covariance of already-centred
     rows (``a`` = ``shrinkage``).
@@ -160,6 +153,8 @@ def fit_openset_stats(features: np.ndarray, labels: np.ndarray, weight: np.ndarr
     indices whose images define "known" (default: every class present). Returns float32/int64 tensors only, so
     the dict can go into a checkpoint that loads with ``weights_only=True``.
     """
+    from sklearn.covariance import ledoit_wolf_shrinkage
+
     x = np.asarray(features, np.float64)
     y = np.asarray(labels, np.int64)
     if x.ndim != 2 or len(x) != len(y):
@@ -177,7 +172,7 @@ def fit_openset_stats(features: np.ndarray, labels: np.ndarray, weight: np.ndarr
 
     means = np.stack([x[y == c].mean(0) for c in classes])
     centred = x - means[np.searchsorted(classes, y)]
-    shrinkage = _shrinkage(centred)
+    shrinkage = float(ledoit_wolf_shrinkage(centred, assume_centered=True))
     whiten = _shrunk_whitener(centred, shrinkage)
     bg_mean = x.mean(0)
     # The background Gaussian takes the class Gaussian's shrinkage, not its own Ledoit-Wolf estimate. Its between-class
