@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, default=d.lr, help="backbone peak learning rate")
     ap.add_argument("--head-lr", type=float, default=d.head_lr)
     ap.add_argument("--layer-decay", type=float, default=d.layer_decay,
-                    help="lr multiplier per feature stage from the top down (1 = uniform)")
+                    help="lr multiplier per feature stage from the top down (1 = uniform, the default; 0.8 lowered val "
+                         "macro-F1 on real SEM images, README)")
     ap.add_argument("--weight-decay", type=float, default=d.weight_decay)
     ap.add_argument("--head-warmup-epochs", type=int, default=d.head_warmup_epochs,
                     help="epochs training only the head before the full fine-tune")
