@@ -120,9 +120,9 @@ def _shrunk_whitener(centred: np.ndarray, shrinkage: float) -> np.ndarray:
     Shrinkage matters: with a few thousand images in 1280 dimensions the sample covariance is singular, and its
     pseudo-inverse makes directions the training set never varied along dominate every distance.
     """
-    from sklearn.covariance import shrunk_covariance
+    from sklearn.covariance import empirical_covariance, shrunk_covariance
 
-    cov = shrunk_covariance(centred.T @ centred / len(centred), shrinkage)
+    cov = shrunk_covariance(empirical_covariance(centred, assume_centered=True), shrinkage)
     vals, vecs = np.linalg.eigh(cov)
     # Floor tiny or negative eigenvalues (rank-deficient or constant features) so the whitener stays finite.
     vals = np.maximum(vals, max(float(vals.max()) * 1e-9, 1e-12))
