@@ -9,18 +9,25 @@
 ==========================  ===========================================================================
 
 Every record has: ``source`` (path or URI), ``frame`` (index), ``timestamp`` (ISO 8601 and unix seconds),
-``label``, ``confidence``, ``rejected``, ``top_label``, ``score``, ``latency_ms`` and ``error`` (null when fine).
-Record files are appended to, never truncated, and flushed per record, so a crash or power cut loses at most the
-record being written; a CSV whose header differs from ours is left alone and a new file is started next to it.
+``label``, ``confidence``, ``rejected``, ``reason``, ``top_label``, ``score``, ``latency_ms`` and ``error`` (null
+when fine). A frame the frame-quality gate refuses has ``label`` ``"invalid"`` and a ``reason`` (``"blank"``,
+``"noise"``, ...); a frame that could not be read or classified has ``label`` null and the ``error``.
+Record files are appended to, never truncated, and each record goes to the file in one ``write`` on an ``O_APPEND``
+descriptor: it is there whole or not at all. A failed write (disk full, permission, I/O error) cuts the file back to
+its last complete record and raises :class:`OutputWriteError` naming the file. A CSV whose header differs from ours
+(another program's, or an older version with other columns) is left alone and a new file is started next to it.
 Videos are written to a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
+import io
 import json
 import math
 import os
+import stat
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,15 +40,24 @@ import numpy as np
 from runtime.sources import Frame
 
 VIDEO_SUFFIXES = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
-RECORD_FIELDS = ("source", "frame", "timestamp", "unix_time", "label", "confidence", "rejected", "top_label",
-                 "score", "latency_ms", "error")
+RECORD_FIELDS = ("source", "frame", "timestamp", "unix_time", "label", "confidence", "rejected", "reason",
+                 "top_label", "score", "latency_ms", "error")
 NO_GUI_HELP = ("this OpenCV has no GUI support (the package depends on opencv-python-headless, which has none). "
                "For a window: pip uninstall opencv-python-headless && pip install opencv-python; or run with "
                "--headless and write a video (--output out.mp4) instead")
 
 
 class OutputError(RuntimeError):
-    """An output that cannot be opened or written (no GUI, unwritable path, no video encoder)."""
+    """An output that cannot be used (no GUI, unknown type, no video encoder); the message names it."""
+
+
+class OutputWriteError(OutputError):
+    """Opening or writing an output failed in the operating system (disk full, permission, broken pipe, I/O
+    error); the message names the file."""
+
+
+#: The one call every record goes through (a test injects faults here).
+_write = os.write
 
 
 @dataclass(slots=True, eq=False)
@@ -65,7 +81,8 @@ class FrameResult:
             "label": p.label if p is not None else None,
             "confidence": round(float(p.confidence), 6) if p is not None else None,
             "rejected": bool(p.rejected) if p is not None else None,
-            "top_label": p.top_label if p is not None else None,
+            "reason": (getattr(p, "reason", "") or None) if p is not None else None,
+            "top_label": (p.top_label or None) if p is not None else None,
             "score": _num(p.score) if p is not None else None,
             "latency_ms": round(self.latency_ms, 3),
             "error": self.error,
@@ -105,44 +122,86 @@ def _free_path(path: Path) -> Path:
     raise OutputError(f"{path}: no free file name next to it")
 
 
-def _open_append(path: Path) -> TextIO:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return open(path, "a", encoding="utf-8", newline="")
-    except OSError as e:
-        raise OutputError(f"{path}: cannot open for writing: {e.strerror or e}") from None
+def _why(e: OSError) -> str:
+    return e.strerror or str(e) or type(e).__name__
 
 
 class _AppendedRecords(Output):
-    """A records file opened for appending: every record is flushed; closing also syncs it to disk."""
+    """A records file opened with ``O_APPEND``: each record is written whole, in one ``write``, or not at all.
 
-    _f: TextIO
+    Visible to a reader tailing the file as soon as :meth:`_append` returns; :meth:`close` also syncs it to disk.
+    """
+
+    def _open(self, path: Path) -> None:
+        self.path = path
+        self._fd = -1
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+            self._regular = stat.S_ISREG(os.fstat(self._fd).st_mode)
+        except OSError as e:
+            raise OutputWriteError(f"{path}: cannot open for writing: {_why(e)}") from None
+
+    def _append(self, text: str) -> None:
+        """Write ``text`` at the end of the file whole; on failure cut the file back to where it ended before."""
+        if self._fd < 0:
+            raise OutputWriteError(f"{self.path}: already closed")
+        data = memoryview(text.encode("utf-8"))
+        start = os.fstat(self._fd).st_size if self._regular else 0
+        done = 0
+        try:
+            while done < len(data):  # a short write (disk filling up) is followed by the error on the next call
+                n = _write(self._fd, data[done:])
+                if n <= 0:
+                    raise OSError(errno.EIO, "write wrote nothing")
+                done += n
+        except BaseException as e:
+            undo = self._cut_back(start) if done else ""
+            if isinstance(e, OSError):
+                raise OutputWriteError(f"{self.path}: cannot write record: {_why(e)}{undo}") from None
+            raise
+
+    def _cut_back(self, size: int) -> str:
+        """Truncate a partly written record away; returns a note for the message if that was not possible."""
+        if not self._regular:
+            return " (the last record may be incomplete: not a regular file)"
+        try:
+            os.ftruncate(self._fd, size)
+            return ""
+        except OSError as e:
+            return f" (the last record may be incomplete: truncating failed: {_why(e)})"
 
     def close(self) -> None:
-        if not self._f.closed:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
+        if self._fd < 0:
+            return
+        fd, self._fd = self._fd, -1
+        try:
+            if self._regular:
+                os.fsync(fd)
+        except OSError as e:
+            raise OutputWriteError(f"{self.path}: cannot sync to disk: {_why(e)}") from None
+        finally:
+            os.close(fd)
 
 
 class JsonlOutput(_AppendedRecords):
-    """One JSON object per line, appended and flushed per record."""
+    """One JSON object per line, appended whole per record."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        needs_newline = False
-        if self.path.is_file() and self.path.stat().st_size > 0:
-            with open(self.path, "rb") as f:  # a previous run killed mid-line: start ours on a fresh line
-                f.seek(-1, os.SEEK_END)
-                needs_newline = f.read(1) != b"\n"
-        self._f = _open_append(self.path)
-        if needs_newline:
-            self._f.write("\n")
+        path = Path(path)
+        needs_newline = path.is_file() and path.stat().st_size > 0 and self._tail_is_torn(path)
+        self._open(path)
+        if needs_newline:  # a previous run killed mid-line (older versions): keep it, start ours on a fresh line
+            self._append("\n")
+
+    @staticmethod
+    def _tail_is_torn(path: Path) -> bool:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
 
     def write(self, result: FrameResult) -> None:
-        self._f.write(json.dumps(result.record(), ensure_ascii=False) + "\n")
-        self._f.flush()
-
+        self._append(json.dumps(result.record(), ensure_ascii=False) + "\n")
 
 
 class CsvOutput(_AppendedRecords):
@@ -150,7 +209,7 @@ class CsvOutput(_AppendedRecords):
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         path = Path(path)
-        write_header = True
+        write_header, fix_newline = True, False
         if path.is_file() and path.stat().st_size > 0:
             with open(path, encoding="utf-8", errors="replace", newline="") as f:
                 first = next(csv.reader(f), [])
@@ -158,24 +217,26 @@ class CsvOutput(_AppendedRecords):
                 write_header = False
                 with open(path, "rb") as f:
                     f.seek(-1, os.SEEK_END)
-                    self._fix_newline = f.read(1) != b"\n"
+                    fix_newline = f.read(1) != b"\n"
             else:
                 path = _free_path(path)
-        self.path = path
-        self._f = _open_append(self.path)
-        if not write_header and getattr(self, "_fix_newline", False):
-            self._f.write("\r\n")
-        self._w = csv.DictWriter(self._f, fieldnames=RECORD_FIELDS)
+        self._buf = io.StringIO()
+        self._w = csv.writer(self._buf)
+        self._open(path)
+        if fix_newline:
+            self._append("\r\n")
         if write_header:
-            self._w.writeheader()
-            self._f.flush()
+            self._append(self._row(RECORD_FIELDS))
+
+    def _row(self, values: Any) -> str:
+        self._buf.seek(0)
+        self._buf.truncate()
+        self._w.writerow(values)
+        return self._buf.getvalue()
 
     def write(self, result: FrameResult) -> None:
         rec = result.record()
-        rec = {k: ("" if v is None else v) for k, v in rec.items()}
-        self._w.writerow(rec)
-        self._f.flush()
-
+        self._append(self._row(["" if rec[k] is None else rec[k] for k in RECORD_FIELDS]))
 
 
 class ConsoleOutput(Output):
@@ -194,19 +255,41 @@ class ConsoleOutput(Output):
         return s if len(s) <= self.width else "..." + s[-(self.width - 3):]
 
     def write(self, result: FrameResult) -> None:
-        out = self.stream
+        lines = []
         if not self._header_done:
-            out.write(f"{'frame':>6}  {'source':<{self.width}}  {'label':<18} {'conf':>6} {'score':>8} {'ms':>7}\n")
-            self._header_done = True
+            lines.append(f"{'frame':>6}  {'source':<{self.width}}  {'label':<18} {'conf':>6} {'score':>8} "
+                         f"{'ms':>7}")
         f, p = result.frame, result.prediction
         head = f"{f.index:>6}  {self._short(f.source):<{self.width}}  "
         if p is None:
-            line = head + f"ERROR  {result.error}"
+            lines.append(head + f"ERROR  {result.error}")
         else:
-            label = p.label + (f" ({p.top_label}?)" if p.rejected else "")
-            line = head + f"{label:<18} {p.confidence:>6.3f} {p.score:>8.4g} {result.latency_ms:>7.1f}"
-        out.write(line + "\n")
-        out.flush()
+            reason = getattr(p, "reason", "")
+            if reason:
+                label = f"{p.label} ({reason})"
+            else:
+                label = p.label + (f" ({p.top_label}?)" if p.rejected else "")
+            score = f"{p.score:>8.4g}" if math.isfinite(p.score) else f"{'-':>8}"
+            lines.append(head + f"{label:<18} {p.confidence:>6.3f} {score} {result.latency_ms:>7.1f}")
+        try:
+            self.stream.write("\n".join(lines) + "\n")
+            self.stream.flush()
+        except (OSError, ValueError) as e:  # ValueError: stdout closed
+            self._silence()
+            why = _why(e) if isinstance(e, OSError) else str(e)
+            raise OutputWriteError(f"stdout: cannot write: {why}") from None
+        self._header_done = True
+
+    def _silence(self) -> None:
+        """After a broken pipe, point stdout at /dev/null so the interpreter's final flush does not fail again."""
+        if self._stream is not None and self._stream is not sys.stdout:
+            return
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            pass
 
     def describe(self) -> str:
         return "stdout"
@@ -247,6 +330,8 @@ def draw_overlay(image: np.ndarray | None, result: FrameResult, size: tuple[int,
     p = result.prediction
     if p is None:
         text, colour = f"ERROR: {result.error or ''}"[:80], (0, 0, 255)
+    elif getattr(p, "reason", ""):
+        text, colour = f"{p.label}: {p.reason}", (255, 0, 255)
     elif p.rejected:
         text, colour = f"{p.label} ({p.top_label}? {p.confidence:.0%})", (0, 165, 255)
     else:
@@ -279,7 +364,7 @@ class VideoOutput(Output):
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise OutputError(f"{self.path}: cannot create folder: {e.strerror or e}") from None
+            raise OutputWriteError(f"{self.path}: cannot create folder: {_why(e)}") from None
 
     def _open(self, size: tuple[int, int]) -> None:
         w, h = size
@@ -301,7 +386,10 @@ class VideoOutput(Output):
         if self._writer is not None:
             self._writer.release()
             self._writer = None
-            os.replace(self._tmp, self.path)
+            try:
+                os.replace(self._tmp, self.path)
+            except OSError as e:
+                raise OutputWriteError(f"{self.path}: cannot finish the video ({self._tmp}): {_why(e)}") from None
 
 
 def gui_problem() -> str | None:
@@ -380,5 +468,6 @@ def open_output(uri: str | os.PathLike[str], *, fps: float | None = None, stream
                       ".mp4/.avi/.mkv, .jsonl or .csv, or - for stdout")
 
 
-__all__ = ["FrameResult", "Output", "OutputError", "JsonlOutput", "CsvOutput", "ConsoleOutput", "VideoOutput",
-           "DisplayOutput", "open_output", "draw_overlay", "gui_available", "gui_problem", "RECORD_FIELDS"]
+__all__ = ["FrameResult", "Output", "OutputError", "OutputWriteError", "JsonlOutput", "CsvOutput", "ConsoleOutput",
+           "VideoOutput", "DisplayOutput", "open_output", "draw_overlay", "gui_available", "gui_problem",
+           "RECORD_FIELDS"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.run import ProbabilitySmoother, main, run
+from runtime.run import EXIT_INPUT, ProbabilitySmoother, main, run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,7 +41,8 @@ def test_folder_run_writes_every_record_and_keeps_going_past_bad_images(clf, ima
     assert len(out.getvalue().splitlines()) == 7  # header + a line per frame
     text = err.getvalue()
     assert "summary" in text and "6 (5 classified, 1 error" in text and "end of source" in text
-    assert summary.exit_code == 0 and summary.labels["clean"] >= 1
+    assert summary.exit_code == EXIT_INPUT and summary.labels["clean"] >= 1  # one unreadable input
+    assert "error     " in text and "img5_corrupt.png" in text and "exit 3: 1 input could not be read" in text
 
 
 def test_video_run_with_smoothing_and_max_frames(clf, video_file, tmp_path):
@@ -109,9 +110,9 @@ def test_display_request_without_gui_exits_2(image_dir, tiny_model, capsys):
         pytest.skip("this OpenCV can open windows")
     assert main(["--source", str(image_dir), "--model", str(tiny_model), "--output", "display://0"]) == 2
     assert "opencv-python-headless" in capsys.readouterr().err
-    # --headless drops the display and runs
+    # --headless drops the display and runs (exit 3: the folder holds one corrupt image)
     assert main(["--source", str(image_dir), "--model", str(tiny_model), "--output", "display://0",
-                 "--headless", "--quiet"]) == 0
+                 "--headless", "--quiet"]) == EXIT_INPUT
 
 
 def test_help_has_examples(capsys):
