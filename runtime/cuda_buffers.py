@@ -13,9 +13,10 @@ every entry point raises :class:`~runtime.errors.BackendUnavailable` with the re
 from __future__ import annotations
 
 import argparse
-import ctypes
 import sys
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,16 +31,71 @@ def cudart() -> Any:
     global _cudart
     if _cudart is None:
         try:
-            from cuda.bindings import runtime as rt  # cuda-python >= 12.6
+            from cuda.bindings import runtime as rt  # cuda-python >= 12.6 (13.x has only this)
         except ImportError:
             try:
-                from cuda import cudart as rt  # older cuda-python
+                from cuda import cudart as rt  # cuda-python < 12.6 (12.x keeps it as an alias)
             except ImportError:
                 raise BackendUnavailable(
                     "cuda-python is not installed; the TensorRT backend needs it: "
-                    "pip install 'sem-defect-classifier[tensorrt]' (or: pip install cuda-python)") from None
+                    "pip install 'sem-defect-classifier[tensorrt]' (CUDA 12 drivers and JetPack 6: cuda-python<13; "
+                    "CUDA 13 drivers: the [tensorrt-cu13] extra)") from None
         _cudart = rt
     return _cudart
+
+
+def cuda_python_version() -> str:
+    """Version of the installed cuda-python bindings, or "" when absent."""
+    from importlib import metadata
+
+    for dist in ("cuda-bindings", "cuda-python"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return ""
+
+
+def _cuda_version_text(v: int) -> str:
+    return f"{v // 1000}.{(v % 1000) // 10}" if v else "none"
+
+
+def driver_and_runtime_versions() -> tuple[str, str]:
+    """(CUDA version the driver supports, CUDA runtime version cuda-python was built for), e.g. ("12.6", "13.0");
+    the driver's is "none" when no NVIDIA driver is loaded."""
+    rt = cudart()
+    err, drv = rt.cudaDriverGetVersion()
+    err2, run = rt.cudaRuntimeGetVersion()
+    ok = rt.cudaError_t.cudaSuccess
+    return (_cuda_version_text(int(drv or 0)) if err == ok else "unknown",
+            _cuda_version_text(int(run or 0)) if err2 == ok else "unknown")
+
+
+#: What to do about the CUDA errors a new station meets first.
+ERROR_HINTS = {
+    "cudaErrorInsufficientDriver": (
+        "the NVIDIA driver is older than the CUDA runtime of this cuda-python ({runtime}; driver supports "
+        "{driver}): cuda-python 13 needs driver >= 580. On CUDA 12 drivers and JetPack 6 install "
+        "pip install 'sem-defect-classifier[tensorrt]' (tensorrt-cu12<11, cuda-python<13), or update the driver"),
+    "cudaErrorNoDevice": ("no NVIDIA GPU is visible: check nvidia-smi, CUDA_VISIBLE_DEVICES, and that the container "
+                          "was started with --gpus all (or --runtime nvidia on Jetson)"),
+    "cudaErrorSystemDriverMismatch": "the driver's kernel module and user library differ: reboot, or reinstall the "
+                                     "driver",
+    "cudaErrorCompatNotSupportedOnDevice": "CUDA forward compatibility is not supported on this GPU: update the driver",
+}
+
+
+def error_hint(err: Any) -> str:
+    """What to do about ``err`` (empty when there is nothing specific to say)."""
+    name = getattr(err, "name", str(err))
+    hint = ERROR_HINTS.get(name, "")
+    if "{" in hint:
+        try:
+            driver, runtime = driver_and_runtime_versions()
+        except Exception:  # noqa: BLE001 - a hint must never raise
+            driver = runtime = "unknown"
+        hint = hint.format(driver=driver, runtime=runtime)
+    return hint
 
 
 def error_text(err: Any) -> str:
@@ -78,6 +134,21 @@ class CudaError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------------ device queries
+def gpu_problem(device: int = 0) -> str:
+    """Why CUDA device ``device`` cannot be used (the CUDA error by name and what to do), or "" when it can."""
+    try:
+        rt = cudart()
+    except BackendUnavailable as e:
+        return str(e)
+    err, n = rt.cudaGetDeviceCount()
+    if err != rt.cudaError_t.cudaSuccess:
+        hint = error_hint(err)
+        return f"no usable CUDA GPU: {error_text(err)}" + (f"; {hint}" if hint else "")
+    if not 0 <= device < int(n):
+        return f"CUDA device {device} does not exist ({n} device(s) present)"
+    return ""
+
+
 def device_count() -> int:
     """Number of usable CUDA devices; 0 when there is no driver, no GPU or no cuda-python."""
     try:
@@ -94,13 +165,10 @@ def cuda_available() -> bool:
 
 def require_device(device: int = 0) -> None:
     """Select ``device`` or raise :class:`BackendUnavailable` saying why there is no usable GPU."""
-    rt = cudart()
-    err, n = rt.cudaGetDeviceCount()
-    if err != rt.cudaError_t.cudaSuccess:
-        raise BackendUnavailable(f"no usable CUDA GPU: {error_text(err)}; use the ONNX Runtime backend (backend='ort')")
-    if not 0 <= device < n:
-        raise BackendUnavailable(f"CUDA device {device} does not exist ({n} device(s) present)")
-    check(rt.cudaSetDevice(device), f"cudaSetDevice({device})")
+    problem = gpu_problem(device)
+    if problem:
+        raise BackendUnavailable(f"{problem}; or use the ONNX Runtime backend (backend='ort')")
+    check(cudart().cudaSetDevice(device), f"cudaSetDevice({device})")
 
 
 def set_device(device: int) -> None:
@@ -108,35 +176,79 @@ def set_device(device: int) -> None:
     check(cudart().cudaSetDevice(device), f"cudaSetDevice({device})")
 
 
-def device_properties(device: int = 0) -> tuple[str, tuple[int, int]]:
-    """(GPU name, (compute capability major, minor)), as recorded in engine sidecars."""
+@dataclass(frozen=True)
+class GpuProperties:
+    name: str
+    compute_capability: tuple[int, int]
+    multiprocessors: int
+    memory_bytes: int
+
+
+def gpu_properties(device: int = 0) -> GpuProperties:
+    """Name, compute capability, SM count and memory of ``device`` (SM count and memory tell Orin modules apart)."""
     props = check(cudart().cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
     name = props.name
     if isinstance(name, bytes):
         name = name.split(b"\0", 1)[0].decode(errors="replace")
-    return str(name).strip(), (int(props.major), int(props.minor))
+    return GpuProperties(str(name).strip(), (int(props.major), int(props.minor)),
+                         int(getattr(props, "multiProcessorCount", 0)), int(getattr(props, "totalGlobalMem", 0)))
+
+
+def device_properties(device: int = 0) -> tuple[str, tuple[int, int]]:
+    """(GPU name, (compute capability major, minor)), as recorded in engine sidecars."""
+    p = gpu_properties(device)
+    return p.name, p.compute_capability
 
 
 # ------------------------------------------------------------------------------------------------ memory
+class _PinnedAllocation:
+    """Owns one ``cudaMallocHost`` block; freed when the last numpy view of it is gone (NVIDIA's ``ArrayWithOwner``).
+
+    Arrays made from it (``np.asarray(alloc)``) keep it alive through their ``base`` chain, so a view handed out by
+    ``input_buffer()`` and held after ``close()`` still points at memory we own instead of freed memory.
+    """
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = int(nbytes)
+        self.ptr = 0
+        # cudaMallocHost(0) is legal but gives a null pointer; keep one byte so the view has an address.
+        self.ptr = int(check(cudart().cudaMallocHost(max(self.nbytes, 1)), f"cudaMallocHost({self.nbytes})"))
+        self.__array_interface__ = {"shape": (self.nbytes,), "typestr": "|u1", "data": (self.ptr, False),
+                                    "version": 3}
+
+    def release(self) -> None:
+        if self.ptr:
+            ptr, self.ptr = self.ptr, 0
+            check(cudart().cudaFreeHost(ptr), "cudaFreeHost")
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - garbage collection: nothing useful to report
+            pass
+
+
 class PinnedBuffer:
-    """Page-locked host memory with a numpy view (``.array``); async copies from/to it overlap with compute."""
+    """Page-locked host memory with a numpy view (``.array``); async copies from/to it overlap with compute.
+
+    ``free()`` drops this object's hold on the memory; the block itself is returned to CUDA when no view of it is
+    left (so a view someone kept never points at freed memory).
+    """
 
     def __init__(self, shape: tuple[int, ...], dtype: Any = np.float32) -> None:
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
         self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
         self.ptr = 0
-        # cudaMallocHost(0) is legal but gives a null pointer; keep one byte so the view has an address.
-        self.ptr = int(check(cudart().cudaMallocHost(max(self.nbytes, 1)), f"cudaMallocHost({self.nbytes})"))
-        raw = (ctypes.c_byte * max(self.nbytes, 1)).from_address(self.ptr)
-        self.array: np.ndarray = np.frombuffer(raw, dtype=np.uint8, count=self.nbytes).view(self.dtype).reshape(
-            self.shape)
+        alloc = _PinnedAllocation(self.nbytes)
+        self.ptr = alloc.ptr
+        raw = np.asarray(alloc)  # base chain: view -> raw -> alloc
+        self.array: np.ndarray = raw[:self.nbytes].view(self.dtype).reshape(self.shape)
 
     def free(self) -> None:
         if self.ptr:
-            ptr, self.ptr = self.ptr, 0
-            self.array = np.empty(0, self.dtype)  # drop the view before the memory goes
-            check(cudart().cudaFreeHost(ptr), "cudaFreeHost")
+            self.ptr = 0
+            self.array = np.empty(0, self.dtype)  # the allocation goes when the last view of it does
 
     def __del__(self) -> None:
         try:
@@ -252,15 +364,29 @@ class CudaGraph:
         try:
             enqueue()
         except BaseException:
-            rt.cudaStreamEndCapture(stream.handle)  # abandon the capture so the stream is usable again
+            cls._abandon_capture(stream)
             raise
-        graph = check(rt.cudaStreamEndCapture(stream.handle), "cudaStreamEndCapture")
+        err, graph = rt.cudaStreamEndCapture(stream.handle)
+        if err != rt.cudaError_t.cudaSuccess:  # invalidated inside the capture (e.g. a synchronize)
+            cls._abandon_capture(stream, (err, graph))
+            raise CudaError(f"cudaStreamEndCapture failed: {error_text(err)}", err)
         try:
             exec_handle = check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
         except CudaError:
             rt.cudaGraphDestroy(graph)
+            rt.cudaGetLastError()
             raise
         return cls(graph, exec_handle)
+
+    @staticmethod
+    def _abandon_capture(stream: CudaStream, ended: tuple[Any, Any] | None = None) -> None:
+        """trtexec's ``endCaptureOnError``: end the capture so the stream is usable again, destroy the graph it
+        returns (an invalidated capture returns none), and clear the pending CUDA error with ``cudaGetLastError``."""
+        rt = cudart()
+        err, graph = ended if ended is not None else rt.cudaStreamEndCapture(stream.handle)
+        if err == rt.cudaError_t.cudaSuccess and graph is not None and int(graph):
+            rt.cudaGraphDestroy(graph)
+        rt.cudaGetLastError()
 
     def launch(self, stream: CudaStream) -> None:
         check(cudart().cudaGraphLaunch(self.exec_handle, stream.handle), "cudaGraphLaunch")
@@ -279,6 +405,18 @@ class CudaGraph:
             self.destroy()
         except Exception:  # noqa: BLE001
             pass
+
+
+def free_all(objects: Iterable[Any]) -> list[str]:
+    """Free/destroy every object (buffers, events, graphs, streams) even when some fail; returns the errors."""
+    errors = []
+    for obj in objects:
+        release = getattr(obj, "free", None) or obj.destroy
+        try:
+            release()
+        except Exception as e:  # noqa: BLE001 - one failure must not leak everything after it
+            errors.append(f"{type(obj).__name__}: {e}")
+    return errors
 
 
 # ------------------------------------------------------------------------------------------------ self-test
@@ -315,12 +453,7 @@ def round_trip(nbytes: int, iters: int = 10, device: int = 0) -> dict[str, float
                 "h2d_gbps": gb / (best_h2d / 1e3) if best_h2d > 0 else float("inf"),
                 "d2h_gbps": gb / (best_d2h / 1e3) if best_d2h > 0 else float("inf")}
     finally:
-        for obj in (start, mid, end):
-            obj.destroy()
-        stream.destroy()
-        dev.free()
-        src.free()
-        dst.free()
+        free_all((start, mid, end, stream, dev, src, dst))
 
 
 def main(argv: list[str] | None = None) -> int:
