@@ -194,12 +194,15 @@ class Classifier:
         warmup: run one dummy batch at load so the first real image is not slow.
         spin: let idle ONNX Runtime threads busy-wait between calls (lowest latency on a dedicated machine);
             ``False`` when other threads (a decode thread, other processes) need the cores.
+        self_check: run the artifact's golden references on this backend before the first frame
+            (:mod:`runtime.check`): ``None`` for INT8 models and TensorRT engines, ``True`` always, ``False`` never.
+            A FAIL raises :class:`~runtime.errors.SelfCheckError`; the report is ``self_check_report``.
     """
 
     def __init__(self, model: str | os.PathLike[str] | None = None, backend: str = "auto",
                  threshold: float | str | None = None, *, batch_size: int = 8, color_order: str = "bgr",
                  providers: Any = None, threads: int | None = None, cuda_graphs: bool = False,
-                 warmup: bool = True, spin: bool = True) -> None:
+                 warmup: bool = True, spin: bool = True, self_check: bool | None = None) -> None:
         if color_order not in ("bgr", "rgb"):
             raise ValueError(f"color_order must be 'bgr' or 'rgb', got {color_order!r}")
         self.model_path = resolve_model(model)
@@ -214,6 +217,14 @@ class Classifier:
         self._pre = Preprocessor(self.meta, color_order)
         self._lock = threading.RLock()
         self._rows = np.arange(1024)
+        # On-target self-check (runtime.check) before the first frame: raises SelfCheckError on FAIL.
+        from runtime.check import classifier_self_check
+
+        try:
+            self.self_check_report = classifier_self_check(self, self_check)
+        except BaseException:
+            self.backend.close()
+            raise
         if warmup:
             self.infer(np.zeros((1, *self.input_shape), np.float32))
 

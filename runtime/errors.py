@@ -17,3 +17,17 @@ class MetadataError(ValueError):
 
 class BackendUnavailable(RuntimeError):
     """A requested inference backend (e.g. TensorRT) is not installed or has no device here."""
+
+
+class SelfCheckError(MetadataError):
+    """An artifact that does not reproduce its stored golden references on this machine (or has none to check).
+
+    ``artifact`` is the file, ``report`` the :class:`runtime.check.CheckReport` (``None`` when there was nothing to
+    run), ``rebuild`` the command that rebuilds the artifact.
+    """
+
+    def __init__(self, message: str, artifact: str = "", report: object = None, rebuild: str = "") -> None:
+        super().__init__(message)
+        self.artifact = artifact
+        self.report = report
+        self.rebuild = rebuild
