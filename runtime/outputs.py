@@ -275,21 +275,9 @@ class ConsoleOutput(Output):
             self.stream.write("\n".join(lines) + "\n")
             self.stream.flush()
         except (OSError, ValueError) as e:  # ValueError: stdout closed
-            self._silence()
             why = _why(e) if isinstance(e, OSError) else str(e)
             raise OutputWriteError(f"stdout: cannot write: {why}") from None
         self._header_done = True
-
-    def _silence(self) -> None:
-        """After a broken pipe, point stdout at /dev/null so the interpreter's final flush does not fail again."""
-        if self._stream is not None and self._stream is not sys.stdout:
-            return
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
-        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
-            pass
 
     def describe(self) -> str:
         return "stdout"

@@ -17,6 +17,7 @@ from runtime.outputs import (
     CsvOutput,
     JsonlOutput,
     OutputError,
+    OutputWriteError,
     VideoOutput,
     draw_overlay,
     open_output,
@@ -152,3 +153,107 @@ def test_unwritable_output_is_a_clear_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(OutputError, match="cannot open"):
         open_output(str(blocker / "res.jsonl"))
+
+
+# ------------------------------------------------------------------------------------------------ failures, invalid
+def invalid_prediction(reason: str = "blank", source: str = "/data/blank.png"):
+    """A frame the frame-quality gate refused, as the agreed interface describes it."""
+    fields = dict(label="invalid", index=-1, top_label="", top_index=-1, confidence=0.0,
+                  probs=np.zeros(8, np.float32), logits=np.zeros(8, np.float32), rejected=True,
+                  score=float("nan"), timings={"total": 0.4}, source=source)
+    if "reason" in getattr(Prediction, "__dataclass_fields__", {}):
+        return Prediction(**fields, reason=reason)
+    from types import SimpleNamespace  # until Prediction.reason lands (quality gate, issue 20)
+
+    return SimpleNamespace(**fields, reason=reason)
+
+
+def budget_write(budget: int, only: str | None = None):
+    """An ``os.write`` for files named ``only`` (all when None) that behaves like a filesystem with ``budget`` bytes
+    free: a short write when the request does not fit, then ENOSPC."""
+    import errno
+    import os
+
+    left = {"n": budget}
+
+    def write(fd, data):
+        if only is not None and not os.readlink(f"/proc/self/fd/{fd}").endswith(only):
+            return os.write(fd, data)
+        if left["n"] <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        n = os.write(fd, bytes(data[:left["n"]]))
+        left["n"] -= n
+        return n
+
+    return write
+
+
+def test_jsonl_on_dev_full_names_the_file():
+    out = JsonlOutput("/dev/full")
+    with pytest.raises(OutputWriteError) as info:
+        out.write(make_result(0))
+    assert str(info.value).startswith("/dev/full: ") and "No space left on device" in str(info.value)
+    out.close()
+
+
+def test_csv_on_dev_full_names_the_file():
+    with pytest.raises(OutputWriteError) as info:  # the header is the first write
+        CsvOutput("/dev/full")
+    assert str(info.value).startswith("/dev/full: ") and "No space left on device" in str(info.value)
+
+
+@pytest.mark.parametrize("cls", [JsonlOutput, CsvOutput])
+def test_a_full_disk_never_leaves_a_torn_record(cls, tmp_path, monkeypatch):
+    path = tmp_path / f"res.{'jsonl' if cls is JsonlOutput else 'csv'}"
+    first = cls(path)  # header (CSV) and 3 records fit; the disk fills up in the middle of a later one
+    for i in range(3):
+        first.write(make_result(i))
+    first.close()
+    size = path.stat().st_size
+    record = len(path.read_bytes().splitlines(keepends=True)[-1])
+    monkeypatch.setattr("runtime.outputs._write", budget_write(int(2.5 * record)))
+    out = cls(path)
+    written = 0
+    with pytest.raises(OutputWriteError) as info:
+        for i in range(3, 100):
+            out.write(make_result(i))
+            written += 1
+    out.close()
+    assert written == 2 and str(info.value).startswith(str(path)) and "No space left" in str(info.value)
+    data = path.read_bytes()
+    assert len(data) == size + 2 * record and data.endswith(b"\n")  # cut back to the last whole record
+    if cls is JsonlOutput:
+        assert [json.loads(line)["frame"] for line in data.splitlines()] == [0, 1, 2, 3, 4]
+    else:
+        assert [r["frame"] for r in csv.DictReader(io.StringIO(data.decode()))] == ["0", "1", "2", "3", "4"]
+
+
+def test_invalid_frames_carry_their_reason_in_every_record(tmp_path):
+    from runtime.outputs import FrameResult
+
+    frame = Frame(index=0, source="/data/blank.png", timestamp=1_700_000_000.0)
+    bad = FrameResult(frame, invalid_prediction("blank"), None, 0.4)
+    jsonl, csv_path, buf = JsonlOutput(tmp_path / "r.jsonl"), CsvOutput(tmp_path / "r.csv"), io.StringIO()
+    console = ConsoleOutput(buf)
+    for out in (jsonl, csv_path, console):
+        out.write(make_result(1))
+        out.write(bad)
+        out.close()
+    good, inv = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert good["reason"] is None and good["label"] == "cracks"
+    assert inv["label"] == "invalid" and inv["reason"] == "blank" and inv["rejected"] is True
+    assert inv["top_label"] is None and inv["score"] is None and inv["error"] is None
+    rows = list(csv.DictReader((tmp_path / "r.csv").open()))
+    assert rows[0]["reason"] == "" and rows[1]["label"] == "invalid" and rows[1]["reason"] == "blank"
+    line = buf.getvalue().splitlines()[2]
+    assert "invalid (blank)" in line and "nan" not in line
+    assert draw_overlay(np.zeros((40, 60), np.uint8), bad).any()
+
+
+def test_broken_stdout_is_an_output_error_naming_stdout():
+    class Broken(io.StringIO):
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    with pytest.raises(OutputWriteError, match="stdout: cannot write: Broken pipe"):
+        ConsoleOutput(Broken()).write(make_result(0))
