@@ -52,6 +52,15 @@ def long_video(tmp_path, video_writer) -> Path:
     return video_writer(tmp_path / "long.avi", [0.05, 0.95] * 100, size=32)  # 200 frames
 
 
+@pytest.fixture
+def good_dir(tmp_path, grey_image) -> Path:
+    d = tmp_path / "good"
+    d.mkdir()
+    for i, v in enumerate((0.05, 0.95, 0.1)):
+        cv2.imwrite(str(d / f"img{i}.png"), grey_image(v))
+    return d
+
+
 def invalid_prediction(reason: str, source: str) -> Any:
     fields = dict(label="invalid", index=-1, top_label="", top_index=-1, confidence=0.0,
                   probs=np.zeros(8, np.float32), logits=np.zeros(8, np.float32), rejected=True,
@@ -107,12 +116,8 @@ def test_exit_code_precedence(changes, code):
     assert s.exit_code == code and f"exit {code}:" in s.format()
 
 
-def test_all_good_inputs_exit_0(tiny_model, tmp_path, grey_image):
-    d = tmp_path / "good"
-    d.mkdir()
-    for i, v in enumerate((0.05, 0.95, 0.1)):
-        cv2.imwrite(str(d / f"img{i}.png"), grey_image(v))
-    r = cli("--source", str(d), "--model", str(tiny_model), "--headless", "--quiet")
+def test_all_good_inputs_exit_0(tiny_model, good_dir):
+    r = cli("--source", str(good_dir), "--model", str(tiny_model), "--headless", "--quiet")
     assert r.returncode == EXIT_OK, r.stderr
     assert "exit 0: every frame classified" in r.stderr
 
@@ -169,36 +174,45 @@ def test_run_refuses_bad_arguments_too(kw, clf, image_dir):
 
 
 # ------------------------------------------------------------------------------------------------ self-check
-def test_self_check_flags_reach_the_classifier(monkeypatch, image_dir, tiny_model, capsys):
-    import runtime.classifier
+def _checked_model(tiny_model: Path, tmp_path: Path, meta_factory, perturb: float = 0.0) -> Path:
+    """A copy of the tiny model with a golden sidecar: its true logits, or those plus ``perturb`` on one class."""
+    import shutil
 
-    seen = []
-    real = runtime.classifier.Classifier
+    from runtime.check import Goldens, write_golden_sidecar
+    from runtime.scores import logit_score
 
-    def recording(*a, **kw):
-        seen.append(kw.get("self_check", "absent"))
-        kw.pop("self_check", None)  # the real one may not take it yet
-        return real(*a, **kw)
+    model = shutil.copy(tiny_model, tmp_path / "checked.onnx")
+    meta = meta_factory()
+    grey = np.stack([np.full(meta.input_size, v, np.uint8) for v in (10, 60, 128, 200, 250)])
+    std, mean = np.asarray(meta.std), np.asarray(meta.mean)
+    g = Goldens(grey=grey, scale=(1 / (255 * std)).astype(np.float32), offset=(-mean / std).astype(np.float32),
+                logits=np.zeros((5, 8)), score=np.zeros(5), score_name=meta.score, temperature=meta.temperature,
+                labels=meta.labels, reference={"name": "tiny.onnx", "precision": "fp32"})
+    z = g.inputs()[:, 0].mean(axis=(1, 2))  # the tiny model: logits = mean of channel 0 x [-3, 3, 0, ...]
+    g.logits = (z[:, None] * np.array([-3.0, 3.0, 0, 0, 0, 0, 0, 0], np.float32)).astype(np.float32)
+    g.logits[:, 2] += perturb
+    g.score = logit_score(meta.score, g.logits, meta.temperature)
+    write_golden_sidecar(model, g)
+    return Path(model)
 
-    monkeypatch.setattr(runtime.classifier, "Classifier", recording)
-    for flag in ([], ["--self-check"], ["--no-self-check"]):
-        main(["--source", str(image_dir), "--model", str(tiny_model), "--headless", "--quiet", "--no-status", *flag])
-    assert seen == ["absent", True, False]  # default: the Classifier's automatic choice
+
+def test_self_check_flags_decide_whether_a_drifting_model_runs(tiny_model, good_dir, tmp_path, meta_factory):
+    bad = _checked_model(tiny_model, tmp_path, meta_factory, perturb=4.0)
+    base = ("--source", str(good_dir), "--model", str(bad), "--headless", "--quiet")
+    assert cli(*base).returncode == EXIT_OK  # FP32: no automatic self-check
+    r = cli(*base, "--self-check")
+    assert r.returncode == EXIT_USAGE and "self-check FAILED" in r.stderr and str(bad) in r.stderr
+    assert "--no-self-check" in r.stderr and "summary" not in r.stderr  # refused before the first frame
+    assert cli(*base, "--no-self-check").returncode == EXIT_OK
 
 
-def test_a_failed_self_check_is_a_model_error(monkeypatch, image_dir, tiny_model, capsys):
-    import runtime.classifier
-    import runtime.errors
-
-    error = getattr(runtime.errors, "SelfCheckError", runtime.errors.MetadataError)
-
-    def failing(*a, **kw):
-        raise error(f"{tiny_model}: self-check FAIL: max |dlogit| 3.66 > 0.5; rebuild with python -m export")
-
-    monkeypatch.setattr(runtime.classifier, "Classifier", failing)
-    assert main(["--source", str(image_dir), "--model", str(tiny_model), "--headless", "--quiet"]) == EXIT_USAGE
-    err = capsys.readouterr().err
-    assert "self-check FAIL" in err and str(tiny_model) in err
+def test_self_check_passes_on_a_faithful_model_and_refuses_a_model_without_goldens(tiny_model, good_dir, tmp_path,
+                                                                                   meta_factory):
+    good = _checked_model(tiny_model, tmp_path, meta_factory)
+    r = cli("--source", str(good_dir), "--model", str(good), "--headless", "--quiet", "--self-check")
+    assert r.returncode == EXIT_OK, r.stderr
+    r = cli("--source", str(good_dir), "--model", str(tiny_model), "--headless", "--quiet", "--self-check")
+    assert r.returncode == EXIT_USAGE and "no golden references" in r.stderr and str(tiny_model) in r.stderr
 
 
 # ------------------------------------------------------------------------------------------------ invalid frames
