@@ -205,7 +205,10 @@ class JsonlOutput(_AppendedRecords):
 
 
 class CsvOutput(_AppendedRecords):
-    """One CSV row per frame; header written once per file; a file with another header is not touched."""
+    """One CSV row per frame; header written once per file; a file with another header is not touched (then
+    ``diverted_from`` is the path asked for and ``path`` the free name next to it that is written instead)."""
+
+    diverted_from: Path | None = None
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         path = Path(path)
@@ -219,6 +222,7 @@ class CsvOutput(_AppendedRecords):
                     f.seek(-1, os.SEEK_END)
                     fix_newline = f.read(1) != b"\n"
             else:
+                self.diverted_from = path
                 path = _free_path(path)
         self._buf = io.StringIO()
         self._w = csv.writer(self._buf)

@@ -301,7 +301,8 @@ class RunSummary:
         lines += [f"FAILED    {e}" for e in self.output_errors]
         stop = {"end": "end of source", "signal": "stopped by signal", "max-frames": "--max-frames reached",
                 "window": "window closed", "source-error": f"source failed: {self.source_error}",
-                "output-error": "an output failed (--on-output-error continue keeps going without it)",
+                "output-error": ("every output failed" if len(self.output_errors) >= len(self.outputs) else
+                                 "an output failed (--on-output-error continue keeps going without it)"),
                 "internal-error": f"internal error: {self.internal_error}"}[self.stopped_by]
         lines.append(f"ended     {stop}; {self.outcome()}")
         return "\n".join(lines)
@@ -396,6 +397,11 @@ def run(source: str, *, model: str | None = None, backend: str = "auto", thresho
             print(f"[run] --smoothing {smoothing} ignored: it averages over consecutive video frames, and "
                   f"{source} is {spec.kind}", file=err)
 
+    for o in opened:
+        moved = getattr(o, "diverted_from", None)
+        if moved is not None:
+            print(f"[run] {moved} has other columns (another program's, or an older version's): appending to "
+                  f"{o.path} instead", file=err)
     summary = RunSummary(source=f"{source} ({spec.kind})", model=clf.describe(),
                          outputs=[o.describe() for o in opened], is_live=src.is_live)
     console = any(o.describe() == "stdout" for o in opened)
@@ -410,8 +416,12 @@ def run(source: str, *, model: str | None = None, backend: str = "auto", thresho
         broken[i] = msg
         summary.output_errors.append(msg)
         status_line.clear()
-        then = ("stopping (--on-output-error continue keeps going without it)" if on_output_error == "stop"
-                else "disabled, the run goes on")
+        if len(broken) == len(opened):
+            then = "no output left, stopping"
+        elif on_output_error == "stop":
+            then = "stopping (--on-output-error continue keeps going without it)"
+        else:
+            then = "disabled, the run goes on"
         print(f"[run] output failed: {msg}; {then}", file=err, flush=True)
 
     t_start = time.perf_counter()
@@ -446,8 +456,8 @@ def run(source: str, *, model: str | None = None, backend: str = "auto", thresho
                 f"[run] {summary.frames} frames  {fps_text} fps  latency {result.latency_ms:6.1f} ms  "
                 f"errors {summary.errors}{invalid_text}  dropped {stats.dropped}  reconnects {stats.reconnects}",
                 force=console)
-            if broken and on_output_error == "stop":
-                summary.stopped_by = "output-error"
+            if broken and (on_output_error == "stop" or len(broken) == len(opened)):
+                summary.stopped_by = "output-error"  # with "continue", when no output is left to write to
                 break
             if any(o.stop_requested for i, o in enumerate(opened) if i not in broken):
                 summary.stopped_by = "window"

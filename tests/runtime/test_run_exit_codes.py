@@ -303,6 +303,24 @@ def test_on_output_error_continue_processes_everything(clf, long_video, tmp_path
     assert f"FAILED    {jsonl}: cannot write record" in text and "exit 4: 1 output failed" in text
 
 
+def test_continue_still_stops_when_no_output_is_left(clf, long_video, tmp_path, monkeypatch):
+    jsonl, err = tmp_path / "full.jsonl", io.StringIO()
+    monkeypatch.setattr("runtime.outputs._write", _budget_write(3000, only="full.jsonl"))
+    summary = run(str(long_video), classifier=clf, outputs=[str(jsonl)], err=err, on_output_error="continue")
+    assert summary.frames == len(records(jsonl)) + 1 < 200 and summary.exit_code == EXIT_OUTPUT
+    assert "no output left, stopping" in err.getvalue() and "ended     every output failed" in err.getvalue()
+
+
+def test_a_csv_with_other_columns_is_kept_and_the_switch_is_said(clf, good_dir, tmp_path):
+    old = tmp_path / "res.csv"
+    old.write_text("source,frame,label\nx.png,0,clean\n")  # e.g. written by a version without `reason`
+    err = io.StringIO()
+    summary = run(str(good_dir), classifier=clf, outputs=[str(old)], err=err)
+    assert old.read_text() == "source,frame,label\nx.png,0,clean\n" and summary.exit_code == EXIT_OK
+    assert len((tmp_path / "res-1.csv").read_text().splitlines()) == 4
+    assert f"{old} has other columns" in err.getvalue() and str(tmp_path / "res-1.csv") in err.getvalue()
+
+
 def test_an_internal_error_mid_run_closes_outputs_and_exits_1(clf, long_video, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = RunSummary.add
@@ -356,7 +374,7 @@ def test_real_full_filesystem_stops_with_exit_4_and_whole_records(tiny_model, lo
     assert f"{jsonl}: cannot write record: No space left on device" in r.stderr
     kept = records(jsonl)  # ends at a complete record
     assert 10 < len(kept) < 200 and [k["frame"] for k in kept] == list(range(len(kept)))
-    assert f"frames    {len(kept) + 1} " in r.stderr and "ended     an output failed" in r.stderr
+    assert f"frames    {len(kept) + 1} " in r.stderr and "ended     every output failed; exit 4" in r.stderr
 
 
 def test_real_full_filesystem_continue_keeps_the_other_outputs(tiny_model, long_video, tiny_tmpfs, tmp_path):
