@@ -42,8 +42,9 @@ SIDECAR_PRECISION = "precision"  # "fp16" | "int8"
 SIDECAR_PROFILE = "profile"  # {"input": name, "min": [N,C,H,W], "opt": [...], "max": [...]}
 SIDECAR_BUILD_COMMAND = "build_command"  # the command that rebuilds this engine
 SIDECAR_ONNX = "onnx"  # the source ONNX, relative to the engine's folder (stale check, CPU fallback)
+SIDECAR_ENGINE_SHA256 = "engine_sha256"  # sha256 of the engine file itself (a corrupt or swapped copy is refused)
 SIDECAR_KEYS = (SIDECAR_MODEL_SHA256, SIDECAR_TENSORRT_VERSION, SIDECAR_GPU_NAME, SIDECAR_COMPUTE_CAPABILITY,
-                SIDECAR_PRECISION, SIDECAR_PROFILE, SIDECAR_BUILD_COMMAND, SIDECAR_ONNX)
+                SIDECAR_PRECISION, SIDECAR_PROFILE, SIDECAR_BUILD_COMMAND, SIDECAR_ONNX, SIDECAR_ENGINE_SHA256)
 PRECISIONS = ("fp16", "int8")
 DEFAULT_BATCHES = (1, 8, 32)
 DEFAULT_WORKSPACE_GIB = 2.0
@@ -86,9 +87,17 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower() or "unknown"
 
 
-def timing_cache_key(tensorrt_version: str, gpu_name: str, compute_capability: str) -> str:
-    """A file-name-safe key: a cache is only reused by the same TensorRT version on the same GPU model."""
-    return f"trt{_slug(tensorrt_version)}-{_slug(gpu_name)}-sm{compute_capability.replace('.', '')}"
+def timing_cache_key(tensorrt_version: str, gpu_name: str, compute_capability: str, *, multiprocessors: int = 0,
+                     memory_bytes: int = 0) -> str:
+    """A file-name-safe key: a cache is only reused by the same TensorRT version on the same GPU model. Every Jetson
+    Orin module reports the name "Orin" and compute capability 8.7, so the SM count and memory (GiB) are part of
+    the key when known."""
+    key = f"trt{_slug(tensorrt_version)}-{_slug(gpu_name)}-sm{compute_capability.replace('.', '')}"
+    if multiprocessors:
+        key += f"-{int(multiprocessors)}sms"
+    if memory_bytes:
+        key += f"-{round(memory_bytes / 2**30)}gib"
+    return key
 
 
 def timing_cache_path(out_dir: str | os.PathLike[str], key: str) -> Path:
@@ -119,14 +128,15 @@ def build_command(onnx_path: str | os.PathLike[str], precision: str, batches: tu
 
 
 def sidecar_extra(model_sha256: str, tensorrt_version: str, gpu_name: str, compute_capability: str,
-                  precision: str, profile: dict[str, Any], command: str, onnx: str = "") -> dict[str, Any]:
+                  precision: str, profile: dict[str, Any], command: str, onnx: str = "",
+                  engine_sha256: str = "") -> dict[str, Any]:
     """The sidecar fields next to ``metadata``; keys are the ``SIDECAR_*`` constants."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     return {SIDECAR_MODEL_SHA256: model_sha256, SIDECAR_TENSORRT_VERSION: tensorrt_version,
             SIDECAR_GPU_NAME: gpu_name, SIDECAR_COMPUTE_CAPABILITY: compute_capability,
             SIDECAR_PRECISION: precision, SIDECAR_PROFILE: profile, SIDECAR_BUILD_COMMAND: command,
-            SIDECAR_ONNX: onnx}
+            SIDECAR_ONNX: onnx, SIDECAR_ENGINE_SHA256: engine_sha256}
 
 
 def read_onnx_metadata(path: str | os.PathLike[str]) -> ModelMetadata:
@@ -160,13 +170,16 @@ def build_tensorrt_engine(trt: Any, gpu: Any, onnx_path: Path, engine_path: Path
     from runtime._atomic import atomic_write_bytes
 
     profile = profile_shapes(meta, batches)
-    key = timing_cache_key(trt.__version__, gpu.name, gpu.compute_capability)
+    key = timing_cache_key(trt.__version__, gpu.name, gpu.compute_capability,
+                           multiprocessors=getattr(gpu, "multiprocessors", 0),
+                           memory_bytes=getattr(gpu, "memory_bytes", 0))
     blob = build_serialized_engine(trt, onnx_path, profile, int(workspace_gib * (1 << 30)),
                                    timing_cache_path(engine_path.parent, key))
     atomic_write_bytes(engine_path, blob)
     write_sidecar(engine_path, meta.with_updates(precision=precision),
                   sidecar_extra(sha256_file(onnx_path), trt.__version__, gpu.name, gpu.compute_capability,
-                                precision, profile, command, os.path.relpath(onnx_path, engine_path.parent)))
+                                precision, profile, command, os.path.relpath(onnx_path, engine_path.parent),
+                                engine_sha256=hashlib.sha256(blob).hexdigest()))
     return engine_path
 
 
@@ -176,8 +189,9 @@ EPILOG = """examples:
   python -m export.build_engine --onnx models/sem.onnx --int8 --calib-data data/ --batch 1,8,32
   python -m export.build_engine --onnx models/sem.onnx --int8 --require-tensorrt   # fail without TensorRT/GPU
 
-Without TensorRT (or without a GPU) the CPU artifacts are built and the command exits 0; --require-tensorrt
-makes that an error (exit 3). The accuracy gate (exit 4) compares each variant with FP32 on --val-data
+Without TensorRT the CPU artifacts are built and the command exits 0; --require-tensorrt makes that an error
+(exit 3). With TensorRT installed but no usable GPU (e.g. a driver too old for the installed cuda-python) it fails
+(exit 3) naming the CUDA error, unless --no-engine asks for the CPU artifacts only. The accuracy gate (exit 4) compares each variant with FP32 on --val-data
 (default: val/ of the training data recorded in the model).
 """
 
@@ -201,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", type=float, default=DEFAULT_WORKSPACE_GIB, help="TensorRT workspace GiB")
     p.add_argument("--out", help="output folder (default: beside the ONNX file)")
     p.add_argument("--require-tensorrt", action="store_true", help="fail (exit 3) when TensorRT or a GPU is missing")
+    p.add_argument("--no-engine", action="store_true",
+                   help="build only the CPU/ONNX artifacts even where TensorRT is installed")
     p.add_argument("--val-data", help="labelled validation folder (class folders) for the accuracy gate")
     p.add_argument("--max-drop", type=float, default=1.0, help="max accuracy/macro-F1 drop in points (default 1)")
     p.add_argument("--allow-drop", action="store_true", help="keep artifacts that fail the accuracy gate")
@@ -217,7 +233,7 @@ def _val_folder(args: argparse.Namespace, meta: ModelMetadata) -> Path | None:
 def main(argv: Sequence[str] | None = None) -> int:  # noqa: C901 - a linear script of steps
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    from export.tensorrt_build import EngineBuildError, import_tensorrt, query_gpu
+    from export.tensorrt_build import EngineBuildError, gpu_problem, import_tensorrt, query_gpu
 
     onnx_path = Path(args.onnx)
     if not onnx_path.is_file():
@@ -234,13 +250,20 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: C901 - a linear scr
     paths = artifact_paths(onnx_path, args.out)
     paths[f"{precision}_report"].parent.mkdir(parents=True, exist_ok=True)
 
-    trt = import_tensorrt()
+    trt = None if args.no_engine else import_tensorrt()
     gpu = query_gpu() if trt is not None else None
-    if trt is None or gpu is None:
-        why = "TensorRT is not installed" if trt is None else "no CUDA GPU is visible"
+    if trt is not None and gpu is None:
+        # TensorRT is installed, so an engine is wanted: a driver/cuda-python mismatch must not pass as success.
+        print(f"error: TensorRT {trt.__version__} is installed but no engine can be built here: {gpu_problem()}. "
+              "Fix that and rerun (python -m runtime.doctor checks the whole stack), or pass --no-engine to build "
+              "only the CPU/ONNX artifacts", file=sys.stderr)
+        return EXIT_NO_TENSORRT
+    if trt is None:
+        why = "--no-engine was given" if args.no_engine else "TensorRT is not installed"
         if args.require_tensorrt:
             print(f"error: {why}; --require-tensorrt was given, so no engine can be built here "
-                  "(install tensorrt and cuda-python on the GPU machine and rerun)", file=sys.stderr)
+                  "(install the [tensorrt] extra on the GPU machine, see docs/tensorrt.md, and rerun)",
+                  file=sys.stderr)
             return EXIT_NO_TENSORRT
         print(f"{why}: building the CPU/ONNX artifacts only (no engine)")
 

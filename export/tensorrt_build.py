@@ -10,6 +10,7 @@ against the real bindings. Never run on this project's CPU-only build machines.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from types import ModuleType
 from typing import Any
 
 from runtime._atomic import atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 
 class EngineBuildError(RuntimeError):
@@ -27,6 +30,8 @@ class EngineBuildError(RuntimeError):
 class GpuInfo:
     name: str
     compute_capability: str  # "8.7"
+    multiprocessors: int = 0  # SM count and memory tell modules with one name apart (Orin AGX / NX / Nano)
+    memory_bytes: int = 0
 
 
 def import_tensorrt() -> ModuleType | None:
@@ -38,21 +43,89 @@ def import_tensorrt() -> ModuleType | None:
     return trt
 
 
+def gpu_problem(device: int = 0) -> str:
+    """Why no engine can be built on CUDA device ``device`` (the CUDA error by name and the fix), or ""."""
+    from runtime import cuda_buffers
+
+    return cuda_buffers.gpu_problem(device)
+
+
 def query_gpu(device: int = 0) -> GpuInfo | None:
-    """Name and compute capability of CUDA device ``device`` via cuda-python, or None without a usable GPU."""
+    """Name, compute capability, SM count and memory of CUDA device ``device`` via cuda-python (either module
+    layout: ``cuda.bindings`` or the older ``cuda.cudart``), or None without a usable GPU (:func:`gpu_problem`
+    says why)."""
+    from runtime import cuda_buffers
+    from runtime.errors import BackendUnavailable
+
+    if gpu_problem(device):
+        return None
     try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
+        p = cuda_buffers.gpu_properties(device)
+    except (BackendUnavailable, cuda_buffers.CudaError):
         return None
-    err, props = cudart.cudaGetDeviceProperties(device)
-    if err != cudart.cudaError_t.cudaSuccess:
-        return None
-    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
-    return GpuInfo(name.strip("\x00 "), f"{props.major}.{props.minor}")
+    return GpuInfo(p.name, f"{p.compute_capability[0]}.{p.compute_capability[1]}", p.multiprocessors,
+                   p.memory_bytes)
 
 
 def parser_errors(parser: Any) -> list[str]:
     return [str(parser.get_error(i)) for i in range(parser.num_errors)]
+
+
+def _network_inputs(network: Any) -> dict[str, tuple[int, ...]]:
+    return {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
+
+
+def _add_profile(trt: Any, builder: Any, config: Any, network: Any, profile: dict[str, Any], src: Path) -> None:
+    """Set the profile's shapes, then add it: TensorRT validates and copies a profile when it is added."""
+    inputs = _network_inputs(network)
+    name = profile["input"]
+    if name not in inputs:
+        raise EngineBuildError(f"{src}: the optimisation profile names input {name!r}, but the network's inputs are "
+                               f"{sorted(inputs)}")
+    shapes = [tuple(int(d) for d in profile[k]) for k in ("min", "opt", "max")]
+    opt_profile = builder.create_optimization_profile()
+    try:
+        opt_profile.set_shape(name, *shapes)
+    except (RuntimeError, TypeError, ValueError) as e:  # pybind raises when setDimensions returns false
+        raise EngineBuildError(f"{src}: invalid optimisation profile for input {name!r} "
+                               f"(min {list(shapes[0])}, opt {list(shapes[1])}, max {list(shapes[2])}; each must be "
+                               f"<= the next, with the network's fixed dimensions {list(inputs[name])}): {e}") from None
+    index = config.add_optimization_profile(opt_profile)
+    if index is None or int(index) < 0:
+        raise EngineBuildError(f"{src}: TensorRT refused the optimisation profile for input {name!r} (min "
+                               f"{list(shapes[0])}, max {list(shapes[2])}) against the network's input shape "
+                               f"{list(inputs[name])}; check --batch and the model's input size")
+
+
+def _attach_timing_cache(config: Any, path: Path | None) -> None:
+    """Attach the cache at ``path`` (or a fresh one) before the build; a corrupt file or one from another GPU or
+    TensorRT is refused (``ignore_mismatch=False``) and replaced by a fresh cache, never silently misused."""
+    data = b""
+    if path is not None and path.is_file():
+        data = path.read_bytes()
+    cache = config.create_timing_cache(data) if data else None
+    if data and cache is None:
+        log.warning("%s: timing cache could not be read (corrupt?); starting a fresh one", path)
+    if cache is not None and not config.set_timing_cache(cache, False):
+        log.warning("%s: timing cache refused by TensorRT (made on another GPU or TensorRT version); starting a "
+                    "fresh one", path)
+        cache = None
+    if cache is None:
+        fresh = config.create_timing_cache(b"")
+        if fresh is None or not config.set_timing_cache(fresh, False):
+            log.warning("TensorRT gave no timing cache; building without one")
+
+
+def _save_timing_cache(config: Any, path: Path) -> None:
+    """Write the (updated) cache back; a missing cache is a warning, never a lost engine."""
+    try:
+        cache = config.get_timing_cache()
+        if cache is None:
+            log.warning("%s: TensorRT returned no timing cache after the build; not saved", path)
+            return
+        atomic_write_bytes(path, bytes(cache.serialize()))
+    except (OSError, RuntimeError, AttributeError, TypeError) as e:
+        log.warning("%s: timing cache not saved (%s)", path, e)
 
 
 def build_serialized_engine(trt: Any, onnx_path: str | os.PathLike[str], profile: dict[str, Any],
@@ -61,12 +134,14 @@ def build_serialized_engine(trt: Any, onnx_path: str | os.PathLike[str], profile
     """Parse ``onnx_path`` into a strongly typed network and build it with one optimisation profile.
 
     ``profile`` is ``{"input": name, "min": [...], "opt": [...], "max": [...]}``. A timing cache at
-    ``timing_cache_path`` is loaded when present and written back (atomically) after the build. Returns the
-    serialized engine; raises :class:`EngineBuildError` with the parser's errors on failure.
+    ``timing_cache_path`` is attached before the build when TensorRT accepts it (else a fresh one) and written back
+    (atomically) after it. Returns the serialized engine; raises :class:`EngineBuildError` with the parser's errors,
+    an invalid profile or a failed build.
     """
     onnx_path = Path(onnx_path)
     logger = trt.Logger(getattr(trt.Logger, log_level))
     builder = trt.Builder(logger)
+    # The flag's value differs between versions (10.x: 1, 11.x: 0, where it is a no-op): always go by the name.
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
@@ -77,18 +152,13 @@ def build_serialized_engine(trt: Any, onnx_path: str | os.PathLike[str], profile
                                + "\n  ".join(errors or ["(no error detail reported)"]))
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
-    opt_profile = builder.create_optimization_profile()
-    opt_profile.set_shape(profile["input"], tuple(profile["min"]), tuple(profile["opt"]), tuple(profile["max"]))
-    config.add_optimization_profile(opt_profile)
-    cache_bytes = b""
-    if timing_cache_path is not None and Path(timing_cache_path).is_file():
-        cache_bytes = Path(timing_cache_path).read_bytes()
-    timing_cache = config.create_timing_cache(cache_bytes)
-    # ignore_mismatch=False: a cache from another device/version is refused rather than silently misused.
-    config.set_timing_cache(timing_cache, False)
+    _add_profile(trt, builder, config, network, profile, onnx_path)
+    cache_path = Path(timing_cache_path) if timing_cache_path is not None else None
+    _attach_timing_cache(config, cache_path)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineBuildError(f"{onnx_path}: TensorRT failed to build an engine (see the TensorRT log above)")
-    if timing_cache_path is not None:
-        atomic_write_bytes(timing_cache_path, bytes(config.get_timing_cache().serialize()))
-    return bytes(serialized)
+    blob = bytes(serialized)
+    if cache_path is not None:
+        _save_timing_cache(config, cache_path)
+    return blob

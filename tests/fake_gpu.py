@@ -749,3 +749,27 @@ def fake_tensorrt(version: str = "10.3.0.30", cudart: FakeCudart | None = None,
     m.OnnxParser = _Parser
     m.Runtime = lambda logger: _Runtime(m, logger)
     return m
+
+
+def tiny_onnx(path: Path, size: int = 32, classes: int = 8, opset: int = 17) -> Path:
+    """A GAP → Gemm model ``images (N, 3, size, size) → logits (N, classes)`` with metadata, without torch."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from runtime.contract import METADATA_KEY, ModelMetadata
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((classes, 3)).astype(np.float32)
+    nodes = [helper.make_node("GlobalAveragePool", ["images"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+             helper.make_node("Gemm", ["flat", "W", "B"], ["logits"], transB=1)]
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
+        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.zeros(classes, np.float32), "B")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    helper.set_model_props(model, {METADATA_KEY: ModelMetadata(input_size=(size, size), arch="tiny").to_json()})
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return Path(path)

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 from pathlib import Path
-from unittest.mock import MagicMock
 
 import pytest
 from tiny_models import tiny_meta, trained_tiny, write_dataset
 
 from export import build_engine as be
 from export.onnx_export import export_onnx
-from export.tensorrt_build import EngineBuildError, GpuInfo, build_serialized_engine
+from export.tensorrt_build import GpuInfo, build_serialized_engine
 from runtime.contract import read_sidecar
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fake_gpu import FakeCudart, cudaError_t, fake_tensorrt, install_cudart, unpack_engine  # noqa: E402
+from fake_gpu import tiny_onnx as write_tiny_onnx  # noqa: E402
 
 
 def test_parse_batches() -> None:
@@ -51,53 +56,13 @@ def test_build_command_round_trips_through_the_parser() -> None:
     assert args.onnx == "m dir/x.onnx" and args.int8 and args.batch == "1,8,32" and args.calib_data == "data"
 
 
-def _fake_trt(parse_ok: bool = True, engine: bytes | None = b"ENGINE") -> MagicMock:
-    trt = MagicMock(name="trt")
-    trt.__version__ = "10.3.0"
-    trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED = 0
-    parser = trt.OnnxParser.return_value
-    parser.parse_from_file.return_value = parse_ok
-    parser.num_errors = 0 if parse_ok else 2
-    parser.get_error.side_effect = lambda i: f"node {i}: unsupported op"
-    builder = trt.Builder.return_value
-    builder.build_serialized_network.return_value = engine
-    config = builder.create_builder_config.return_value
-    config.get_timing_cache.return_value.serialize.return_value = b"CACHE"
-    return trt
-
-
-def test_tensorrt_call_sequence_with_fake_module(tmp_path: Path) -> None:
-    trt = _fake_trt()
-    cache = tmp_path / "tc.bin"
-    cache.write_bytes(b"OLD")
+@pytest.mark.parametrize("version", ["10.3.0.30", "11.4.0.106"])
+def test_tensorrt_build_uses_no_precision_flags_and_a_strongly_typed_network(version: str, tmp_path: Path) -> None:
+    """11.x has no BuilderFlag.FP16/INT8 (the fake has none either): the build must not touch them."""
+    trt = fake_tensorrt(version)
     prof = {"input": "images", "min": [1, 3, 32, 32], "opt": [8, 3, 32, 32], "max": [32, 3, 32, 32]}
-    blob = build_serialized_engine(trt, tmp_path / "m.onnx", prof, 1 << 30, cache)
-    assert blob == b"ENGINE"
-    builder = trt.Builder.return_value
-    builder.create_network.assert_called_once_with(1 << 0)  # STRONGLY_TYPED
-    trt.OnnxParser.return_value.parse_from_file.assert_called_once_with(str(tmp_path / "m.onnx"))
-    config = builder.create_builder_config.return_value
-    config.set_memory_pool_limit.assert_called_once_with(trt.MemoryPoolType.WORKSPACE, 1 << 30)
-    builder.create_optimization_profile.return_value.set_shape.assert_called_once_with(
-        "images", (1, 3, 32, 32), (8, 3, 32, 32), (32, 3, 32, 32))
-    config.add_optimization_profile.assert_called_once()
-    config.create_timing_cache.assert_called_once_with(b"OLD")
-    config.set_timing_cache.assert_called_once_with(config.create_timing_cache.return_value, False)
-    builder.build_serialized_network.assert_called_once_with(builder.create_network.return_value, config)
-    assert cache.read_bytes() == b"CACHE"
-    names = {c[0] for c in builder.method_calls}
-    assert not any("fp16" in n.lower() or "int8" in n.lower() for n in names)  # no BuilderFlag precision in 11.x
-    assert not config.set_flag.called
-
-
-def test_parse_failure_reports_parser_errors(tmp_path: Path) -> None:
-    trt = _fake_trt(parse_ok=False)
-    prof = {"input": "images", "min": [1, 3, 8, 8], "opt": [1, 3, 8, 8], "max": [1, 3, 8, 8]}
-    with pytest.raises(EngineBuildError, match=r"(?s)2 error.*node 0: unsupported op.*node 1"):
-        build_serialized_engine(trt, tmp_path / "m.onnx", prof, 1 << 20)
-    trt.Builder.return_value.build_serialized_network.assert_not_called()
-    with pytest.raises(EngineBuildError, match="failed to build"):
-        build_serialized_engine(_fake_trt(engine=None), tmp_path / "m.onnx", prof, 1 << 20)
+    header, _ = unpack_engine(build_serialized_engine(trt, write_tiny_onnx(tmp_path / "m.onnx"), prof, 1 << 30))
+    assert header["strongly_typed"] and not header["version_compatible"]
 
 
 @pytest.fixture(scope="module")
@@ -107,16 +72,18 @@ def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_engine_and_sidecar_written_with_fake_tensorrt(tiny_onnx: Path, tmp_path: Path) -> None:
-    trt = _fake_trt()
+    trt = fake_tensorrt("10.3.0")
     engine = tmp_path / "tiny.fp16.engine"
     meta = be.read_onnx_metadata(tiny_onnx)
-    be.build_tensorrt_engine(trt, GpuInfo("Orin", "8.7"), tiny_onnx, engine, meta, "fp16", (1, 4, 8), 1.0, "CMD")
-    assert engine.read_bytes() == b"ENGINE"
+    gpu = GpuInfo("Orin", "8.7", 8, 8 << 30)
+    be.build_tensorrt_engine(trt, gpu, tiny_onnx, engine, meta, "fp16", (1, 4, 8), 1.0, "CMD")
+    assert unpack_engine(engine.read_bytes())[0]["onnx_path"] == str(tiny_onnx)
     smeta, extra = read_sidecar(engine)
     assert smeta.precision == "fp16" and extra["model_sha256"] == be.sha256_file(tiny_onnx)
     assert extra["tensorrt_version"] == "10.3.0" and extra["gpu_name"] == "Orin"
     assert extra["profile"]["max"] == [8, 3, 32, 32] and extra["build_command"] == "CMD"
-    assert list(tmp_path.glob("timing-cache-trt10.3.0-orin-sm87.bin"))
+    assert extra["engine_sha256"] == hashlib.sha256(engine.read_bytes()).hexdigest()  # the corrupt-copy check
+    assert list(tmp_path.glob("timing-cache-trt10.3.0-orin-sm87-8sms-8gib.bin"))
 
 
 def test_cli_without_tensorrt(tiny_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -147,10 +114,62 @@ def test_gate_failure_exits_nonzero(tiny_onnx: Path, tmp_path: Path, monkeypatch
     assert rc == be.EXIT_GATE_FAILED
 
 
-def test_fake_module_names_are_trt_attributes() -> None:
-    # The names build_serialized_engine touches, spelled as in the real bindings (checked by tests/trt_api_check).
-    src = Path(be.__file__).with_name("tensorrt_build.py").read_text()
-    for name in ("trt.Builder", "trt.OnnxParser", "trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED",
-                 "trt.MemoryPoolType.WORKSPACE", "trt.Logger"):
-        assert name in src
-    assert "trt.BuilderFlag" not in src and "int8_calibrator" not in src
+# ---------------------------------------------------------------------------- main() on its TensorRT branch (fakes)
+@pytest.fixture
+def fake_gpu_build(monkeypatch: pytest.MonkeyPatch):
+    """A fake TensorRT 10.3 that build_engine imports, and a fake cuda-python that its GPU query reads."""
+    cudart = install_cudart(monkeypatch, FakeCudart(name="Orin", sms=8, memory=8 << 30))
+    trt = fake_tensorrt("10.3.0.30", cudart)
+    monkeypatch.setattr("export.tensorrt_build.import_tensorrt", lambda: trt)
+    return trt
+
+
+def test_cli_int8_builds_the_engine_from_the_qdq_file(tiny_onnx: Path, tmp_path: Path, fake_gpu_build) -> None:
+    data = write_dataset(tmp_path / "data", per_class=2, size=36)
+    out = tmp_path / "out"
+    rc = be.main(["--onnx", str(tiny_onnx), "--int8", "--calib-data", str(data), "--out", str(out),
+                  "--calib-method", "minmax", "--batch", "1,4,8"])
+    assert rc == 0
+    engine = out / "tiny.int8.engine"
+    header, _ = unpack_engine(engine.read_bytes())
+    assert header["onnx_path"] == str(out / "tiny.int8.qdq.onnx")  # not the CPU INT8 file
+    meta, extra = read_sidecar(engine)
+    assert meta.precision == "int8" and extra["precision"] == "int8" and extra["onnx"] == "tiny.int8.qdq.onnx"
+    assert extra["model_sha256"] == be.sha256_file(out / "tiny.int8.qdq.onnx")
+    assert extra["engine_sha256"] == hashlib.sha256(engine.read_bytes()).hexdigest()
+    assert extra["profile"]["min"][0] == 1 and extra["profile"]["max"][0] == 8
+    report = json.loads((out / "tiny.int8.build-report.json").read_text())
+    assert str(engine) in report["artifacts"]
+
+
+def test_cli_fp16_builds_the_engine_from_the_fp16_file(tiny_onnx: Path, tmp_path: Path, fake_gpu_build) -> None:
+    assert be.main(["--onnx", str(tiny_onnx), "--fp16", "--out", str(tmp_path)]) == 0
+    header, _ = unpack_engine((tmp_path / "tiny.fp16.engine").read_bytes())
+    assert header["onnx_path"] == str(tmp_path / "tiny.fp16.onnx")
+
+
+def test_cli_fails_when_tensorrt_is_installed_but_the_gpu_cannot_be_used(
+        tiny_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """TensorRT 11 / cuda-python 13 on a CUDA-12 driver: the build must fail naming the error, not exit 0."""
+    install_cudart(monkeypatch, FakeCudart(error=cudaError_t.cudaErrorInsufficientDriver))
+    monkeypatch.setattr("export.tensorrt_build.import_tensorrt", lambda: fake_tensorrt("11.4.0.106"))
+    rc = be.main(["--onnx", str(tiny_onnx), "--fp16", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == be.EXIT_NO_TENSORRT
+    assert "cudaErrorInsufficientDriver" in err and "cuda-python<13" in err
+    assert not (tmp_path / "tiny.fp16.engine").exists()
+
+
+def test_cli_engine_build_error_is_a_clear_message(tiny_onnx: Path, tmp_path: Path, fake_gpu_build,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    rc = be.main(["--onnx", str(tiny_onnx), "--fp16", "--out", str(tmp_path), "--batch", "0,4"])
+    assert rc == 2 and "--batch" in capsys.readouterr().err
+    from fake_gpu import _Config
+
+    orig = _Config.add_optimization_profile
+    try:
+        _Config.add_optimization_profile = lambda self, p: -1
+        rc = be.main(["--onnx", str(tiny_onnx), "--fp16", "--out", str(tmp_path)])
+    finally:
+        _Config.add_optimization_profile = orig
+    assert rc == 1 and "refused the optimisation profile" in capsys.readouterr().err
