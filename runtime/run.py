@@ -193,7 +193,6 @@ class RunSummary:
     outputs: list[str] = field(default_factory=list)
     output_errors: list[str] = field(default_factory=list)  # one message per failed output, naming it
     error_examples: list[str] = field(default_factory=list, repr=False)  # the first few frame errors
-    is_live: bool = False
 
     MAX_EXAMPLES = 5
 
@@ -237,7 +236,7 @@ class RunSummary:
             return EXIT_INTERNAL
         if self.output_errors:
             return EXIT_OUTPUT
-        if self.errors or self.stopped_by == "source-error" or (self.frames == 0 and not self.is_live):
+        if self.errors or self.stopped_by == "source-error" or self.frames == 0:
             return EXIT_INPUT
         return EXIT_OK
 
@@ -245,8 +244,6 @@ class RunSummary:
         code = self.exit_code
         if code == EXIT_OK:
             why = "every frame classified" + (" or refused as invalid" if self.invalid else "")
-            if self.frames == 0:
-                why = "no frames"
         elif code == EXIT_OUTPUT:
             why = _plural(len(self.output_errors), "output") + " failed"
         elif code == EXIT_INPUT:
@@ -403,7 +400,7 @@ def run(source: str, *, model: str | None = None, backend: str = "auto", thresho
             print(f"[run] {moved} has other columns (another program's, or an older version's): appending to "
                   f"{o.path} instead", file=err)
     summary = RunSummary(source=f"{source} ({spec.kind})", model=clf.describe(),
-                         outputs=[o.describe() for o in opened], is_live=src.is_live)
+                         outputs=[o.describe() for o in opened])
     console = any(o.describe() == "stdout" for o in opened)
     print(f"[run] {clf.describe()}", file=err)
     print(f"[run] source {source} ({spec.kind}{', live' if src.is_live else ''}); outputs: "

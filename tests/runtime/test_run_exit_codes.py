@@ -105,7 +105,7 @@ def test_exit_codes_are_distinct_and_documented_in_help(capsys):
     ({"errors": 1}, EXIT_INPUT),
     ({"stopped_by": "source-error"}, EXIT_INPUT),
     ({"frames": 0}, EXIT_INPUT),
-    ({"frames": 0, "is_live": True, "stopped_by": "signal"}, EXIT_OK),
+    ({"frames": 0, "stopped_by": "signal"}, EXIT_INPUT),  # e.g. a camera that never gave a frame
     ({"errors": 1, "output_errors": ["x.jsonl: No space left on device"]}, EXIT_OUTPUT),
     ({"errors": 1, "output_errors": ["x"], "stopped_by": "internal-error"}, EXIT_INTERNAL),
 ])
