@@ -25,13 +25,14 @@ import numpy as np
 
 from benchmarks import envinfo
 from runtime._atomic import atomic_write_text
+from runtime.classifier import bundled_model_path
+from sem_extras import cli
 
 SCHEMA = "sem-bench-accuracy/1"
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = Path("data/synth/test")
 #: The real-image test set, relative to the repository root; optional (never in the repo, never in CI).
 REAL_DATA = Path("../shared/datasets/sem-hackathon/test")
-DEFAULT_MODELS = (REPO / "models" / "sem_classifier.onnx", REPO / "models" / "sem_classifier.int8.onnx")
 GENERATE_HINT = ("generate it: python -m train.synthetic --out data/synth --per-class 300 --size 256 --seed 0 "
                  "(writes data/synth/{train,val,test}/<class>/)")
 
@@ -212,6 +213,18 @@ data exists; a missing model file is an error (exit code 2).
 """
 
 
+def bundled_models() -> list[Path]:
+    """The bundled FP32 and INT8 models that exist, found by the runtime's resolver (installed or checkout)."""
+    found = []
+    for int8 in (False, True):
+        try:
+            found.append(bundled_model_path(int8=int8))
+        except FileNotFoundError:
+            pass
+    return found
+
+
+@cli("python -m benchmarks.accuracy")
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.split("\n\n")[0],
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -228,10 +241,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     models = args.models
     if models is None:
-        models = [m for m in DEFAULT_MODELS if m.is_file()]
+        models = bundled_models()
         if not models:
-            print(f"benchmarks.accuracy: no bundled model in {DEFAULT_MODELS[0].parent}; pass --models PATH.onnx ...",
-                  file=sys.stderr)
+            try:
+                bundled_model_path()
+            except FileNotFoundError as e:
+                print(f"benchmarks.accuracy: {e.strerror}", file=sys.stderr)
             return 2
     try:
         doc = run_accuracy(args.data, models, args.backend, max(1, args.batch_size), args.threads,

@@ -36,12 +36,13 @@ from benchmarks import envinfo
 from benchmarks.compute_floor import count_macs, floor_ms, measure_gemm_gflops
 from benchmarks.timing import STAGES, TOTAL, Samples, Stopwatch, paired_ratio, run_interleaved, spread, summarize
 from runtime._atomic import atomic_write_text
+from runtime.classifier import DEFAULT_MODEL as BUNDLED_NAME
+from runtime.classifier import bundled_model_path
 from runtime.contract import ModelMetadata
+from sem_extras import cli
 
 SCHEMA = "sem-bench-latency/1"
 REPO = Path(__file__).resolve().parent.parent
-#: The bundled model, used when --model is not given.
-DEFAULT_MODEL = REPO / "models" / "sem_classifier.onnx"
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
 PRECISIONS = ("fp32", "fp16", "int8")
 #: Per-round medians that disagree by more than this (relative) make a row "noisy": do not conclude from it.
@@ -889,7 +890,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__.split("\n\n")[0],
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None,
-                    help=f"FP32 ONNX model; int8/fp16 artifacts are looked up next to it (default {DEFAULT_MODEL})")
+                    help="FP32 ONNX model; int8/fp16 artifacts are looked up next to it "
+                         f"(default: the bundled {BUNDLED_NAME}, wherever the runtime is installed)")
     ap.add_argument("--checkpoint", default=None, help="training checkpoint for the torch eager baseline's weights")
     ap.add_argument("--backends", type=_csv(str, BACKENDS), default=BACKENDS, help="default: all")
     ap.add_argument("--precisions", type=_csv(str, PRECISIONS), default=PRECISIONS, help="default: all")
@@ -915,15 +917,16 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_model(model: Path | None) -> Path:
     """The model to measure, or SystemExit with what to do when there is none."""
     if model is None:
-        if not DEFAULT_MODEL.is_file():
-            raise SystemExit(f"benchmarks.latency: the bundled model {DEFAULT_MODEL} does not exist yet; pass "
-                             "--model PATH.onnx (e.g. one exported with `python -m export --checkpoint best.pt`)")
-        return DEFAULT_MODEL
+        try:
+            return bundled_model_path()  # the runtime's resolver: installed package or source checkout
+        except FileNotFoundError as e:
+            raise SystemExit(f"benchmarks.latency: {e.strerror}") from None
     if not model.is_file():
         raise SystemExit(f"benchmarks.latency: model file {model} does not exist")
     return model
 
 
+@cli("python -m benchmarks.latency")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for name in ("iters", "rounds", "frame_size"):

@@ -59,6 +59,7 @@ import numpy as np
 from runtime._atomic import atomic_write_bytes, atomic_write_text
 from runtime.contract import CLASSES, REJECT_LABEL
 from runtime.scores import FEATURE_SCORES, feature_score
+from sem_extras import cli, help_note, import_for_help
 
 log = logging.getLogger("benchmarks.openset")
 
@@ -684,7 +685,8 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from train.openset import ALL_SCORES
+    openset = import_for_help("train.openset")  # a stand-in without the train extra, so --help still works
+    scores = openset.ALL_SCORES
 
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.openset",
@@ -703,7 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
       --epochs 20 --img-size 128
   python -m benchmarks.openset --data data/synth --out /tmp/os --heldout cracks ler --epochs 1 --img-size 32
   python -m benchmarks.openset --cost --out runs/openset_cost        # in-graph score head: latency and size
-""")
+""" + help_note(openset))
     p.add_argument("--data", help="dataset root with train/, val/, test/ class folders")
     p.add_argument("--test", default=None,
                    help="test images (<class>/ folders) to score instead of DATA/test. Use a large one: one fold's "
@@ -717,7 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and ORT's own). On a CPU shared with other jobs, 1 was 4x faster per step than 2 here")
     p.add_argument("--out", required=True, help="output folder (results.json, table.md, plots, fold runs)")
     p.add_argument("--heldout", nargs="*", default=None, help="named classes to hold out (default: all 7)")
-    p.add_argument("--scores", nargs="*", default=list(ALL_SCORES), choices=ALL_SCORES, help="scores to measure")
+    p.add_argument("--scores", nargs="*", default=list(scores), choices=scores, help="scores to measure")
     p.add_argument("--mode", choices=("partial", "full"), default="partial",
                    help="partial (default): ImageNet lower stages frozen and cached once, top stages + head "
                         "fine-tuned per fold; full: the whole network trained per fold with train.loop")
@@ -746,6 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli("python -m benchmarks.openset")
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)

@@ -10,18 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import onnx
-
-from calibration.quantize import (
-    CALIBRATION_METHODS,
-    compute_ranges,
-    prepare_for_quantization,
-    ranges_as_dict,
-    write_cpu_int8,
-    write_tensorrt_qdq,
-)
 from calibration.select import DEFAULT_SIZE, load_calibration_array, select_calibration_set
 from runtime.contract import METADATA_KEY, ModelMetadata
+from sem_extras import cli, help_note, import_for_help
 
 log = logging.getLogger("calibration")
 
@@ -36,6 +27,16 @@ def run_calibration(onnx_path: Path, data: Path, trt_out: Path, cpu_out: Path, s
                     method: str = "percentile", seed: int = 0, cpu_keep_float: Sequence[str] = (),
                     progress: bool = True) -> dict[str, Any]:
     """Select, preprocess, compute ranges once, write both files; returns a summary for reports."""
+    import onnx
+
+    from calibration.quantize import (
+        compute_ranges,
+        prepare_for_quantization,
+        ranges_as_dict,
+        write_cpu_int8,
+        write_tensorrt_qdq,
+    )
+
     model = onnx.load(str(onnx_path), load_external_data=False)
     props = {p.key: p.value for p in model.metadata_props}
     meta = ModelMetadata.from_props(props, str(onnx_path))
@@ -58,18 +59,20 @@ def run_calibration(onnx_path: Path, data: Path, trt_out: Path, cpu_out: Path, s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m calibration", description=__doc__, epilog=EPILOG,
+    q = import_for_help("calibration.quantize")  # a stand-in without the train extra, so --help still works
+    p = argparse.ArgumentParser(prog="python -m calibration", description=__doc__, epilog=EPILOG + help_note(q),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--onnx", required=True, help="FP32 ONNX exported by `python -m export` (metadata inside)")
     p.add_argument("--data", required=True, help="dataset root (uses train/), class folders, or a flat image folder")
     p.add_argument("--out", help="output folder (default: beside the ONNX file)")
     p.add_argument("--size", type=int, default=DEFAULT_SIZE, help="calibration images (default %(default)s)")
-    p.add_argument("--method", default="percentile", choices=CALIBRATION_METHODS, help="range method")
+    p.add_argument("--method", default="percentile", choices=q.CALIBRATION_METHODS, help="range method")
     p.add_argument("--seed", type=int, default=0, help="selection seed (default %(default)s)")
     p.add_argument("--cpu-keep-float", default="", help="comma-separated node names the CPU model keeps float")
     return p
 
 
+@cli("python -m calibration")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")

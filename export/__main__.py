@@ -8,14 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from export.onnx_export import (
-    DEFAULT_OPSET,
-    DEFAULT_PARITY_TOLERANCE,
-    ParityError,
-    export_onnx,
-    parity_check,
-    parity_inputs,
-)
+from sem_extras import cli, help_note, import_for_help
 
 log = logging.getLogger("export")
 
@@ -27,24 +20,28 @@ EPILOG = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m export", description=__doc__, epilog=EPILOG,
+    ox = import_for_help("export.onnx_export")  # a stand-in without the train extra, so --help still works
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__, epilog=EPILOG + help_note(ox),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="training checkpoint (.pt) written by `python -m train`")
     p.add_argument("--out", help="output .onnx path (default: the checkpoint path with .onnx)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default %(default)s)")
+    p.add_argument("--opset", type=int, default=ox.DEFAULT_OPSET, help="ONNX opset (default %(default)s)")
     p.add_argument("--parity-data", help="folder of images (class folders or a dataset root) for the parity check; "
                    "default: the data folder recorded in the checkpoint, else generated images")
     p.add_argument("--parity-images", type=int, default=16, help="images for the parity check (default %(default)s)")
-    p.add_argument("--tolerance", type=float, default=DEFAULT_PARITY_TOLERANCE,
-                   help="max |Δlogit| PyTorch vs ONNX Runtime (default %(default)g)")
+    p.add_argument("--tolerance", type=float, default=ox.DEFAULT_PARITY_TOLERANCE,
+                   help="max |Δlogit| PyTorch vs ONNX Runtime (default %(default)s)")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
     return p
 
 
+@cli("python -m export")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from export.onnx_export import ParityError, export_onnx, parity_check, parity_inputs
     from train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     ckpt_path = Path(args.checkpoint)
     try:

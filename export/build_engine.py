@@ -27,9 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import onnx
-
 from runtime.contract import ModelMetadata, write_sidecar
+from sem_extras import cli
 
 log = logging.getLogger("export.build_engine")
 
@@ -140,12 +139,16 @@ def sidecar_extra(model_sha256: str, tensorrt_version: str, gpu_name: str, compu
 
 
 def read_onnx_metadata(path: str | os.PathLike[str]) -> ModelMetadata:
+    import onnx  # the train extra; imported here so that --help works without it
+
     model = onnx.load(str(path), load_external_data=False)
     return ModelMetadata.from_props({p.key: p.value for p in model.metadata_props}, str(path))
 
 
 def update_onnx_metadata(path: str | os.PathLike[str], meta: ModelMetadata) -> None:
     """Rewrite ``path`` with ``meta`` embedded (atomically)."""
+    import onnx
+
     from export.onnx_export import embed_metadata
     from runtime._atomic import atomic_write_bytes
 
@@ -230,6 +233,7 @@ def _val_folder(args: argparse.Namespace, meta: ModelMetadata) -> Path | None:
     return d / "val" if d is not None and (d / "val").is_dir() else None
 
 
+@cli("python -m export.build_engine")
 def main(argv: Sequence[str] | None = None) -> int:  # noqa: C901 - a linear script of steps
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")

@@ -9,8 +9,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
-from train.loop import TrainConfig, train
-from train.openset import ALL_SCORES
+from sem_extras import cli, help_note, import_for_help
 
 EPILOG = """examples:
   python -m train --data data --out runs/lite0            # the default (best) recipe
@@ -35,8 +34,10 @@ def _bool(s: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
-    ap = argparse.ArgumentParser(prog="python -m train", description=__doc__, epilog=EPILOG,
+    # Stand-ins without the train extra (torch), so --help still works; the run itself then says what to install.
+    loop, openset = import_for_help("train.loop"), import_for_help("train.openset")
+    d = loop.TrainConfig()
+    ap = argparse.ArgumentParser(prog="python -m train", description=__doc__, epilog=EPILOG + help_note(loop),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="dataset folder with train/ val/ [test/]")
     ap.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=d.threads,
                     help="torch CPU threads (0 = one per core; use fewer on a CPU shared with other jobs)")
     ap.add_argument("--cache", type=_bool, default=d.cache, help="keep decoded grey images in memory")
-    ap.add_argument("--score", default=d.score, choices=ALL_SCORES,
+    ap.add_argument("--score", default=d.score, choices=openset.ALL_SCORES,
                     help="rejection score: logit scores (msp, max_logit, energy) or feature scores computed in the "
                     f"exported graph (mahalanobis, relative_mahalanobis, knn, vim); default {d.score}")
     ap.add_argument("--target-recall", type=float, default=d.target_recall,
@@ -91,8 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@cli("python -m train")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from train.loop import TrainConfig, train
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")

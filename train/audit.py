@@ -30,7 +30,7 @@ import numpy as np
 from runtime._atomic import atomic_write_bytes, atomic_write_text
 from runtime.contract import CLASSES
 from runtime.preprocess import load_grey, resize_grey
-from train.data import SPLITS, DatasetError, scan_folder
+from sem_extras import cli
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,8 @@ def near_pairs(thumbs: np.ndarray, threshold: float, limit: int = MAX_PAIRS) -> 
 
 
 def _collect(data: Path, classes: Sequence[str]) -> tuple[list[AuditImage], list[str]]:
+    from train.data import SPLITS, DatasetError, scan_folder  # the train extra (torch): imported once it is needed
+
     splits = [s for s in SPLITS if (data / s).is_dir()]
     roots = [(s, data / s) for s in splits] if splits else [("all", data)]
     images: list[AuditImage] = []
@@ -104,6 +106,8 @@ def audit_dataset(data: str | Path, threshold: float = DEFAULT_THRESHOLD, classe
     """
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold {threshold}: need 0 < threshold <= 1 (a correlation)")
+    from train.data import DatasetError
+
     data = Path(data)
     if not data.is_dir():
         raise DatasetError(f"{data}: dataset folder does not exist")
@@ -218,6 +222,7 @@ def format_audit(report: dict[str, Any], show: int = 10) -> str:
     return "\n".join(lines)
 
 
+@cli("python -m train.audit")
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m train.audit",
@@ -235,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         report = audit_dataset(args.data, args.threshold, progress=args.progress)
-    except (DatasetError, ValueError) as e:
+    except ValueError as e:  # train.data.DatasetError included
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_audit(report, args.show))

@@ -24,6 +24,7 @@ import numpy as np
 
 from runtime._atomic import atomic_write_bytes, atomic_write_text
 from runtime.contract import REJECT_LABEL, ModelMetadata
+from sem_extras import cli, missing_extra
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,18 @@ def format_metrics(m: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------ running models
+#: Test-time augmentation views: ``k`` in :func:`_dihedral` → name. 90° turns change a non-square input's shape, so
+#: such inputs get the four views that keep it (:func:`tta_views`).
+TTA_VIEWS = {0: "identity", 1: "rot90", 2: "rot180", 3: "rot270", 4: "hflip", 5: "rot90+hflip", 6: "vflip",
+             7: "rot270+hflip"}
+
+
+def tta_views(height: int, width: int) -> tuple[int, ...]:
+    """The :data:`TTA_VIEWS` applied to an input of ``height`` × ``width``: all 8 when square, else the 4 that keep
+    the shape (identity, 180° turn, horizontal and vertical flip)."""
+    return tuple(range(8)) if height == width else (0, 2, 4, 6)
+
+
 def _dihedral(x: Any, k: int) -> Any:
     import torch
 
@@ -201,7 +214,7 @@ def _dihedral(x: Any, k: int) -> Any:
 def predict_logits(model: Any, loader: Any, device: str = "cpu", tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Run ``model`` over a loader of (images, labels) → (logits (N, C) float32, labels (N,)).
 
-    ``tta`` averages logits over the 8 flips/90° rotations (square inputs only).
+    ``tta`` averages logits over the :func:`tta_views` of the input's shape (8 flips/90° turns when square, else 4).
     """
     import torch
 
@@ -211,8 +224,8 @@ def predict_logits(model: Any, loader: Any, device: str = "cpu", tta: bool = Fal
     with torch.inference_mode(), torch.autocast("cuda", enabled=use_amp):
         for x, y in loader:
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            if tta and x.shape[2] == x.shape[3]:
-                z = torch.stack([model(_dihedral(x, k)).float() for k in range(8)]).mean(0)
+            if tta:
+                z = torch.stack([model(_dihedral(x, k)).float() for k in tta_views(x.shape[2], x.shape[3])]).mean(0)
             else:
                 z = model(x).float()
             outs.append(z.cpu())
@@ -238,7 +251,10 @@ def evaluate_checkpoint(path: str | Path, data: str | Path, batch_size: int = 32
     thr = meta.threshold if threshold is None else threshold
     rejected = reject_mask(logits, meta.temperature, meta.score, thr)
     metrics = compute_metrics(labels, softmax(logits, meta.temperature), rejected, meta.labels)
-    metrics["model"] = {"path": str(path), "format": "checkpoint", "tta": tta, "temperature": meta.temperature,
+    # What was averaged, exactly (the dataset resizes every image to the model's input size).
+    views = [TTA_VIEWS[k] for k in tta_views(*meta.input_size)] if tta else []
+    metrics["model"] = {"path": str(path), "format": "checkpoint", "tta": bool(tta), "tta_views": views,
+                        "temperature": meta.temperature,
                         "score": meta.score, "threshold": thr, "skipped_files": ds.problems}
     return metrics, meta
 
@@ -269,7 +285,7 @@ def evaluate_runtime(path: str | Path, data: str | Path, batch_size: int = 32, b
     metrics = compute_metrics(np.array(labels), np.stack(probs), np.array(rejected), meta.labels)
     metrics["model"] = {"path": str(path), "format": Path(path).suffix.lstrip("."), "backend": backend,
                         "temperature": meta.temperature, "score": meta.score, "threshold": clf.threshold,
-                        "tta": False, "skipped_files": problems}
+                        "tta": False, "tta_views": [], "skipped_files": problems}
     return metrics, meta
 
 
@@ -285,6 +301,7 @@ def evaluate_model(path: str | Path, data: str | Path, batch_size: int = 32, tta
     return evaluate_runtime(p, data, batch_size, backend, threshold)
 
 
+@cli("python -m train.evaluate")
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m train.evaluate", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -298,7 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--data", required=True, help="folder with one sub-folder per class")
     ap.add_argument("--out", help="folder for metrics.json, confusion_matrix.{png,csv}, reliability.png")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--tta", action="store_true", help="average logits over flips/90° rotations (checkpoints only)")
+    ap.add_argument("--tta", action="store_true",
+                    help="average logits over flips and 90° turns (checkpoints only; non-square inputs: the four "
+                         "views that keep the shape; metrics.json lists them)")
     ap.add_argument("--backend", default="auto", help="runtime backend for ONNX/engines (default auto)")
     ap.add_argument("--threshold", type=float, default=None, help="override the model's rejection threshold")
     args = ap.parse_args(argv)
@@ -306,6 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         metrics, _ = evaluate_model(args.model, args.data, args.batch_size, args.tta, args.backend, args.threshold)
     except (OSError, ValueError, ImportError) as e:
+        if missing_extra(e):
+            raise  # @cli: one line naming the extra to install
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_metrics(metrics))

@@ -36,9 +36,9 @@ from typing import Any
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from runtime.contract import CLASSES
+from sem_extras import cli
 from train import _sem_render as sr
 
 SCENE_TYPES: tuple[str, ...] = ("line_space", "contact_holes", "planar")
@@ -676,6 +676,8 @@ def generate_dataset(
     tasks = [(str(out), cls, i, _split_of(i, counts), size, seed, float(min_visibility))
              for cls in classes for i in range(per_class)]
     t0 = time.perf_counter()
+    from tqdm import tqdm  # the train extra: imported when images are made, so --help works without it
+
     bar = tqdm(total=len(tasks), desc="synth", unit="img", disable=not progress)
     if workers <= 1:
         for t in tasks:
@@ -798,6 +800,7 @@ Same --seed gives byte-identical files, whatever --workers.""",
     return ap
 
 
+@cli("python -m train.synthetic")
 def main(argv: Sequence[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)

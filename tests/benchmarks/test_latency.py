@@ -108,9 +108,18 @@ def test_cli_runs_onnxruntime_only_and_writes_results(tiny_models: Path, tmp_pat
 
 
 def test_missing_bundled_model_says_what_to_pass(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(latency, "DEFAULT_MODEL", tmp_path / "sem_classifier.onnx")
-    with pytest.raises(SystemExit, match="--model"):
+    import runtime.classifier
+
+    monkeypatch.setattr(runtime.classifier, "_bundled_dirs", lambda: [tmp_path])  # the runtime's resolver finds none
+    with pytest.raises(SystemExit, match="--model") as e:
         latency.main([])
+    assert str(tmp_path) in str(e.value)  # where it looked
+
+
+def test_default_model_is_the_runtimes_bundled_model() -> None:
+    from runtime.classifier import bundled_model_path
+
+    assert latency.resolve_model(None) == bundled_model_path()
 
 
 def test_precisions_map_to_artifacts_next_to_the_model() -> None:
