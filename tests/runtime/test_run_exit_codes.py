@@ -428,3 +428,14 @@ def test_sigkill_never_leaves_a_torn_record(tiny_model, video_file, tmp_path):
         proc.stderr.close()
     recs = records(jsonl)
     assert len(recs) > 40 and [r["frame"] for r in recs] == list(range(len(recs)))
+
+
+def test_bundled_model_on_the_bundled_samples_exits_0_with_every_record(tmp_path):
+    """The README quick start as a supervisor runs it: 16 records, none an error or invalid, exit 0."""
+    jsonl = tmp_path / "samples.jsonl"
+    r = cli("--source", str(REPO / "samples"), "--headless", "--quiet", "--threads", "1", "--output", str(jsonl),
+            timeout=120)
+    assert r.returncode == EXIT_OK, r.stderr
+    recs = records(jsonl)
+    assert len(recs) == 16 and all(r["error"] is None and r["label"] != "invalid" for r in recs)
+    assert all(r["reason"] is None for r in recs) and "frames    16 (16 classified, 0 errors" in r.stderr
