@@ -200,6 +200,10 @@ class RunSummary:
     def invalid(self) -> int:
         return sum(self.invalid_reasons.values())
 
+    def invalid_text(self) -> str:
+        """``blank 2, noise 1``: invalid frames per reason, most frequent first."""
+        return ", ".join(f"{k} {v}" for k, v in self.invalid_reasons.most_common())
+
     @property
     def fps(self) -> float:
         return self.frames / self.elapsed_s if self.elapsed_s > 0 else 0.0
@@ -284,8 +288,7 @@ class RunSummary:
             f"labels    {labels}",
         ]
         if self.invalid:
-            lines.append(f"invalid   {self.invalid} (no usable content): "
-                         + ", ".join(f"{k} {v}" for k, v in self.invalid_reasons.most_common()))
+            lines.append(f"invalid   {self.invalid} (no usable content): {self.invalid_text()}")
         if self.errors:
             more = self.errors - len(self.error_examples)
             lines += [f"error     {e}" for e in self.error_examples]
@@ -444,11 +447,11 @@ def run(source: str, *, model: str | None = None, backend: str = "auto", thresho
                     continue
                 try:
                     o.write(result)
-                except Exception as e:  # noqa: BLE001 - a full disk or dead window: reported, the others still get this frame
+                except Exception as e:  # noqa: BLE001 - full disk, dead window: said; the others still get it
                     output_failed(i, o, e)
             stats = src.stats
             fps_text = f"{result.fps:5.1f}" if result.fps else "    -"
-            invalid_text = f"  invalid {summary.invalid}" if summary.invalid else ""
+            invalid_text = f"  invalid {summary.invalid} ({summary.invalid_text()})" if summary.invalid else ""
             status_line.update(
                 f"[run] {summary.frames} frames  {fps_text} fps  latency {result.latency_ms:6.1f} ms  "
                 f"errors {summary.errors}{invalid_text}  dropped {stats.dropped}  reconnects {stats.reconnects}",

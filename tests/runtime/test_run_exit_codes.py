@@ -246,6 +246,8 @@ def test_status_line_shows_invalid_count(clf, tmp_path, grey_image):
     d = tmp_path / "s"
     d.mkdir()
     cv2.imwrite(str(d / "a_blank.png"), grey_image(0.5))
+    cv2.imwrite(str(d / "b_noise.png"), grey_image(0.5))
+    cv2.imwrite(str(d / "c_blank.png"), grey_image(0.5))
 
     class Tty(io.StringIO):
         def isatty(self) -> bool:
@@ -253,7 +255,7 @@ def test_status_line_shows_invalid_count(clf, tmp_path, grey_image):
 
     err = Tty()
     run(str(d), classifier=GatedClassifier(clf), outputs=["-"], out=io.StringIO(), err=err)
-    assert "errors 0  invalid 1" in err.getvalue()
+    assert "errors 0  invalid 3 (blank 2, noise 1)" in err.getvalue()
 
 
 def test_smoothing_lets_invalid_frames_through_unaveraged(clf, grey_image):
