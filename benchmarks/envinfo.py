@@ -16,6 +16,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -172,5 +173,15 @@ def slug(text: str) -> str:
     return _SAFE.sub("-", text).strip("-") or "x"
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m benchmarks.envinfo",
+                            description="Print the machine header benchmark tables carry (CPU, ISA, GPU, versions)."
+                            ).parse_args(argv)
     print(format_header(machine_info()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
