@@ -199,6 +199,14 @@ class Classifier:
             A FAIL raises :class:`~runtime.errors.SelfCheckError`; the report is ``self_check_report``.
     """
 
+    def __new__(cls, model: Any = None, *args: Any, **kwargs: Any) -> Any:
+        # "grpc://host:port/name": the same API answered by a Triton server (runtime.serve), see runtime.remote.
+        if isinstance(model, str) and model.lower().startswith("grpc://"):
+            from runtime.remote import RemoteClassifier
+
+            return RemoteClassifier.from_classifier_args(model, *args, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, model: str | os.PathLike[str] | None = None, backend: str = "auto",
                  threshold: float | str | None = None, *, batch_size: int = 8, color_order: str = "bgr",
                  providers: Any = None, threads: int | None = None, cuda_graphs: bool = False,

@@ -1,0 +1,370 @@
+"""``runtime.serve`` + ``runtime.remote`` against a real Triton server (PyTriton), one per test session.
+
+The server runs in its own interpreter (``SEM_SERVE_PYTHON``, default: this one), because PyTriton pins numpy<2;
+the client (``tritonclient``) runs here. ``.ci/run`` builds that environment and sets ``SEM_SERVE_REQUIRED=1`` so
+that nothing here can skip there. Skips (one line each): the client is not installed in this environment, or the
+server's interpreter has no shared libpython (Triton's Python backend cannot load it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from runtime.errors import InputError
+
+REQUIRED = os.environ.get("SEM_SERVE_REQUIRED") == "1"
+SERVE_PYTHON = os.environ.get("SEM_SERVE_PYTHON") or sys.executable
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _skip_or_fail(reason: str) -> None:
+    if REQUIRED:
+        pytest.fail(f"SEM_SERVE_REQUIRED=1 but {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+try:
+    import tritonclient.grpc  # noqa: F401
+except ImportError:
+    _skip_or_fail("tritonclient is not installed here; serving tests run in the serve venv (.ci/run)")
+
+from runtime.remote import ModelMismatch, RemoteClassifier, ServerUnavailable, model_fingerprint  # noqa: E402
+from runtime.serve import libpython_dir  # noqa: E402
+
+
+def _server_env_problem() -> str | None:
+    probe = ("import sysconfig, pytriton; print(sysconfig.get_config_var('Py_ENABLE_SHARED') or 0)")
+    r = subprocess.run([SERVE_PYTHON, "-c", probe], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"{SERVE_PYTHON} cannot import pytriton (set SEM_SERVE_PYTHON to the serve venv's python)"
+    if r.stdout.strip() != "1":
+        return f"{SERVE_PYTHON} has no shared libpython, which Triton's Python backend needs"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``python -m runtime.serve`` as a child process; ``start()`` returns once it prints its ready line."""
+
+    def __init__(self, model: Path, log: Path, *extra: str) -> None:
+        self.model, self.log, self.extra = model, log, list(extra)
+        self.grpc, self.http, self.metrics = free_port(), free_port(), free_port()
+        self.proc: subprocess.Popen[str] | None = None
+        self.ready: dict[str, Any] = {}
+
+    @property
+    def url(self) -> str:
+        return f"grpc://127.0.0.1:{self.grpc}/sem_classifier"
+
+    def start(self, timeout: float = 180) -> Server:
+        cmd = [SERVE_PYTHON, "-m", "runtime.serve", "--model", str(self.model), "--grpc-port", str(self.grpc),
+               "--http-port", str(self.http), "--metrics-port", str(self.metrics), "--log-level", "WARNING",
+               *self.extra]
+        env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}  # runtime.serve must find it itself
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log.open("a"), text=True,
+                                     env=env)
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith("{"):
+                doc = json.loads(line)
+                if doc.get("event") == "ready":
+                    self.ready = doc
+                    return self
+        self.proc.kill()
+        raise AssertionError(f"server did not come up; log: {self.log.read_text()[-3000:]}")
+
+    def stop(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        self.stdout_tail = out
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    problem = _server_env_problem()
+    if problem:
+        _skip_or_fail(problem)
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    srv = Server(tiny_model, log, "--max-image-bytes", "200000", "--max-batch", "8").start()
+    yield srv
+    assert srv.stop() == 0, log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="session")
+def remote(server: Server) -> Iterator[RemoteClassifier]:
+    with RemoteClassifier(server.url, timeout=30) as r:
+        yield r
+
+
+def png(value: float, size: int = 48, dtype: Any = np.uint8) -> bytes:
+    img = np.full((size, size), round(value * np.iinfo(dtype).max), dtype)
+    ok, buf = cv2.imencode(".png", img)
+    assert ok
+    return buf.tobytes()
+
+
+def assert_same(remote_p: Any, local_p: Any) -> None:
+    assert remote_p.label == local_p.label
+    assert remote_p.index == local_p.index
+    assert remote_p.top_label == local_p.top_label
+    assert remote_p.rejected == local_p.rejected
+    assert remote_p.confidence == pytest.approx(local_p.confidence, abs=1e-6)
+    assert remote_p.score == pytest.approx(local_p.score, abs=1e-5)
+    np.testing.assert_allclose(remote_p.probs, local_p.probs, atol=1e-6)
+    np.testing.assert_allclose(remote_p.logits, local_p.logits, atol=1e-5)
+    assert getattr(remote_p, "reason", "") == getattr(local_p, "reason", "")
+
+
+# ------------------------------------------------------------------------------------------------ answers
+def test_single_requests_match_the_local_classifier(remote: RemoteClassifier, clf: Any, tmp_path: Path,
+                                                    server: Server) -> None:
+    path = tmp_path / "bright.png"
+    path.write_bytes(png(0.9))
+    cases = [png(0.1), path, str(path), np.full((40, 60), 30, np.uint8), np.full((40, 60), 60000, np.uint16),
+             np.full((40, 60, 3), 200, np.uint8), np.full((50, 50), 0.3, np.float32)]
+    for x in cases:
+        r, lo = remote.predict(x), clf.predict(x)
+        assert_same(r, lo)
+    assert remote.predict(png(0.1)).label == "clean" and remote.predict(png(0.9)).label == "bridges"
+    mid = remote.predict(png(0.5))  # uniform probabilities: rejected by the model's own threshold, on the server
+    assert mid.rejected and mid.label == "other" and mid.confidence == pytest.approx(1 / 8, abs=0.01)
+    assert remote.predict(path).source == str(path)
+    assert remote.fingerprint == model_fingerprint(server.model) == server.ready["fingerprint"]
+    assert remote.meta == clf.meta
+
+
+def test_classifier_url_gives_the_remote_client(server: Server, clf: Any) -> None:
+    from runtime.classifier import Classifier
+
+    c = Classifier(server.url)
+    assert isinstance(c, RemoteClassifier) and c.labels == clf.labels
+    assert_same(c.predict(png(0.2)), clf.predict(png(0.2)))
+    grey = c.prepare(png(0.8, size=200))  # the decode-thread half runs here, at the model's size
+    assert grey.shape == clf.meta.input_size
+    assert_same(c.predict(grey), clf.predict(png(0.8, size=200)))
+    off = Classifier(server.url, "auto", "off")  # a client-side threshold re-decides from the returned score
+    p = off.predict(png(0.5))
+    assert not p.rejected and p.label == p.top_label
+    with pytest.raises(ValueError, match="does not apply to a remote model"):
+        Classifier(server.url, "trt")
+
+
+def test_batched_requests_keep_order(remote: RemoteClassifier, clf: Any) -> None:
+    values = np.linspace(0, 1, 21)
+    items = [png(v) for v in values]
+    got = remote.predict_batch(items, batch_size=8)
+    want = clf.predict_batch(items)
+    assert len(got) == 21
+    for r, lo in zip(got, want):
+        assert_same(r, lo)
+
+
+def test_eight_concurrent_clients(server: Server, clf: Any) -> None:
+    values = np.linspace(0, 1, 12)
+    want = [clf.predict(png(v)) for v in values]
+    failures: list[BaseException] = []
+    results: dict[int, list[Any]] = {}
+
+    def client(k: int) -> None:
+        try:
+            with RemoteClassifier(server.url) as c:
+                results[k] = [c.predict(png(v)) for v in values] + c.predict_batch([png(v) for v in values])
+        except BaseException as e:  # noqa: BLE001 - reported below
+            failures.append(e)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failures, failures
+    assert sorted(results) == list(range(8))
+    for preds in results.values():
+        for r, lo in zip(preds, want + want):
+            assert_same(r, lo)
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics}/metrics", timeout=10).read().decode()
+    ok = [line for line in metrics.splitlines()
+          if line.startswith("nv_inference_request_success") and 'model="sem_classifier"' in line]
+    assert ok and float(ok[0].rsplit(" ", 1)[1]) >= 8 * 13
+
+
+def test_health_endpoints_and_loopback_default(server: Server) -> None:
+    for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/sem_classifier/ready"):
+        assert urllib.request.urlopen(f"http://127.0.0.1:{server.http}{path}", timeout=10).status == 200
+    assert server.ready["grpc"] == f"127.0.0.1:{server.grpc}"
+    addrs = {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)} - {"127.0.0.1"}
+    for addr in addrs:  # not listening on the machine's other addresses
+        with socket.socket() as s:
+            s.settimeout(2)
+            assert s.connect_ex((addr, server.grpc)) != 0, f"server reachable on {addr}"
+
+
+# ------------------------------------------------------------------------------------------------ faults
+def test_malformed_image_fails_alone_with_the_local_message(remote: RemoteClassifier, clf: Any,
+                                                            tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(png(0.9)[:40])
+    bomb = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + (60000).to_bytes(4, "big") * 2 + b"\x08\x00\x00\x00\x00"
+    items = [png(0.1), b"not an image", corrupt, bomb, np.full((3, 3), 7, np.uint8),
+             np.full((20, 20), np.nan, np.float32), png(0.9), tmp_path / "missing.png"]
+    got = remote.predict_batch(items, on_error="keep")
+    want = clf.predict_batch(items, on_error="keep")
+    for r, lo in zip(got, want):
+        if isinstance(lo, Exception):
+            assert type(r) is type(lo) and str(r) == str(lo), (r, lo)
+        else:
+            assert_same(r, lo)
+    assert sum(isinstance(r, Exception) for r in got) == 6
+    with pytest.raises(InputError, match="cannot decode image"):
+        remote.predict(b"not an image")
+    with pytest.raises(InputError, match=str(corrupt)):
+        remote.predict(corrupt)
+
+
+def test_size_limits_are_checked_before_decoding(remote: RemoteClassifier) -> None:
+    big = np.random.default_rng(0).integers(0, 255, (600, 600), np.uint8)  # ~360 kB: over --max-image-bytes
+    ok, buf = cv2.imencode(".png", big)
+    with pytest.raises(InputError, match="over this server's 195 KiB limit"):
+        remote.predict(buf.tobytes())
+    import io
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (50000, 50000)})
+    with pytest.raises(InputError, match="over the 100 MP limit"):  # claims 2.5 GB, sends a few bytes
+        remote.predict(header.getvalue() + b"\x00" * 16)
+
+
+def test_client_disconnect_mid_request_leaves_the_server_serving(server: Server, remote: RemoteClassifier,
+                                                                 tmp_path: Path) -> None:
+    script = tmp_path / "client.py"
+    script.write_text(
+        "import sys, numpy as np, cv2\n"
+        "from runtime.remote import RemoteClassifier\n"
+        "c = RemoteClassifier(sys.argv[1])\n"
+        "img = cv2.imencode('.png', np.random.default_rng(1).integers(0, 255, (300, 300), np.uint8))[1].tobytes()\n"
+        "print('sending', flush=True)\n"
+        "c.predict_batch([img] * 400)\n")
+    proc = subprocess.Popen([sys.executable, str(script), server.url], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "sending"
+    time.sleep(0.3)
+    proc.kill()  # gone mid-request: the server must answer the next client as before
+    proc.wait()
+    with pytest.raises(TimeoutError, match="no answer within"):
+        RemoteClassifier(server.url, timeout=0.001, retry_timeout=0).predict_batch([png(0.2)] * 64)
+    assert remote.predict(png(0.9)).label == "bridges"
+
+
+def test_wrong_model_name_and_fingerprint(server: Server) -> None:
+    with pytest.raises(ModelMismatch, match="no ready model 'resnet'"):
+        RemoteClassifier(server.url.replace("sem_classifier", "resnet"), retry_timeout=1)
+    with pytest.raises(ModelMismatch, match="expected 0123456789abcdef"):
+        RemoteClassifier(server.url + "?fingerprint=0123456789abcdef")
+    c = RemoteClassifier(server.url, fingerprint=server.ready["fingerprint"])
+    assert c.predict(png(0.1)).label == "clean"
+
+
+def test_sigterm_drains_in_flight_requests_and_a_retrying_client_survives_a_restart(
+        tiny_model: Path, tmp_path: Path, clf: Any) -> None:
+    problem = _server_env_problem()
+    if problem:
+        _skip_or_fail(problem)
+    srv = Server(tiny_model, tmp_path / "server.log", "--max-batch", "8").start()
+    busy = png(0.8, size=4000)  # a few kB to send, 16 MP to decode: requests arrive at once and take a while
+    want = clf.predict(busy)
+    in_flight: list[Any] = []
+    errors: list[BaseException] = []
+
+    connected = threading.Barrier(4)
+    finished: list[float] = []
+
+    def heavy() -> None:
+        try:
+            with RemoteClassifier(srv.url, timeout=120, retry_timeout=0) as c:  # one request, no retry
+                connected.wait(30)
+                in_flight.extend(c.predict_batch([busy] * 8, batch_size=8))
+                finished.append(time.monotonic())
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    survivor = RemoteClassifier(srv.url, retry_timeout=120)
+    workers = [threading.Thread(target=heavy) for _ in range(3)]
+    for t in workers:
+        t.start()
+    connected.wait(30)
+    time.sleep(0.4)  # the three requests are on the server now; together they take over a second
+    t0 = time.monotonic()
+    assert srv.stop() == 0
+    for t in workers:
+        t.join(60)
+    assert not errors, errors
+    assert len(in_flight) == 24 and all(p.label == want.label for p in in_flight)
+    assert max(finished) > t0, "no request was in flight at SIGTERM: the test proved nothing"
+    assert '"event": "stopped"' in srv.stdout_tail
+    assert time.monotonic() - t0 < 60
+
+    # The server is down: a connected client retries with backoff, and the restarted server (same ports) answers.
+    done: list[Any] = []
+
+    def client() -> None:
+        try:
+            done.append(survivor.predict(png(0.9)))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    t = threading.Thread(target=client)
+    t.start()
+    time.sleep(1.5)
+    assert not done and not errors  # still retrying
+    srv.start()
+    t.join(120)
+    assert not errors, errors
+    assert done and done[0].label == "bridges"
+    assert survivor.predict(png(0.1)).label == "clean"
+    assert srv.stop() == 0
+
+
+def test_libpython_problem_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sysconfig
+
+    real = sysconfig.get_config_var
+    monkeypatch.setattr(sysconfig, "get_config_var",
+                        lambda k: 0 if k == "Py_ENABLE_SHARED" else real(k))
+    where, why = libpython_dir()
+    assert where is None and "without a shared libpython" in why and "--enable-shared" in why
+
+
+def test_server_down_is_a_clear_error() -> None:
+    t0 = time.monotonic()
+    with pytest.raises(ServerUnavailable, match=r"no Triton server answers at 127\.0\.0\.1:\d+ .*runtime\.serve"):
+        RemoteClassifier(f"grpc://127.0.0.1:{free_port()}/sem_classifier", retry_timeout=1)
+    assert time.monotonic() - t0 < 10
