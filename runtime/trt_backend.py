@@ -66,14 +66,22 @@ def import_tensorrt() -> Any:
 
 
 def tensorrt_available() -> bool:
-    """TensorRT importable and a CUDA GPU present (what backend='auto' needs to pick TensorRT)."""
+    """TensorRT importable and a CUDA GPU usable (what backend='auto' needs to pick TensorRT).
+
+    TensorRT installed but no usable GPU (a driver older than the installed cuda-python needs, say) is a setup
+    problem, not a CPU-only machine: it is warned about, with the CUDA error and its fix, before falling back."""
     try:
         import_tensorrt()
     except BackendUnavailable:
         return False
     from runtime import cuda_buffers
 
-    return cuda_buffers.cuda_available()
+    problem = cuda_buffers.gpu_problem()
+    if problem:
+        warnings.warn(f"TensorRT is installed but cannot run here: {problem}. Falling back to ONNX Runtime; "
+                      "python -m runtime.doctor checks the whole stack", RuntimeWarning, stacklevel=2)
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ plain logic
@@ -247,6 +255,11 @@ class TrtBackend:
 
     ``infer(batch)`` takes ``(N, C, H, W)`` float32 and returns ``{output name: array}``. ``cuda_graphs=True``
     captures ``execute_async_v3`` once per batch size and replays it (lower launch overhead at batch 1).
+
+    A replayed graph runs with the execution context's state as it was when last enqueued, not as
+    ``set_input_shape`` left it since (NVIDIA/TensorRT#3798; trtexec captures one graph per context). So each
+    captured batch size gets an execution context of its own whose shape never changes; all contexts are created
+    ``USER_MANAGED`` and share one device-memory block (they run one at a time on one stream).
     """
 
     name = "tensorrt"
@@ -256,6 +269,8 @@ class TrtBackend:
         self.path = Path(engine)
         self._closed = True
         self._graphs: dict[int, Any] = {}
+        self._graph_contexts: dict[int, Any] = {}
+        self._context_memory: Any = None
         self._host: dict[str, Any] = {}
         self._device: dict[str, Any] = {}
         self._stream: Any = None
@@ -288,15 +303,19 @@ class TrtBackend:
 
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
+        if sidecar.get("version_compatible"):
+            # A version-compatible engine embeds its lean runtime (host code); TensorRT refuses it by default.
+            self._runtime.engine_host_code_allowed = True
         self._engine = self._runtime.deserialize_cuda_engine(blob)
         del blob
         if self._engine is None:
             raise MetadataError(f"{self.path}: TensorRT {trt.__version__} could not deserialize this engine (built "
                                 f"for another TensorRT version or GPU, or corrupt). Rebuild it: {self._rebuild}")
-        self._context = self._engine.create_execution_context()
-        if self._context is None:
-            raise BackendUnavailable(f"{self.path}: could not create a TensorRT execution context (out of GPU "
-                                     "memory?)")
+        self._trt = trt
+        # One device-memory block for every context of this engine (the graph contexts too): user-managed.
+        self._memory_size = max(int(self._engine.device_memory_size_v2), 1)
+        self._context_memory = cb.DeviceBuffer(self._memory_size)
+        self._context = self._new_context()
         self._closed = False
 
         inputs: list[str] = []
@@ -338,12 +357,25 @@ class TrtBackend:
             shape = resolve_shape(shapes[tname], self.max_batch, tname)
             self._host[tname] = cb.PinnedBuffer(shape, dtypes[tname])
             self._device[tname] = cb.DeviceBuffer(self._host[tname].nbytes)
-            if not self._context.set_tensor_address(tname, self._device[tname].ptr):
-                raise BackendUnavailable(f"{src}: TensorRT refused the buffer address for tensor {tname!r}")
+        self._bind(self._context)
         self._staging = (np.empty((self.max_batch, *self.input_shape), np.float32)
                          if self.input_dtype != np.float32 else None)
         self._shapes = shapes
         self._current_batch = -1
+
+    def _new_context(self) -> Any:
+        strategy = self._trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        context = self._engine.create_execution_context(strategy)
+        if context is None:
+            raise BackendUnavailable(f"{self.path}: could not create a TensorRT execution context (out of GPU "
+                                     "memory?)")
+        context.set_device_memory(self._context_memory.ptr, self._memory_size)
+        return context
+
+    def _bind(self, context: Any) -> None:
+        for tname in (self.input_name, *self.output_names):
+            if not context.set_tensor_address(tname, self._device[tname].ptr):
+                raise BackendUnavailable(f"{self.path}: TensorRT refused the buffer address for tensor {tname!r}")
 
     # ---------------------------------------------------------------------------------------------------- buffers
     def input_buffer(self, n: int) -> np.ndarray:
@@ -357,38 +389,51 @@ class TrtBackend:
         return self._host[self.input_name].array[:n]
 
     # ---------------------------------------------------------------------------------------------------- running
+    def _set_shape(self, context: Any, run_size: int) -> None:
+        shape = (run_size, *self.input_shape)
+        if not context.set_input_shape(self.input_name, shape):
+            raise BackendUnavailable(f"{self.path}: TensorRT rejected input shape {shape} (profile batch range "
+                                     f"{self.min_batch}..{self.max_batch})")
+
     def _set_batch(self, run_size: int) -> None:
         if run_size != self._current_batch:
-            shape = (run_size, *self.input_shape)
-            if not self._context.set_input_shape(self.input_name, shape):
-                raise BackendUnavailable(f"{self.path}: TensorRT rejected input shape {shape} (profile batch range "
-                                         f"{self.min_batch}..{self.max_batch})")
+            self._set_shape(self._context, run_size)
             self._current_batch = run_size
 
-    def _enqueue(self) -> None:
-        if not self._context.execute_async_v3(int(self._stream)):
+    def _enqueue(self, context: Any = None) -> None:
+        if not (context or self._context).execute_async_v3(int(self._stream)):
             raise RuntimeError(f"{self.path}: TensorRT execute_async_v3 failed (see the TensorRT log above)")
 
+    def _capture(self, run_size: int) -> Any:
+        """A graph for ``run_size`` on a context of its own (its shape is set once, never changed)."""
+        context = self._new_context()
+        self._bind(context)
+        self._set_shape(context, run_size)
+        # TensorRT does its shape-dependent setup on the first enqueue after set_input_shape; run it once outside
+        # the capture so the graph only records the kernels (the results are recomputed by the replay).
+        self._enqueue(context)
+        self._stream.synchronize()
+        graph = self._cb.CudaGraph.capture(self._stream, lambda: self._enqueue(context))
+        self._graph_contexts[run_size] = context
+        return graph
+
     def _execute(self, run_size: int) -> None:
-        if not self.cuda_graphs:
-            self._enqueue()
-            return
-        graph = self._graphs.get(run_size)
-        if graph is None:
-            # TensorRT does its shape-dependent setup on the first enqueue after set_input_shape; run it once
-            # outside the capture so the graph only records the kernels (this run's results are recomputed below).
-            self._enqueue()
-            self._stream.synchronize()
+        graph = self._graphs.get(run_size) if self.cuda_graphs else None
+        if graph is None and self.cuda_graphs:
             try:
-                graph = self._graphs[run_size] = self._cb.CudaGraph.capture(self._stream, self._enqueue)
+                graph = self._graphs[run_size] = self._capture(run_size)
             except (self._cb.CudaError, RuntimeError) as e:
-                # Some engines cannot be captured (e.g. data-dependent shapes): run them the ordinary way.
+                # Some engines cannot be captured (e.g. data-dependent shapes); cuda_buffers has ended the capture
+                # and cleared the CUDA error, so the stream runs them the ordinary way from here on.
                 warnings.warn(f"{self.path}: CUDA graph capture failed ({e}); running without CUDA graphs",
                               RuntimeWarning, stacklevel=3)
                 self.cuda_graphs = False
-                self._enqueue()
-                return
-        graph.launch(self._stream)
+                graph = None
+        if graph is not None:
+            graph.launch(self._stream)
+            return
+        self._set_batch(run_size)
+        self._enqueue()
 
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Raw outputs for a ``(N, C, H, W)`` batch; runs in profile-sized chunks when N exceeds the profile."""
@@ -409,7 +454,6 @@ class TrtBackend:
                 np.copyto(host_in.array[:count], batch[start:start + count], casting="same_kind")
             if run_size > count:
                 host_in.array[count:run_size] = 0
-            self._set_batch(run_size)
             in_bytes = host_in.array[:run_size].nbytes
             cb.copy_htod_async(self._device[self.input_name], host_in, in_bytes, self._stream)
             self._execute(run_size)
@@ -437,7 +481,6 @@ class TrtBackend:
         host_in = self._host[self.input_name]
         if self._staging is not None:  # engine input is not float32: convert on the host, as infer() does
             np.copyto(host_in.array[:n], self._staging[:n], casting="same_kind")
-        self._set_batch(n)
         e0.record(self._stream)
         cb.copy_htod_async(self._device[self.input_name], host_in, host_in.array[:n].nbytes, self._stream)
         e1.record(self._stream)
@@ -466,22 +509,27 @@ class TrtBackend:
                 self._stream.synchronize()
             except Exception:  # noqa: BLE001 - tearing down after a CUDA error must still free what it can
                 pass
-        for graph in self._graphs.values():
-            graph.destroy()
+        cb = getattr(self, "_cb", None)
+        # Graphs first (they reference the buffers), then the contexts, then the memory they used; one failure must
+        # not leak the rest, so every release is attempted and the failures are reported together.
+        errors = cb.free_all(list(self._graphs.values()) + list(self._events or ())) if cb else []
         self._graphs.clear()
-        for event in self._events or ():
-            event.destroy()
         self._events = None
-        for buf in (*self._host.values(), *self._device.values()):
-            buf.free()
+        self._graph_contexts.clear()
+        self._context = None
+        memory = [self._context_memory] if self._context_memory is not None else []
+        if cb:
+            errors += cb.free_all([*self._host.values(), *self._device.values(), *memory]
+                                  + ([self._stream] if self._stream is not None else []))
+        self._context_memory = None
         self._host.clear()
         self._device.clear()
-        if self._stream is not None:
-            self._stream.destroy()
-            self._stream = None
-        self._context = None
+        self._stream = None
         self._engine = None
         self._runtime = None
+        if errors:
+            warnings.warn(f"{self.path}: freeing CUDA resources failed: " + "; ".join(errors), RuntimeWarning,
+                          stacklevel=2)
 
     def __del__(self) -> None:
         try:

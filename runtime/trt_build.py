@@ -1,5 +1,8 @@
 """The TensorRT builder calls: ONNX (FP16 tensors or Q/DQ INT8) → serialized strongly typed engine.
 
+Lives in ``runtime`` because an engine is built on the machine that runs it: ``python -m export.build_engine``
+(through ``export.tensorrt_build``) and ``python -m runtime.doctor`` both build with it.
+
 Written for TensorRT 10.x (JetPack 6 ships 10.3) and 11.x: the network is created with
 ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` (precision comes from the ONNX file; the flag is a no-op in 11.x),
 and no ``BuilderFlag.FP16/INT8`` or implicit calibrators are used (removed in 11.0). ``trt`` is passed in as a

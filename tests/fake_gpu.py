@@ -681,10 +681,14 @@ class _Context:
             cu.last_error = cudaError_t.cudaErrorStreamCaptureUnsupported
             return False
 
-        def op() -> None:  # reads the context's state when it runs, as a replayed graph does
+        # The shape-dependent setup happens here, on the host, into the context's state; the kernels read that
+        # state when they run. A graph replay skips this call and runs with the last *enqueued* shape (#3798).
+        self.prepared = self.shape
+
+        def op() -> None:  # runs on synchronize, or on each replay of a captured graph
             if self.device_memory is not None:
                 cu.device_view(*self.device_memory)
-            shape = self.shape
+            shape = self.prepared
             n = int(np.prod(shape))
             x = cu.device_view(self.addr[self.engine.inputs[0]], n * 4).view(np.float32).reshape(shape)
             outs = self.engine.session.run(None, {self.engine.inputs[0]: x.copy()})

@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # trt_api_check lives 
 import trt_api_check as check  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-TENSORRT_SOURCES = ["export/build_engine.py", "export/tensorrt_build.py", "runtime/trt_backend.py"]
+TENSORRT_SOURCES = ["export/build_engine.py", "export/tensorrt_build.py", "runtime/trt_build.py",
+                    "runtime/trt_backend.py", "runtime/doctor.py"]
 
 
 def load_trt_names_tool():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -26,6 +27,9 @@ from runtime.trt_backend import (
     resolve_shape,
     tensorrt_available,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fake_gpu import FakeCudart, cudaError_t, fake_tensorrt, install_cudart  # noqa: E402
 
 SIDECAR = {"tensorrt_version": "10.3.0.30", "gpu_name": "Orin", "compute_capability": "8.7", "precision": "fp16",
            "onnx": "models/sem_classifier.onnx"}
@@ -147,6 +151,59 @@ def test_without_tensorrt_the_backend_says_what_to_do(monkeypatch, tmp_path):
     assert "TensorRT is not installed" in msg and "backend='ort'" in msg
 
 
+def test_tensorrt_installed_but_gpu_unusable_is_warned_not_silent(monkeypatch):
+    """TensorRT 11 / cuda-python 13 on a CUDA-12 driver: backend='auto' falls back, but says why and what to do."""
+    install_cudart(monkeypatch, FakeCudart(error=cudaError_t.cudaErrorInsufficientDriver))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("11.4.0.106"))
+    with pytest.warns(RuntimeWarning, match=r"cudaErrorInsufficientDriver.*cuda-python<13"):
+        assert not tensorrt_available()
+
+
+# ------------------------------------------------------------------------------------- built and run on fakes
+BATCHES = [1, 8, 3, 8, 1, 32, 5]  # sizes change back and forth, as a camera station's do
+
+
+def build_engine_with(trt, onnx_path, engine, meta, device_name: str, cc: tuple[int, int], **extra):
+    """Build through export.tensorrt_build (the production path) and write the sidecar build_engine writes."""
+    from export.tensorrt_build import build_serialized_engine
+
+    profile = {"input": "images", "min": [1, 3, 32, 32], "opt": [8, 3, 32, 32], "max": [16, 3, 32, 32]}
+    blob = build_serialized_engine(trt, onnx_path, profile, 1 << 28, engine.parent / "timing.cache")
+    engine.write_bytes(blob)
+    write_sidecar(engine, meta, {"tensorrt_version": trt.__version__, "gpu_name": device_name,
+                                 "compute_capability": f"{cc[0]}.{cc[1]}", "precision": "fp32",
+                                 "onnx": str(onnx_path), "engine_sha256": hashlib.sha256(blob).hexdigest(), **extra})
+    return engine
+
+
+def compare_with_onnxruntime(engine, onnx_path, cuda_graphs: bool) -> None:
+    from runtime.classifier import Classifier
+
+    rng = np.random.default_rng(3)
+    ref = Classifier(onnx_path, backend="ort")
+    with Classifier(engine, backend="trt", cuda_graphs=cuda_graphs) as gpu:
+        assert gpu.backend.name == "tensorrt"
+        for n in BATCHES:
+            images = [rng.integers(0, 256, (40, 40), dtype=np.uint8) for _ in range(n)]
+            for a, b in zip(gpu.predict_batch(images), ref.predict_batch(images)):
+                np.testing.assert_allclose(a.probs, b.probs, atol=1e-4)
+
+
+@pytest.mark.parametrize("version", ["10.3.0.30", "11.4.0.106"])
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_engine_built_and_run_on_fake_tensorrt_matches_onnxruntime(tmp_path, tiny_model, meta_factory, monkeypatch,
+                                                                   version, cuda_graphs):
+    """The real cuda_buffers on a fake cuda-python, TrtBackend on a fake TensorRT that runs the ONNX: what the GPU
+    test below does, over batch sizes that change back and forth (a replayed graph must not see another size)."""
+    cudart = install_cudart(monkeypatch, FakeCudart())
+    trt = fake_tensorrt(version, cudart)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    engine = build_engine_with(trt, tiny_model, tmp_path / "tiny.engine", meta_factory(), "Orin", (8, 7))
+    compare_with_onnxruntime(engine, tiny_model, cuda_graphs)
+    assert not cudart.device and not cudart.host and cudart.live_graphs == 0  # everything freed on close
+
+
+# ---------------------------------------------------------------------------------------------------- GPU only
 # ---------------------------------------------------------------------------------------------------- GPU only
 def _gpu_ready() -> bool:
     try:
@@ -164,30 +221,8 @@ def _gpu_ready() -> bool:
 def test_engine_matches_onnxruntime_on_gpu(tmp_path, tiny_model, meta_factory, cuda_graphs):
     import tensorrt as trt
 
-    from runtime.classifier import Classifier
     from runtime.cuda_buffers import device_properties
 
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    assert parser.parse(tiny_model.read_bytes())
-    config = builder.create_builder_config()
-    profile = builder.create_optimization_profile()
-    profile.set_shape("images", (1, 3, 32, 32), (4, 3, 32, 32), (8, 3, 32, 32))
-    config.add_optimization_profile(profile)
-    blob = builder.build_serialized_network(network, config)
-    engine = tmp_path / "tiny.engine"
-    engine.write_bytes(bytes(blob))
-    name, (major, minor) = device_properties(0)
-    write_sidecar(engine, meta_factory(), {"tensorrt_version": trt.__version__, "gpu_name": name,
-                                           "compute_capability": f"{major}.{minor}", "precision": "fp32",
-                                           "onnx": str(tiny_model)})
-    ref = Classifier(tiny_model, backend="ort")
-    with Classifier(engine, backend="trt", cuda_graphs=cuda_graphs) as gpu:
-        assert gpu.backend.name == "tensorrt"
-        images = [np.full((40, 40), v, np.uint8) for v in (10, 120, 250, 60, 200, 30, 90, 140, 180, 220)]
-        for a, b in zip(gpu.predict_batch(images), ref.predict_batch(images)):
-            np.testing.assert_allclose(a.probs, b.probs, atol=1e-4)
-        single = gpu.predict(images[0])
-        np.testing.assert_allclose(single.probs, ref.predict(images[0]).probs, atol=1e-4)
+    name, cc = device_properties(0)
+    engine = build_engine_with(trt, tiny_model, tmp_path / "tiny.engine", meta_factory(), name, cc)
+    compare_with_onnxruntime(engine, tiny_model, cuda_graphs)

@@ -51,6 +51,7 @@ class Gpu:
         self.released: Counter[int] = Counter()
         self.runs: list[int] = []
         self.clock = 0.0
+        self.fail_free: set[int] = set()
 
     def released_once(self, kind: type) -> int:
         """How many objects of ``kind`` exist; fails unless each was freed/destroyed exactly once."""
@@ -67,6 +68,8 @@ class Tracked:
 
     def free(self) -> None:
         self.gpu.released[id(self)] += 1
+        if id(self) in self.gpu.fail_free:
+            raise RuntimeError("cudaErrorIllegalAddress: an illegal memory access was encountered")
 
     destroy = free
 
@@ -132,8 +135,12 @@ class Event(Tracked):
 
 
 class Graph(Tracked):
+    fail = False  # set by a test: the engine cannot be captured
+
     @classmethod
     def capture(cls, stream: Stream, enqueue: Any) -> Graph:
+        if cls.fail:
+            raise RuntimeError("cudaErrorStreamCaptureUnsupported: operation not permitted when stream is capturing")
         graph, stream.capture = cls(), []
         try:
             enqueue()
@@ -146,9 +153,21 @@ class Graph(Tracked):
             stream.put(op)
 
 
+def free_all(objects: Any) -> list[str]:  # as runtime.cuda_buffers.free_all
+    errors = []
+    for obj in objects:
+        try:
+            (getattr(obj, "free", None) or obj.destroy)()
+        except RuntimeError as e:
+            errors.append(str(e))
+    return errors
+
+
 # ------------------------------------------------------------------------------------------------ fake TensorRT
 DataType = enum.Enum("DataType", "FLOAT HALF")
 TensorIOMode = enum.Enum("TensorIOMode", "INPUT OUTPUT")
+ExecutionContextAllocationStrategy = enum.Enum("ExecutionContextAllocationStrategy",
+                                               "STATIC ON_PROFILE_CHANGE USER_MANAGED")
 
 
 def fake_engine(spec: dict[str, Any]) -> SimpleNamespace:
@@ -160,14 +179,23 @@ def fake_engine(spec: dict[str, Any]) -> SimpleNamespace:
         get_tensor_shape=lambda n: (-1, 3, H, W) if n == "images" else (-1, 8),
         get_tensor_dtype=lambda n: DataType[spec["dtype"] if n == "images" else spec["out_dtype"]],
         get_tensor_profile_shape=lambda n, p: [(b, 3, H, W) for b in (spec["min"], 3, spec["max"])]
-        if (n, p) == ("images", 0) else None)
-    engine.create_execution_context = lambda: Context(engine)
+        if (n, p) == ("images", 0) else None, device_memory_size_v2=4096, contexts=[])
+
+    def create_execution_context(strategy: Any = ExecutionContextAllocationStrategy.STATIC) -> Context:
+        engine.contexts.append(Context(engine, strategy))
+        return engine.contexts[-1]
+
+    engine.create_execution_context = create_execution_context
     return engine
 
 
 class Context:
-    def __init__(self, engine: SimpleNamespace) -> None:
-        self.engine, self.addr, self.shape = engine, {}, None
+    def __init__(self, engine: SimpleNamespace, strategy: Any) -> None:
+        self.engine, self.addr, self.shape, self.strategy, self.memory = engine, {}, None, strategy, None
+
+    def set_device_memory(self, ptr: int, size: int) -> None:
+        assert self.strategy == ExecutionContextAllocationStrategy.USER_MANAGED and size >= 4096
+        self.memory = ptr
 
     def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
         spec = self.engine.spec
@@ -180,11 +208,18 @@ class Context:
         return name in self.engine.names
 
     def execute_async_v3(self, stream: int) -> bool:
-        gpu, shape, spec = Tracked.gpu, self.shape, self.engine.spec
+        gpu, spec = Tracked.gpu, self.engine.spec
+        if self.strategy == ExecutionContextAllocationStrategy.USER_MANAGED and self.memory not in gpu.mem:
+            return False  # a user-managed context needs its device memory set (and still allocated)
         src, din, dout = gpu.mem[self.addr["images"]], NUMPY[spec["dtype"]], NUMPY[spec["out_dtype"]]
         outs = [gpu.mem[self.addr[name]] for name in spec["outputs"]]
+        # TensorRT does its shape-dependent setup here, on the host, into the context's own (device) state; the
+        # queued kernels read that state when they run. A CUDA graph replay skips this call, so it runs with whatever
+        # shape the context was last *enqueued* with (NVIDIA/TensorRT#3798).
+        self.prepared = self.shape
 
-        def op() -> None:  # runs on synchronize, with the shape and addresses of enqueue time
+        def op() -> None:  # runs on synchronize, or on each replay of a captured graph
+            shape = self.prepared
             x = src[:int(np.prod(shape)) * din.itemsize].view(din).reshape(shape)
             y = reference(x).astype(dout).view(np.uint8).ravel()
             for out in outs:
@@ -196,23 +231,33 @@ class Context:
         return True
 
 
-def deserialize(blob: bytes) -> SimpleNamespace | None:
-    return None if blob == b"corrupt" else fake_engine(json.loads(blob))
+class Runtime:
+    def __init__(self, logger: Any) -> None:
+        self.engine_host_code_allowed = False  # TensorRT's default (NvInferRuntime.h)
+
+    def deserialize_cuda_engine(self, blob: bytes) -> SimpleNamespace | None:
+        if blob == b"corrupt":
+            return None
+        spec = json.loads(blob)
+        if spec.get("version_compatible") and not self.engine_host_code_allowed:
+            return None  # a version-compatible engine carries host code (its lean runtime)
+        return fake_engine(spec)
 
 
 FAKE_TRT = types.ModuleType("tensorrt")
 FAKE_TRT.__dict__.update(
     __version__="10.3.0.30", DataType=DataType, TensorIOMode=TensorIOMode,
-    Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda self, severity: None}),
-    Runtime=lambda logger: SimpleNamespace(deserialize_cuda_engine=deserialize))
+    ExecutionContextAllocationStrategy=ExecutionContextAllocationStrategy,
+    Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda self, severity: None}), Runtime=Runtime)
 
 
 @pytest.fixture
 def gpu(monkeypatch: pytest.MonkeyPatch) -> Gpu:
     Tracked.gpu = g = Gpu()
+    monkeypatch.setattr(Graph, "fail", False)
     cb = types.ModuleType("runtime.cuda_buffers")
     cb.__dict__.update(
-        PinnedBuffer=PinnedBuffer, DeviceBuffer=DeviceBuffer, CudaStream=Stream, CudaEvent=Event, CudaGraph=Graph,
+        free_all=free_all, PinnedBuffer=PinnedBuffer, DeviceBuffer=DeviceBuffer, CudaStream=Stream, CudaEvent=Event, CudaGraph=Graph,
         CudaError=RuntimeError, copy_htod_async=copy_async, copy_dtoh_async=copy_async, cuda_available=lambda: True,
         require_device=lambda device=0: None, set_device=lambda device: None,
         device_properties=lambda device=0: ("Orin", (8, 7)))
@@ -226,12 +271,15 @@ def gpu(monkeypatch: pytest.MonkeyPatch) -> Gpu:
 def make_engine(tmp_path, meta_factory):
     """``make_engine(dtype=, out_dtype=, min=, max=, outputs=, blob=, sha=)`` → engine file + sidecar."""
     def make(dtype: str = "FLOAT", out_dtype: str = "FLOAT", min: int = 2, max: int = 4,  # noqa: A002
-             outputs: tuple[str, ...] = ("logits",), blob: bytes | None = None, sha: str | None = None):
+             outputs: tuple[str, ...] = ("logits",), blob: bytes | None = None, sha: str | None = None,
+             version_compatible: bool = False):
         path = tmp_path / f"m{len(list(tmp_path.glob('*.engine')))}.engine"
-        blob = blob or json.dumps(dict(dtype=dtype, out_dtype=out_dtype, min=min, max=max, outputs=outputs)).encode()
+        blob = blob or json.dumps(dict(dtype=dtype, out_dtype=out_dtype, min=min, max=max, outputs=outputs,
+                                       version_compatible=version_compatible)).encode()
         path.write_bytes(blob)
         write_sidecar(path, meta_factory(input_size=(H, W)),
-                      {**SIDECAR, "engine_sha256": sha or hashlib.sha256(blob).hexdigest()})
+                      {**SIDECAR, "engine_sha256": sha or hashlib.sha256(blob).hexdigest(),
+                       "version_compatible": version_compatible})
         return path
 
     return make
@@ -286,13 +334,48 @@ def test_timed_run_times_each_stage_and_leaves_outputs_in_host_buffers(gpu, make
 
 
 def test_cuda_graphs_replay_per_batch_size(gpu, make_engine):
+    """A replayed graph uses its context's state at replay time (NVIDIA/TensorRT#3798): each captured batch size
+    needs a context of its own whose shape never changes; the contexts share one user-managed memory block."""
     be = TrtBackend(make_engine(), cuda_graphs=True)
-    for n, seed in ((11, 5), (6, 6), (3, 7)):  # sizes 4, 3, then 4 and 2, then 3 again: replays must not mix
+    for n, seed in ((11, 5), (6, 6), (3, 7), (4, 8)):  # sizes 4, 4, 3, then 4 and 2, then 3, then 4 again
         x = images(n, seed)
         np.testing.assert_allclose(be.infer(x)["logits"], reference(x), rtol=1e-5, atol=1e-5)
-    assert be.cuda_graphs and sorted(be._graphs) == [2, 3, 4] and gpu.runs[-1] == 3  # last: graph 3 replayed
+    assert be.cuda_graphs and sorted(be._graphs) == [2, 3, 4] and gpu.runs[-1] == 4  # last: graph 4 replayed
+    engine = be._engine
+    graph_contexts = [c for c in engine.contexts if c.shape is not None and c is not be._context]
+    assert sorted(c.shape[0] for c in graph_contexts) == [2, 3, 4]
+    assert {c.strategy for c in engine.contexts} == {ExecutionContextAllocationStrategy.USER_MANAGED}
+    assert len({c.memory for c in engine.contexts}) == 1  # one shared block, not one per context
     be.close()
     assert gpu.released_once(Graph) == 3
+
+
+def test_a_failed_capture_runs_that_batch_without_graphs(gpu, make_engine, monkeypatch):
+    be = TrtBackend(make_engine(), cuda_graphs=True)
+    monkeypatch.setattr(Graph, "fail", True)
+    x = images(3, seed=9)
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture failed"):
+        out = be.infer(x)["logits"]
+    np.testing.assert_allclose(out, reference(x), rtol=1e-5, atol=1e-5)
+    assert not be.cuda_graphs and not be._graphs
+    np.testing.assert_allclose(be.infer(images(4))["logits"], reference(images(4)), rtol=1e-5, atol=1e-5)
+
+
+def test_version_compatible_engine_is_allowed_its_host_code(gpu, make_engine):
+    be = TrtBackend(make_engine(version_compatible=True))  # today: deserialize returned None
+    assert be._runtime.engine_host_code_allowed
+    np.testing.assert_allclose(be.infer(images(2))["logits"], reference(images(2)), rtol=1e-5, atol=1e-5)
+    plain = TrtBackend(make_engine())
+    assert not plain._runtime.engine_host_code_allowed  # only engines that need it
+
+
+def test_close_frees_the_rest_when_one_free_fails(gpu, make_engine):
+    be = TrtBackend(make_engine())
+    be.infer(images(3))
+    gpu.fail_free.add(id(be._host["images"]))
+    with pytest.warns(RuntimeWarning, match="illegal memory access"):
+        be.close()
+    assert gpu.released_once(PinnedBuffer) == 2 and gpu.released_once(Stream) == 1
 
 
 def test_close_frees_everything_once_and_a_closed_backend_refuses_work(gpu, make_engine):
@@ -303,7 +386,8 @@ def test_close_frees_everything_once_and_a_closed_backend_refuses_work(gpu, make
     be.close()
     be.close()
     assert gpu.released_once(PinnedBuffer) == 2 and gpu.released_once(Stream) == 1
-    assert gpu.released_once(DeviceBuffer) == 4 and gpu.released_once(Event) == 4  # 4 = 2 pinned + 2 device
+    # 5 = 2 pinned + 2 device + the contexts' shared device memory
+    assert gpu.released_once(DeviceBuffer) == 5 and gpu.released_once(Event) == 4
     for call in (lambda: be.infer(images(1)), lambda: be.input_buffer(1), lambda: be.timed_run(2)):
         with pytest.raises(RuntimeError, match="closed"):
             call()
@@ -316,7 +400,7 @@ def test_bad_engines_are_refused_with_what_to_do(gpu, make_engine):
         TrtBackend(make_engine(blob=b"corrupt"))
     with pytest.raises(MetadataError, match="sha256 does not match"):
         TrtBackend(make_engine(sha="0" * 64))
-    assert gpu.released_once(DeviceBuffer) == 0  # refused before any buffer was allocated
+    assert gpu.released_once(DeviceBuffer) == 1  # only the first engine's context memory, and it was freed
 
 
 def test_wrong_shaped_or_empty_batches_get_a_clear_error(gpu, make_engine):
