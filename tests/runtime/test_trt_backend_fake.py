@@ -257,7 +257,8 @@ def gpu(monkeypatch: pytest.MonkeyPatch) -> Gpu:
     monkeypatch.setattr(Graph, "fail", False)
     cb = types.ModuleType("runtime.cuda_buffers")
     cb.__dict__.update(
-        free_all=free_all, PinnedBuffer=PinnedBuffer, DeviceBuffer=DeviceBuffer, CudaStream=Stream, CudaEvent=Event, CudaGraph=Graph,
+        free_all=free_all, PinnedBuffer=PinnedBuffer, DeviceBuffer=DeviceBuffer, CudaStream=Stream, CudaEvent=Event,
+        CudaGraph=Graph, gpu_problem=lambda device=0: "",
         CudaError=RuntimeError, copy_htod_async=copy_async, copy_dtoh_async=copy_async, cuda_available=lambda: True,
         require_device=lambda device=0: None, set_device=lambda device: None,
         device_properties=lambda device=0: ("Orin", (8, 7)))
