@@ -52,6 +52,10 @@ setup(
         # Jetson (JetPack 6 = CUDA 12.6, TensorRT 10.3): TensorRT comes from JetPack (python3-libnvinfer), seen
         # through a venv made with --system-site-packages; only cuda-python is installed from PyPI.
         "jetson": ["cuda-python>=12.6,<13"],
+        # Serving (python -m runtime.serve): PyTriton ships a Triton server; it pins numpy<2, so install this extra
+        # in its own environment. `client` is what a station needs to use a server: Classifier("grpc://...").
+        "serve": ["nvidia-pytriton==0.7.0", "tritonclient[grpc]>=2.40"],
+        "client": ["tritonclient[grpc]>=2.40"],
         # cuda-bindings: the tests run the real cuda-python's argument checking (without a GPU: the driver error).
         "dev": ["pytest>=8", "ruff>=0.5", "hypothesis>=6.100", "cuda-bindings>=12.6"],
     },

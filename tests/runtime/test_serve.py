@@ -179,6 +179,23 @@ def test_classifier_url_gives_the_remote_client(server: Server, clf: Any) -> Non
         Classifier(server.url, "trt")
 
 
+def test_runtime_run_cli_through_the_server(server: Server, tiny_model: Path, image_dir: Path,
+                                            tmp_path: Path) -> None:
+    recs = {}
+    for name, model in (("remote", server.url), ("local", str(tiny_model))):
+        out = tmp_path / f"{name}.jsonl"
+        r = subprocess.run([sys.executable, "-m", "runtime.run", "--source", str(image_dir), "--model", model,
+                            "--headless", "--quiet", "--no-status", "--output", str(out)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 3, r.stderr  # exit 3: one unreadable input, as locally
+        recs[name] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(recs["remote"]) == len(recs["local"]) == 6
+    for a, b in zip(recs["remote"], recs["local"]):
+        assert (a["source"], a["label"], a["rejected"]) == (b["source"], b["label"], b["rejected"])
+        assert a["confidence"] == pytest.approx(b["confidence"], abs=1e-5)
+        assert bool(a["error"]) == bool(b["error"])
+
+
 def test_batched_requests_keep_order(remote: RemoteClassifier, clf: Any) -> None:
     values = np.linspace(0, 1, 21)
     items = [png(v) for v in values]
