@@ -295,6 +295,15 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: C901 - a linear scr
             print(f"error: {e}", file=sys.stderr)
             return 2
         report["calibration"] = cal
+        # TensorRT Q/DQ file with FP16 scales (opset 19): a strongly typed engine runs the layers between the Q/DQ
+        # pairs in FP16 instead of FP32. Converted before the gate, so the gate checks what the engine is built from.
+        from export.onnx_export import write_fp16_onnx
+
+        try:
+            write_fp16_onnx(paths["int8_qdq_onnx"], paths["int8_qdq_onnx"])
+        except ValueError as e:
+            print(f"error: {paths['int8_qdq_onnx']}: {e}", file=sys.stderr)
+            return 2
         written += [paths["int8_qdq_onnx"], paths["int8_cpu_onnx"]]
         variants["int8-cpu"] = paths["int8_cpu_onnx"]
         variants["int8-trt"] = paths["int8_qdq_onnx"]

@@ -192,21 +192,77 @@ def parity_check(model: Any, onnx_path: str | os.PathLike[str], inputs: np.ndarr
 FP16_MAX = 65504.0
 
 
-def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+#: FP16 Q/DQ scales need DequantizeLinear/QuantizeLinear-19 (before it, the scale and so the output is float32).
+QDQ_FP16_OPSET = 19
+FP16_TINY = float(np.finfo(np.float16).smallest_subnormal)
+
+
+def _cone(g: onnx.GraphProto, outputs: Sequence[str]) -> set[int]:
+    """Indices of the nodes that ``outputs`` depend on."""
+    producer = {o: i for i, n in enumerate(g.node) for o in n.output}
+    seen: set[int] = set()
+    todo = [producer[o] for o in outputs if o in producer]
+    while todo:
+        i = todo.pop()
+        if i not in seen:
+            seen.add(i)
+            todo += [producer[x] for x in g.node[i].input if x in producer]
+    return seen
+
+
+def _float_tensors(model: onnx.ModelProto) -> set[str]:
+    """Names of the float32 tensors of ``model`` (inferred types, graph inputs/outputs and initialisers)."""
+    from onnx import TensorProto
+
+    g = onnx.shape_inference.infer_shapes(model).graph
+    vis = [*g.value_info, *g.input, *g.output]
+    names = {vi.name for vi in vis if vi.type.tensor_type.elem_type == TensorProto.FLOAT}
+    return names | {t.name for t in g.initializer if t.data_type == TensorProto.FLOAT}
+
+
+def convert_to_fp16(model: onnx.ModelProto, keep_fp32_outputs: Sequence[str] = ()) -> onnx.ModelProto:
     """Float32 graph → float16 inside, float32 at the inputs and outputs (like ``keep_io_types=True``).
 
     Converts float initialisers (clamped to the FP16 range), Constant values, ``Cast(to=FLOAT)`` targets and every
-    float value type, then casts the graph inputs in and the outputs back out. Graphs with Q/DQ nodes are refused:
-    their scales must stay float32 before opset 19.
+    float value type, then casts the graph inputs in and the outputs back out (right after the node producing each,
+    so nodes that read an output, such as a score head reading ``logits``, read a valid float32 tensor).
+
+    ``keep_fp32_outputs``: outputs computed in float32 from the float16 backbone — the nodes only they depend on
+    stay float32 (inputs cast up), e.g. a feature-distance score head whose sums exceed FP16's range.
+
+    A Q/DQ INT8 graph is converted too: its scales become float16 and the opset is raised to 19, so every
+    DequantizeLinear outputs float16 and the layers between Q/DQ pairs run in FP16 in a strongly typed TensorRT
+    build (with float32 scales they would all run in FP32). A scale that FP16 cannot represent is refused.
     """
     from onnx import TensorProto, helper, numpy_helper
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
-    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in g.node):
-        raise ValueError("convert_to_fp16: the graph has Q/DQ nodes; convert the FP32 graph instead")
     F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
+    floats = _float_tensors(m)
+    out_names = [o.name for o in g.output]
+    keep = set(keep_fp32_outputs)
+    unknown = keep - set(out_names)
+    if unknown:
+        raise ValueError(f"convert_to_fp16: keep_fp32_outputs {sorted(unknown)} are not graph outputs {out_names}")
+    fp32_nodes = _cone(g, sorted(keep)) - _cone(g, [o for o in out_names if o not in keep]) if keep else set()
+    fp16_nodes = [i for i in range(len(g.node)) if i not in fp32_nodes]
+    fp32_tensors = {o for i in fp32_nodes for o in g.node[i].output}
+
+    qdq = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    if qdq:
+        for op in m.opset_import:
+            if op.domain in ("", "ai.onnx") and op.version < QDQ_FP16_OPSET:
+                op.version = QDQ_FP16_OPSET
+        scales = {n.input[1] for n in qdq}
+        for t in g.initializer:
+            if t.name in scales and t.data_type == F32:
+                a = np.abs(numpy_helper.to_array(t))
+                if (a[a > 0] < FP16_TINY).any():
+                    raise ValueError(f"convert_to_fp16: Q/DQ scale {t.name!r} has values down to {a[a > 0].min():.3g}, "
+                                     f"below what FP16 can hold ({FP16_TINY:.3g}); recalibrate, or keep that layer "
+                                     "float (--cpu-keep-float / nodes_to_exclude)")
 
     def to16(t: TensorProto) -> TensorProto:
         if t.data_type != F32:
@@ -214,48 +270,75 @@ def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
         a = numpy_helper.to_array(t)
         return numpy_helper.from_array(np.clip(a, -FP16_MAX, FP16_MAX).astype(np.float16), t.name)
 
-    new_inits = [to16(t) for t in g.initializer]
+    # Initialisers read by any FP16 node become FP16 (an FP32 node reading one gets a cast, like any FP16 tensor).
+    fp16_inits = {x for i in fp16_nodes for x in g.node[i].input}
+    new_inits = [to16(t) if t.name in fp16_inits else t for t in g.initializer]
     del g.initializer[:]
     g.initializer.extend(new_inits)
-    for n in g.node:
+    init_names = {t.name for t in g.initializer}
+    fp16_init_names = {t.name for t in g.initializer if t.data_type == F16}
+    for i in fp16_nodes:
+        n = g.node[i]
         for a in n.attribute:
             if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == F32:
                 a.t.CopyFrom(to16(a.t))
             if n.op_type == "Cast" and a.name == "to" and a.i == F32:
                 a.i = F16
     for vi in g.value_info:
-        if vi.type.tensor_type.elem_type == F32:
+        if vi.type.tensor_type.elem_type == F32 and vi.name not in fp32_tensors:
             vi.type.tensor_type.elem_type = F16
-    def rename(old_name: str, new_name: str, field: str) -> None:
-        for n in g.node:
-            names = getattr(n, field)
-            for i, x in enumerate(names):
-                if x == old_name:
-                    names[i] = new_name
 
-    cast_in, cast_out = [], []
-    for inp in g.input:
-        if inp.type.tensor_type.elem_type == F32:
-            rename(inp.name, inp.name + "_fp16", "input")
-            cast_in.append(helper.make_node("Cast", [inp.name], [inp.name + "_fp16"], name=inp.name + "_to_fp16",
-                                            to=F16))
-    for out in g.output:
-        if out.type.tensor_type.elem_type == F32:
-            rename(out.name, out.name + "_fp16", "output")
-            cast_out.append(helper.make_node("Cast", [out.name + "_fp16"], [out.name], name=out.name + "_to_fp32",
-                                             to=F32))
-    nodes = cast_in + list(g.node) + cast_out
+    inputs16 = {inp.name: inp.name + "_fp16" for inp in g.input
+                if inp.type.tensor_type.elem_type == F32 and inp.name not in init_names}
+    outputs16 = {o.name: o.name + "_fp16" for o in g.output
+                 if o.type.tensor_type.elem_type == F32 and o.name not in fp32_tensors}
+    nodes = [helper.make_node("Cast", [x], [x16], name=x + "_to_fp16", to=F16) for x, x16 in inputs16.items()]
+    up_casts: dict[str, str] = {}
+    for i, n in enumerate(g.node):
+        if i in fp32_nodes:
+            for j, x in enumerate(n.input):
+                fp16_here = x in fp16_init_names or (x in floats and x not in fp32_tensors and x not in init_names
+                                                     and x not in inputs16 and x not in outputs16)
+                if fp16_here:  # an FP16 tensor read by the FP32 head: cast it up once
+                    if x not in up_casts:
+                        up_casts[x] = x + "_fp32"
+                        nodes.append(helper.make_node("Cast", [x], [up_casts[x]], name=x + "_to_fp32", to=F32))
+                    n.input[j] = up_casts[x]
+            nodes.append(n)
+            continue
+        for j, x in enumerate(n.input):
+            n.input[j] = inputs16.get(x, outputs16.get(x, x))
+        for j, x in enumerate(n.output):
+            n.output[j] = outputs16.get(x, x)
+        nodes.append(n)
+        for x, x16 in outputs16.items():
+            if x16 in n.output:  # the float32 output right after its producer: later readers see it in order
+                nodes.append(helper.make_node("Cast", [x16], [x], name=x + "_to_fp32", to=F32))
     del g.node[:]
     g.node.extend(nodes)
+    outputs = {o.name for o in g.output}
+    kept = [vi for vi in g.value_info if vi.name not in outputs]  # an output's name now means its float32 cast
+    del g.value_info[:]
+    g.value_info.extend(kept)
     onnx.checker.check_model(m)
     return m
 
 
 def write_fp16_onnx(fp32_path: str | os.PathLike[str], out: str | os.PathLike[str],
                     meta: ModelMetadata | None = None) -> Path:
-    """Convert the FP32 ONNX file at ``fp32_path`` to FP16 (IO stays float32) and write it atomically."""
+    """Convert the ONNX file at ``fp32_path`` (FP32, or Q/DQ INT8 with FP32 scales) to FP16 (IO stays float32) and
+    write it atomically; ``out`` may be ``fp32_path``. The metadata's ``score_output`` (a feature-space score head)
+    stays float32."""
     model = onnx.load(str(fp32_path))
-    fp16 = convert_to_fp16(model)
+    own = meta
+    if own is None:
+        try:
+            own = ModelMetadata.from_props({p.key: p.value for p in model.metadata_props}, str(fp32_path))
+        except Exception:  # noqa: BLE001 - a file without our metadata converts as a plain graph
+            own = None
+    outputs = {o.name for o in model.graph.output}
+    keep = [own.score_output] if own is not None and own.score_output in outputs else []
+    fp16 = convert_to_fp16(model, keep_fp32_outputs=keep)
     if meta is not None:
         embed_metadata(fp16, meta)
     return atomic_write_bytes(out, fp16.SerializeToString())

@@ -288,7 +288,10 @@ class ScoreHead(nn.Module):
 
     Written with ops that export to ONNX opset 17 and that TensorRT supports (MatMul, ReduceSum, ReduceMin, TopK,
     Sqrt, Softmax, ReduceLogSumExp). Distances are computed as per-class differences of whitened features rather
-    than ``‖z‖² - 2 z·m + ‖m‖²``, which would cancel catastrophically in FP16 engines.
+    than ``‖z‖² - 2 z·m + ‖m‖²``, which would cancel catastrophically in low precision. In the FP16 and INT8
+    artifacts the head stays float32 (``export.onnx_export.convert_to_fp16`` keeps the nodes only ``score``
+    depends on in FP32 and casts the features up): an image far from every class gives distances beyond FP16's
+    65504, and relative Mahalanobis subtracts two similar distances.
     """
 
     def __init__(self, score: str, stats: Mapping[str, torch.Tensor] | None = None, temperature: float = 1.0) -> None:

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import onnx
 import pytest
 from tiny_models import tiny_meta, trained_tiny, write_dataset
 
@@ -133,6 +134,9 @@ def test_cli_int8_builds_the_engine_from_the_qdq_file(tiny_onnx: Path, tmp_path:
     engine = out / "tiny.int8.engine"
     header, _ = unpack_engine(engine.read_bytes())
     assert header["onnx_path"] == str(out / "tiny.int8.qdq.onnx")  # not the CPU INT8 file
+    from test_tensorrt_build_fp16 import assert_fp16_outside_qdq
+
+    assert_fp16_outside_qdq(onnx.load(str(out / "tiny.int8.qdq.onnx")))  # non-quantised layers run in FP16
     meta, extra = read_sidecar(engine)
     assert meta.precision == "int8" and extra["precision"] == "int8" and extra["onnx"] == "tiny.int8.qdq.onnx"
     assert extra["model_sha256"] == be.sha256_file(out / "tiny.int8.qdq.onnx")
