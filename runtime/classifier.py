@@ -7,7 +7,9 @@
 
 A bad input raises :class:`~runtime.errors.InputError` (a ``ValueError``) or ``OSError`` for an unreadable file;
 the message names the input. ``predict_batch(..., on_error="keep")`` puts the exception in that item's slot instead,
-so one bad image never costs the others.
+so one bad image never costs the others. A frame with no usable content (blank, saturated, noise, defocused, out
+of the training range) is not an error and not a class: it comes back as ``label="invalid"`` with a ``reason``
+(:mod:`runtime.quality`), without running the network.
 
 The hot path preprocesses straight into the backend's preallocated input buffer (pinned memory for TensorRT), runs
 the backend, and post-processes the (N, classes) logits in numpy: no per-call allocations beyond the tiny results.
@@ -29,9 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from runtime.contract import REJECT_LABEL, ModelMetadata
+from runtime.contract import INVALID_LABEL, REJECT_LABEL, ModelMetadata
 from runtime.errors import BackendUnavailable, InputError
 from runtime.preprocess import Preprocessor, decode_image, describe, load_grey, resize_grey
+from runtime.quality import QualityGate
 from runtime.scores import logit_score, softmax
 
 #: Bundled default models (repository ``models/``, installed as package ``runtime.models``).
@@ -50,6 +53,11 @@ class Prediction:
     ``score`` the rejection score (rejected when ``score < threshold``). ``timings`` are milliseconds per stage
     (``preprocess``, ``inference``, ``postprocess``, ``total``; in a batch, inference is the batch's time divided
     by its size).
+
+    A frame the frame-quality gate refuses (:mod:`runtime.quality`) is not classified: ``label="invalid"``,
+    ``index=-1``, ``rejected=True``, ``reason`` one of ``blank``, ``saturated``, ``noise``, ``defocus``,
+    ``out_of_range``, ``top_label=""``, ``top_index=-1``, ``confidence=0.0``, ``score=nan``, ``probs`` zeros and
+    ``logits`` NaN. ``reason`` is ``""`` for every classified frame.
     """
 
     label: str
@@ -63,13 +71,19 @@ class Prediction:
     score: float
     timings: dict[str, float] = field(default_factory=dict)
     source: str = ""
+    reason: str = ""
+
+    @property
+    def invalid(self) -> bool:
+        """True for a frame the quality gate refused (``label == "invalid"``)."""
+        return self.label == INVALID_LABEL
 
     def to_dict(self, probs: bool = False) -> dict[str, Any]:
         """JSON-ready summary (probabilities included on request)."""
         d: dict[str, Any] = {
             "source": self.source, "label": self.label, "index": self.index, "top_label": self.top_label,
             "top_index": self.top_index, "confidence": round(float(self.confidence), 6),
-            "rejected": bool(self.rejected), "score": _finite_or_none(self.score),
+            "rejected": bool(self.rejected), "score": _finite_or_none(self.score), "reason": self.reason,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
         }
         if probs:
@@ -77,9 +91,22 @@ class Prediction:
         return d
 
     def __repr__(self) -> str:
+        if self.reason:
+            return f"Prediction(label={self.label!r}, reason={self.reason!r}, source={self.source!r})"
         extra = f", top_label={self.top_label!r}" if self.rejected else ""
         return (f"Prediction(label={self.label!r}, confidence={self.confidence:.3f}, rejected={self.rejected}, "
                 f"score={self.score:.4g}{extra}, source={self.source!r})")
+
+
+class PreparedFrame(np.ndarray):
+    """What :meth:`Classifier.prepare` returns: the resized grey frame, carrying the quality gate's verdict
+    (``reason``, ``""`` for a usable frame) measured before resizing could hide it (an enlarged noise frame looks
+    smooth)."""
+
+    reason: str
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self.reason = getattr(obj, "reason", "")
 
 
 def _finite_or_none(v: float) -> float | None:
@@ -194,6 +221,9 @@ class Classifier:
         warmup: run one dummy batch at load so the first real image is not slow.
         spin: let idle ONNX Runtime threads busy-wait between calls (lowest latency on a dedicated machine);
             ``False`` when other threads (a decode thread, other processes) need the cores.
+        quality_gate: refuse frames with no usable content (blank, saturated, noise, defocused, out of the
+            training range) as ``label="invalid"`` with a ``reason`` instead of classifying them
+            (:mod:`runtime.quality`); ``False`` classifies every frame.
         self_check: run the artifact's golden references on this backend before the first frame
             (:mod:`runtime.check`): ``None`` for INT8 models and TensorRT engines, ``True`` always, ``False`` never.
             A FAIL raises :class:`~runtime.errors.SelfCheckError`; the report is ``self_check_report``.
@@ -210,7 +240,8 @@ class Classifier:
     def __init__(self, model: str | os.PathLike[str] | None = None, backend: str = "auto",
                  threshold: float | str | None = None, *, batch_size: int = 8, color_order: str = "bgr",
                  providers: Any = None, threads: int | None = None, cuda_graphs: bool = False,
-                 warmup: bool = True, spin: bool = True, self_check: bool | None = None) -> None:
+                 warmup: bool = True, spin: bool = True, self_check: bool | None = None,
+                 quality_gate: bool = True) -> None:
         if color_order not in ("bgr", "rgb"):
             raise ValueError(f"color_order must be 'bgr' or 'rgb', got {color_order!r}")
         self.model_path = resolve_model(model)
@@ -223,6 +254,7 @@ class Classifier:
         self.batch_size = max(1, int(batch_size))
         self.color_order = color_order
         self._pre = Preprocessor(self.meta, color_order)
+        self.quality_gate = QualityGate.for_model(self.meta, str(self.model_path)) if quality_gate else None
         self._lock = threading.RLock()
         self._rows = np.arange(1024)
         # On-target self-check (runtime.check) before the first frame: raises SelfCheckError on FAIL.
@@ -261,10 +293,14 @@ class Classifier:
         self.close()
 
     # ---------------------------------------------------------------------------------------------------- input
-    def prepare(self, x: Any) -> np.ndarray:
-        """Decode, validate, convert to grey and resize to the model input: the part of preprocessing that can fail
-        and that costs most. Thread-safe (no shared buffers), so pipelines call it in a decode thread and pass the
-        result to :meth:`predict` (which then only normalises). Raises ``InputError``/``OSError`` naming ``x``."""
+    def prepare(self, x: Any) -> PreparedFrame:
+        """Decode, validate, convert to grey, resize to the model input and run the frame-quality gate: the part of
+        preprocessing that can fail and that costs most. Thread-safe (no shared buffers), so pipelines call it in a
+        decode thread and pass the result to :meth:`predict` (which then only normalises). The result is a
+        :class:`PreparedFrame` whose ``reason`` is the gate's verdict. Raises ``InputError``/``OSError`` naming
+        ``x``."""
+        if isinstance(x, PreparedFrame):
+            return x
         name = describe(x) if not isinstance(x, (bytes, bytearray, memoryview)) else f"<{len(x)} bytes>"
         try:
             if isinstance(x, (bytes, bytearray, memoryview)):
@@ -274,7 +310,13 @@ class Classifier:
             else:
                 raise InputError(f"{name}: expected an image path, encoded image bytes or a numpy array, got "
                                  f"{type(x).__name__}")
-            return resize_grey(grey, self.meta.input_size, self.meta.resize)
+            small = grey.shape[0] <= self.meta.input_size[0] and grey.shape[1] <= self.meta.input_size[1]
+            resized = resize_grey(grey, self.meta.input_size, self.meta.resize)
+            out = np.asarray(resized).view(PreparedFrame)
+            if self.quality_gate is not None:
+                # A frame smaller than the input is judged before enlarging (which would smooth its noise).
+                out.reason = self.quality_gate(grey if small else resized)
+            return out
         except (InputError, OSError):
             raise
         except MemoryError:
@@ -282,12 +324,23 @@ class Classifier:
         except Exception as e:  # noqa: BLE001 - OpenCV/numpy errors on hostile input become InputError naming it
             raise InputError(f"{name}: cannot preprocess image: {type(e).__name__}: {e}") from e
 
-    def _fill(self, x: Any, out: np.ndarray) -> None:
+    def _fill(self, x: Any, out: np.ndarray) -> str:
+        """Preprocess ``x`` into ``out``; returns the quality gate's reason (and leaves ``out`` alone) for a frame
+        it refuses, ``""`` otherwise."""
         grey = self.prepare(x)
+        if grey.reason:
+            return grey.reason
         try:
-            self._pre.normalize(grey, out)
+            self._pre.finish(np.asarray(grey), out)
         except Exception as e:  # noqa: BLE001
             raise InputError(f"{describe(x)}: cannot normalise image: {type(e).__name__}: {e}") from e
+        return ""
+
+    def _invalid(self, reason: str, timings: dict[str, float], source: str) -> Prediction:
+        n = len(self.labels)
+        return Prediction(label=INVALID_LABEL, index=-1, top_label="", top_index=-1, confidence=0.0,
+                          probs=np.zeros(n, np.float32), logits=np.full(n, np.nan, np.float32), rejected=True,
+                          score=math.nan, timings=timings, source=source, reason=reason)
 
     # ---------------------------------------------------------------------------------------------------- core
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -341,8 +394,12 @@ class Classifier:
         t0 = time.perf_counter()
         with self._lock:
             buf = self.backend.input_buffer(1)
-            self._fill(x, buf[0])
+            reason = self._fill(x, buf[0])
             t1 = time.perf_counter()
+            if reason:
+                ms = (t1 - t0) * 1e3
+                return self._invalid(reason, {"preprocess": ms, "inference": 0.0, "postprocess": 0.0, "total": ms},
+                                     source if source is not None else describe(x))
             outs = self.backend.infer(buf)
         t2 = time.perf_counter()
         decided = self._decide(outs, 1)
@@ -359,7 +416,8 @@ class Classifier:
         """Classify many images, ``batch_size`` at a time; results are in input order.
 
         ``on_error="raise"`` raises the first bad item's error; ``"keep"`` puts the exception in that item's slot
-        (indices stay aligned) and classifies the rest.
+        (indices stay aligned) and classifies the rest. Frames the quality gate refuses get their ``invalid``
+        prediction in their own slot and take no place in the network's batch.
         """
         if on_error not in ("raise", "keep"):
             raise ValueError(f"on_error must be 'raise' or 'keep', got {on_error!r}")
@@ -380,11 +438,17 @@ class Classifier:
                 for j, x in enumerate(chunk):
                     t0 = time.perf_counter()
                     try:
-                        self._fill(x, buf[len(ok)])
+                        reason = self._fill(x, buf[len(ok)])
                     except (InputError, OSError) as e:
                         if on_error == "raise":
                             raise
                         results[start + j] = e
+                        continue
+                    if reason:
+                        ms = (time.perf_counter() - t0) * 1e3
+                        src = sources[start + j] if sources is not None else describe(x)
+                        results[start + j] = self._invalid(
+                            reason, {"preprocess": ms, "inference": 0.0, "postprocess": 0.0, "total": ms}, src)
                         continue
                     ok.append(j)
                     pre_ms.append((time.perf_counter() - t0) * 1e3)

@@ -31,6 +31,12 @@ RESIZE_METHODS = ("area", "linear", "nearest")
 CHANNEL_MODES = ("grey_replicated",)
 #: Built-in rejection scores, all oriented so that higher means "more like the known classes".
 LOGIT_SCORES = ("msp", "max_logit", "energy")
+#: How raw pixel values become the 0–1 intensity scale (see :mod:`runtime.preprocess`): ``full_scale`` divides by
+#: the dtype's maximum (255, 65535; models made before this field), ``percentile`` stretches each frame's robust
+#: range (``intensity_percentiles``) to 0–1, whatever its bit depth, brightness or contrast.
+INTENSITY_MODES = ("full_scale", "percentile")
+#: The outcome of a frame the frame-quality gate refuses (:mod:`runtime.quality`): not a class, not a rejection.
+INVALID_LABEL = "invalid"
 
 __version__ = "0.1.0"
 
@@ -67,6 +73,11 @@ class ModelMetadata:
     precision: str = "fp32"
     project_version: str = __version__
     data_fingerprint: str = ""
+    intensity: str = "full_scale"
+    intensity_percentiles: tuple[float, float] = (0.5, 99.5)
+    #: Frame-quality gate statistics and limits fitted on the training split (:func:`runtime.quality.fit_limits`);
+    #: ``None`` for models made before the gate (the runtime then uses its defaults and warns once).
+    quality: Mapping[str, Any] | None = None
     #: Free-form provenance (training command, metrics, calibration details); not used for inference.
     extra: Mapping[str, Any] = field(default_factory=dict)
     schema: str = SCHEMA
@@ -78,6 +89,9 @@ class ModelMetadata:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         object.__setattr__(self, "extra", dict(self.extra))
+        object.__setattr__(self, "intensity_percentiles", tuple(float(v) for v in self.intensity_percentiles))
+        if self.quality is not None:
+            object.__setattr__(self, "quality", dict(self.quality))
 
     # ---------------------------------------------------------------- validation
     def validate(self, source: str = "<metadata>") -> ModelMetadata:
@@ -112,6 +126,13 @@ class ModelMetadata:
             raise bad("score must name a rejection score")
         if self.threshold is not None and not math.isfinite(float(self.threshold)):
             raise bad(f"threshold must be a finite number or null, got {self.threshold}")
+        if self.intensity not in INTENSITY_MODES:
+            raise bad(f"intensity {self.intensity!r} is not one of {INTENSITY_MODES}")
+        lo_hi = self.intensity_percentiles
+        if len(lo_hi) != 2 or not (0.0 <= lo_hi[0] < lo_hi[1] <= 100.0):
+            raise bad(f"intensity_percentiles must be (low, high) with 0 <= low < high <= 100, got {list(lo_hi)}")
+        if self.quality is not None and not isinstance(self.quality, Mapping):
+            raise bad(f"quality must be an object or null, got {type(self.quality).__name__}")
         if self.score not in LOGIT_SCORES and not self.score_output:
             raise bad(f"score {self.score!r} is not computed from logits ({', '.join(LOGIT_SCORES)}), "
                       "so score_output must name the graph output that carries it")
@@ -131,7 +152,7 @@ class ModelMetadata:
     # ------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("labels", "input_size", "mean", "std"):
+        for k in ("labels", "input_size", "mean", "std", "intensity_percentiles"):
             d[k] = list(d[k])
         return d
 

@@ -5,7 +5,12 @@ Stages, each a public function so training can put augmentation between them:
 1. :func:`read_image` — bytes from a file → decoded array (refuses decompression bombs before decoding).
 2. :func:`to_grey` — any accepted array (grey/BGR/BGRA, uint8/uint16/float in [0, 1]) → validated 2-D grey.
 3. :func:`resize_grey` — to the model's input size with the metadata's resize method.
-4. :class:`Normalizer` — grey → float32 ``(C, H, W)`` with the model's mean/std, written into a caller's buffer.
+4. :class:`Intensity` — the metadata's intensity mode: ``full_scale`` passes the grey on (the normaliser divides
+   by the dtype's maximum), ``percentile`` stretches the frame's robust range to 0–1 (:func:`stretch`), so 8- to
+   16-bit data, dim and low-contrast frames reach the network on one scale.
+5. :class:`Normalizer` — grey → float32 ``(C, H, W)`` with the model's mean/std, written into a caller's buffer.
+
+The frame-quality gate (:mod:`runtime.quality`) looks at the resized grey between 3 and 4.
 
 :class:`Preprocessor` chains them with preallocated buffers for the per-frame hot path.
 """
@@ -177,6 +182,48 @@ def _area_shrink(grey: np.ndarray, h: int, w: int) -> np.ndarray:
     return cv2.resize(grey, (w, h), interpolation=cv2.INTER_AREA)
 
 
+def stretch(grey: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5),
+            out: np.ndarray | None = None) -> np.ndarray:
+    """Robust per-frame stretch: the ``percentiles`` (low, high) of ``grey`` map to 0 and 1, clipped; float32.
+
+    Bit depth, gain and offset drop out (a 12-bit frame in uint16, a frame at a tenth of the brightness and the
+    original give the same result up to quantisation). A frame with no spread at all maps to 0.
+    """
+    g = grey if grey.dtype == np.float32 else grey.astype(np.float32)
+    lo, hi = np.percentile(g, percentiles)
+    span = float(hi - lo)
+    if out is None:
+        out = np.empty(g.shape, np.float32)
+    np.subtract(g, np.float32(lo), out=out)
+    if span > 0:
+        out *= np.float32(1.0 / span)
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
+
+
+class Intensity:
+    """The metadata's intensity mode as one call: grey → what :class:`Normalizer` takes.
+
+    ``full_scale`` returns the grey unchanged (uint8/uint16 are scaled by 255/65535 in the normaliser, as for every
+    model made before the mode existed); ``percentile`` returns :func:`stretch` of it.
+    """
+
+    def __init__(self, mode: str = "full_scale", percentiles: tuple[float, float] = (0.5, 99.5)) -> None:
+        if mode not in ("full_scale", "percentile"):
+            raise ValueError(f"unknown intensity mode {mode!r}")
+        self.mode = mode
+        self.percentiles = (float(percentiles[0]), float(percentiles[1]))
+
+    @classmethod
+    def of(cls, meta: ModelMetadata) -> Intensity:
+        return cls(meta.intensity, meta.intensity_percentiles)
+
+    def __call__(self, grey: np.ndarray) -> np.ndarray:
+        if self.mode == "full_scale":
+            return grey
+        return stretch(grey, self.percentiles)
+
+
 class Normalizer:
     """Grey → normalised float32 ``(C, H, W)``: ``(v / full_scale - mean[c]) / std[c]`` for each channel ``c``.
 
@@ -218,14 +265,19 @@ class Preprocessor:
         self.meta = meta
         self.color_order = color_order
         self.size = meta.input_size
+        self.intensity = Intensity.of(meta)
         self.normalize = Normalizer(meta.mean, meta.std)
 
     def grey(self, x: ImageLike) -> np.ndarray:
         """Decode/validate/convert and resize; the part that can fail on bad input."""
         return resize_grey(load_grey(x, self.color_order), self.size, self.meta.resize)
 
+    def finish(self, grey: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Resized grey → model input: intensity mode, then normalisation."""
+        return self.normalize(self.intensity(grey), out)
+
     def __call__(self, x: ImageLike, out: np.ndarray | None = None) -> np.ndarray:
-        return self.normalize(self.grey(x), out)
+        return self.finish(self.grey(x), out)
 
 
 def preprocess(x: ImageLike, meta: ModelMetadata, color_order: str = "bgr") -> np.ndarray:

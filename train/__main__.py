@@ -70,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--anomaly-p", type=float, default=d.anomaly_p, metavar="P",
                     help="outlier exposure: paste a CutPaste anomaly into this share of the clean training images "
                     "and train them as `other` (default 0 = off; needs an augmentation preset)")
+    ap.add_argument("--intensity", default=d.intensity, choices=("percentile", "full_scale"),
+                    help="pixel values to 0-1: per-frame robust percentile stretch (any bit depth, brightness, "
+                    "contrast; the default) or division by the dtype maximum (models made before)")
+    ap.add_argument("--acquisition-p", type=float, default=d.acquisition_p, metavar="P",
+                    help="share of training images dimmed, flattened, gamma-changed and requantised to 8 bits "
+                    f"(default {d.acquisition_p}; with an augmentation preset)")
+    ap.add_argument("--content-free", type=float, default=d.content_free, metavar="SHARE",
+                    help="generated content-free frames (blank, noise, gradient, saturated, defocused) added to "
+                    f"`other`, as a share of the training images (default {d.content_free}; 0 = none)")
     ap.add_argument("--patience", type=int, default=d.patience,
                     help=f"early stopping: epochs without val macro-F1 gain (default {d.patience}; 0 = off)")
     ap.add_argument("--ema", type=float, default=d.ema, metavar="DECAY",

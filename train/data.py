@@ -21,6 +21,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -29,7 +30,8 @@ from torch.utils.data import Dataset
 
 from runtime.contract import CLASSES
 from runtime.errors import InputError
-from runtime.preprocess import Normalizer, load_grey, resize_grey
+from runtime.preprocess import Intensity, Normalizer, load_grey, resize_grey
+from train import contentfree
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +157,9 @@ class AugmentConfig:
     invert_p: float = 0.0
     # Outlier exposure: share of `clean` training images that get a pasted anomaly and are relabelled `other`.
     anomaly_p: float = 0.0
+    # Share of images given an acquisition change (:func:`acquisition`: dimmed, low contrast, gamma, requantised):
+    # what a percentile-stretch model must see to stay right on such frames.
+    acquisition_p: float = 0.0
 
     @classmethod
     def strength(cls, name: str) -> AugmentConfig | None:
@@ -219,7 +224,27 @@ def augment_grey(grey: np.ndarray, size: tuple[int, int], cfg: AugmentConfig, rn
             np.clip(img, 0.0, 1.0, out=img)
     if cfg.invert_p and rng.random() < cfg.invert_p:
         img = 1.0 - img
+    if cfg.acquisition_p and rng.random() < cfg.acquisition_p:
+        img = acquisition(img, rng)
     return img.astype(np.float32, copy=False)
+
+
+def acquisition(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The frame as a differently set-up tool would deliver it: some of brightness ×0.1–1, contrast ×0.2–1 around
+    the mean, gamma 0.5–2, then requantised to 8 bits (a dim 8-bit frame keeps few grey levels)."""
+    out = img.astype(np.float32, copy=True)
+    which = rng.random(3) < 0.5
+    if not which.any():
+        which[int(rng.integers(0, 3))] = True
+    if which[0]:
+        out *= np.float32(math.exp(rng.uniform(math.log(0.1), 0.0)))
+    if which[1]:
+        m = float(out.mean())
+        out = (out - m) * np.float32(math.exp(rng.uniform(math.log(0.2), 0.0))) + np.float32(m)
+    np.clip(out, 0.0, 1.0, out=out)
+    if which[2]:
+        np.power(out, np.float32(math.exp(rng.uniform(math.log(0.5), math.log(2.0)))), out=out)
+    return np.round(out * 255.0).astype(np.float32) * np.float32(1 / 255)
 
 
 def paste_anomaly(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -248,18 +273,23 @@ def paste_anomaly(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 class ImageFolderDataset(Dataset):
     """``root/<class>/*`` → ``(float32 (C,H,W) tensor, class index)`` through the runtime's preprocessing stages.
 
-    ``augment=None`` is evaluation: exactly ``Preprocessor``'s path (load_grey → resize_grey → Normalizer).
-    Call :meth:`set_epoch` each epoch so augmentations differ between epochs but are reproducible.
+    ``augment=None`` is evaluation: exactly ``Preprocessor``'s path (load_grey → resize_grey → Intensity →
+    Normalizer). ``intensity`` is the model's :class:`~runtime.preprocess.Intensity` (default ``full_scale``).
+    ``content_free`` appends that many generated content-free frames (:mod:`train.contentfree`, drawn afresh
+    each epoch) labelled ``other``. Call :meth:`set_epoch` each epoch so augmentations differ between epochs but
+    are reproducible.
     """
 
     def __init__(self, root: str | os.PathLike[str], size: tuple[int, int], mean: Sequence[float],
                  std: Sequence[float], augment: AugmentConfig | None = None, classes: Sequence[str] = CLASSES,
-                 resize: str = "area", cache: bool = True, seed: int = 0) -> None:
+                 resize: str = "area", cache: bool = True, seed: int = 0, intensity: Intensity | None = None,
+                 content_free: int = 0) -> None:
         self.root = Path(root)
         self.size = (int(size[0]), int(size[1]))
         self.classes = tuple(classes)
         self.augment = augment
         self.resize = resize
+        self.intensity = intensity or Intensity()
         self.normalize = Normalizer(tuple(mean), tuple(std))
         self.seed = int(seed)
         self.epoch = 0
@@ -280,11 +310,16 @@ class ImageFolderDataset(Dataset):
             self.samples.append((path, label))
         if not self.samples:
             raise DatasetError(f"{self.root}: no usable images ({len(self.problems)} problem(s))")
-        self.labels = np.array([lbl for _, lbl in self.samples], np.int64)
+        self.n_images = len(self.samples)
         # Outlier exposure needs both classes; without them (a custom label set) anomalies are never pasted.
         both = "clean" in self.classes and "other" in self.classes
         self._clean = self.classes.index("clean") if both else -1
         self._other = self.classes.index("other") if both else -1
+        if content_free:
+            if self._other < 0:
+                raise DatasetError(f"{self.root}: content-free frames go to 'other', which this label set lacks")
+            self.samples += [(Path(f"<content-free {k}>"), self._other) for k in range(int(content_free))]
+        self.labels = np.array([lbl for _, lbl in self.samples], np.int64)
 
     def _cached_form(self, grey: np.ndarray) -> np.ndarray:
         if self.augment is None:
@@ -307,18 +342,33 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def grey(self, i: int) -> np.ndarray:
+        if i >= self.n_images:
+            raise IndexError(f"sample {i} is a generated content-free frame, not an image")
         if self._cache is not None:
             return self._cache[i]
         return self._cached_form(load_grey(self.samples[i][0]))
 
+    def content_free_frame(self, i: int) -> np.ndarray:
+        """Generated content-free frame number ``i - n_images`` of this epoch, uint8 at the input size."""
+        rng = np.random.default_rng((self.seed, self.epoch, i, 7))
+        kind = contentfree.KINDS[int(rng.integers(0, len(contentfree.KINDS)))]
+
+        def scene(r: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
+            g = resize_grey(self.grey(int(r.integers(0, self.n_images))), size, self.resize)
+            return _to_unit_float(g)
+
+        return contentfree.quantise(contentfree.frame(kind, rng, self.size, scene), 8)
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         label = self.samples[i][1]
+        if i >= self.n_images:
+            return torch.from_numpy(self.normalize(self.intensity(self.content_free_frame(i)))), label
         try:
             grey = self.grey(i)
         except (InputError, OSError) as e:
             # Only without the cache, if a file changed after the scan: never crash the epoch over one file.
             log.warning("%s: unusable image (%s); substituting another sample", self.samples[i][0], e)
-            return self[(i + 1) % len(self)]
+            return self[(i + 1) % self.n_images]
         if self.augment is None:
             img = resize_grey(grey, self.size, self.resize)
         else:
@@ -326,7 +376,7 @@ class ImageFolderDataset(Dataset):
             img = augment_grey(grey, self.size, self.augment, rng, self.resize)
             if self.augment.anomaly_p and label == self._clean and rng.random() < self.augment.anomaly_p:
                 img, label = paste_anomaly(img, rng), self._other
-        return torch.from_numpy(self.normalize(img)), label
+        return torch.from_numpy(self.normalize(self.intensity(img))), label
 
 
 def split_dirs(data: str | os.PathLike[str]) -> dict[str, Path]:
@@ -338,3 +388,21 @@ def split_dirs(data: str | os.PathLike[str]) -> dict[str, Path]:
         raise DatasetError(f"{data}: missing {' and '.join(missing)} folder(s); expected {data}/train/<class>/, "
                            f"{data}/val/<class>/ and optionally {data}/test/<class>/")
     return found
+
+
+def fit_quality(train_dir: str | os.PathLike[str], meta: Any, max_images: int = 2000) -> dict[str, Any]:
+    """The frame-quality gate's statistics and limits (:func:`runtime.quality.fit_limits`) on the training split,
+    each image resized as the runtime resizes it (at most ``max_images``, evenly spaced, per fit)."""
+    from runtime import quality
+
+    samples = scan_folder(train_dir, meta.labels, verify=False).samples
+    step = max(1, math.ceil(len(samples) / max_images))
+    feats = []
+    for path, _ in samples[::step]:
+        try:
+            grey = resize_grey(load_grey(path), meta.input_size, meta.resize)
+        except (InputError, OSError) as e:
+            log.warning("%s: unusable image (%s); left out of the frame-quality fit", path, e)
+            continue
+        feats.append(quality.frame_stats(grey))
+    return quality.fit_limits(feats, intensity=meta.intensity, source=str(train_dir))

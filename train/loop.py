@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
@@ -33,11 +34,20 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from runtime._atomic import atomic_write_bytes, atomic_write_text
-from runtime.contract import CLASSES, ModelMetadata
+from runtime.contract import CLASSES, INTENSITY_MODES, ModelMetadata
+from runtime.preprocess import Intensity
 from runtime.scores import softmax
 from train.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from train.confidence import calibrate, reject_mask
-from train.data import AugmentConfig, DatasetError, ImageFolderDataset, fingerprint_dataset, split_dirs
+from train.data import (
+    AugmentConfig,
+    DatasetError,
+    ImageFolderDataset,
+    fingerprint_dataset,
+    fit_quality,
+    scan_folder,
+    split_dirs,
+)
 from train.ema import WeightEMA
 from train.evaluate import compute_metrics, predict_logits, write_report
 from train.models import ARCHS, build_model, default_normalisation
@@ -78,6 +88,11 @@ class TrainConfig:
     augment: str = "default"  # none | light | default | strong
     crop_scale: tuple[float, float] | None = None  # random-crop area fraction (min, max); None = the preset's
     anomaly_p: float = 0.0  # outlier exposure: share of clean training images given a pasted anomaly, labelled other
+    # How pixel values become 0-1 (runtime.contract.INTENSITY_MODES): percentile makes bit depth, brightness and
+    # contrast drop out (docs/frame-quality.md); full_scale is how models were made before.
+    intensity: str = "percentile"
+    acquisition_p: float = 0.3  # share of training images dimmed/flattened/gamma'd and requantised (train.data)
+    content_free: float = 0.05  # generated content-free frames added to `other`, as a share of the training images
     # Early stopping on val macro-F1 (epochs without improvement; 0 = never stop early). 12 keeps the best epoch of
     # all three measured 30-epoch runs (a late best at epoch 26 after 8 flat epochs) while cutting plateaued runs.
     patience: int = 12
@@ -114,6 +129,8 @@ def augment_config(cfg: TrainConfig) -> AugmentConfig | None:
         aug = replace(aug, crop_scale=(float(cfg.crop_scale[0]), float(cfg.crop_scale[1])))
     if aug is not None and cfg.anomaly_p:
         aug = replace(aug, anomaly_p=float(cfg.anomaly_p))
+    if aug is not None and cfg.acquisition_p:
+        aug = replace(aug, acquisition_p=float(cfg.acquisition_p))
     return aug
 
 
@@ -281,6 +298,22 @@ def _should_stop(history: list[dict[str, Any]], patience: int) -> bool:
     return len(history) - 1 - best >= patience
 
 
+#: Test hook: "N:PATH" makes a run write PATH ("epoch step") and wait to be killed right after its N-th optimizer
+#: step, so tests kill it at a known step instead of after a guessed sleep (tests/train/test_training.py).
+PAUSE_ENV = "SEM_TRAIN_PAUSE_AFTER_STEP"
+
+
+def _pause_point() -> tuple[int, Path] | None:
+    step, _, path = os.environ.get(PAUSE_ENV, "").partition(":")
+    return (int(step), Path(path)) if step and path else None
+
+
+def _pause(epoch: int, step: int, flag: Path) -> None:
+    flag.write_text(f"{epoch} {step}\n")
+    while True:  # until the test's SIGKILL
+        time.sleep(0.2)
+
+
 # ------------------------------------------------------------------ the run
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Train (or resume) a run into ``cfg.out``; returns the summary also written to ``summary.json``."""
@@ -313,14 +346,21 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     else:
         mean, std = default_normalisation(cfg.arch, cfg.weights)
     aug = augment_config(cfg)
-    train_ds = ImageFolderDataset(splits["train"], size, mean, std, augment=aug, cache=cfg.cache, seed=cfg.seed)
-    val_ds = ImageFolderDataset(splits["val"], size, mean, std, augment=None, cache=cfg.cache)
+    if cfg.intensity not in INTENSITY_MODES:
+        raise ValueError(f"unknown --intensity {cfg.intensity!r}; choose one of {', '.join(INTENSITY_MODES)}")
+    if not 0.0 <= cfg.content_free <= 1.0:
+        raise ValueError(f"--content-free {cfg.content_free}: need a share between 0 and 1")
+    intensity = Intensity(cfg.intensity)
+    n_free = int(round(cfg.content_free * len(scan_folder(splits["train"], CLASSES, verify=False).samples)))
+    train_ds = ImageFolderDataset(splits["train"], size, mean, std, augment=aug, cache=cfg.cache, seed=cfg.seed,
+                                  intensity=intensity, content_free=n_free)
+    val_ds = ImageFolderDataset(splits["val"], size, mean, std, augment=None, cache=cfg.cache, intensity=intensity)
     counts = train_ds.class_counts(len(CLASSES))
     log.info("train %d images %s; val %d images; %d file(s) skipped", len(train_ds),
              dict(zip(CLASSES, counts.tolist())), len(val_ds), len(train_ds.problems) + len(val_ds.problems))
     fingerprint = ckpt["metadata"]["data_fingerprint"] if ckpt is not None else fingerprint_dataset(cfg.data)
     meta = ModelMetadata(labels=CLASSES, input_size=size, mean=mean, std=std, arch=cfg.arch,
-                         data_fingerprint=fingerprint, extra={"train_args": asdict(cfg)})
+                         data_fingerprint=fingerprint, intensity=cfg.intensity, extra={"train_args": asdict(cfg)})
 
     model = build_model(cfg.arch, len(CLASSES), "none" if ckpt is not None else cfg.weights)
     model = model.to(device).to(memory_format=torch.channels_last)
@@ -363,6 +403,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         del ckpt
 
     args_dict = asdict(cfg)
+    pause = _pause_point()
     for epoch in range(start_epoch, cfg.epochs):
         if _should_stop(history, cfg.patience):
             log.info("early stop: val macro-F1 has not improved for %d epochs", cfg.patience)
@@ -392,6 +433,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             scaler.step(opt)
             scaler.update()
             sched.step()
+            if pause is not None and sched.last_epoch == pause[0]:
+                _pause(epoch + 1, sched.last_epoch, pause[1])
             if ema is not None:
                 ema.update(model)
             n = len(y)
@@ -441,7 +484,8 @@ def _fit_openset(model: torch.nn.Module, train_dir: Path, meta: ModelMetadata, c
     """Feature statistics for the open-set scores, fitted on the (unaugmented) training split and stored with the
     model, so a feature score can be chosen at export time without retraining. Only fatal if the run's score needs
     them."""
-    ds = ImageFolderDataset(train_dir, meta.input_size, meta.mean, meta.std, augment=None, cache=cfg.cache)
+    ds = ImageFolderDataset(train_dir, meta.input_size, meta.mean, meta.std, augment=None, cache=cfg.cache,
+                            intensity=Intensity.of(meta))
     try:
         return fit_openset_from_loader(model, DataLoader(ds, batch_size=64), labels=meta.labels, device=device,
                                        progress=False)
@@ -461,7 +505,8 @@ def finalise(cfg: TrainConfig, out: Path, device: str, history: list[dict[str, A
     model.load_state_dict(ckpt["model"])
     model = model.to(device).to(memory_format=torch.channels_last)
     splits = split_dirs(cfg.data)
-    val_ds = ImageFolderDataset(splits["val"], meta.input_size, meta.mean, meta.std, augment=None, cache=cfg.cache)
+    val_ds = ImageFolderDataset(splits["val"], meta.input_size, meta.mean, meta.std, augment=None, cache=cfg.cache,
+                                intensity=Intensity.of(meta))
     val_outs = collect_outputs(model, DataLoader(val_ds, batch_size=64), device)
     val_logits, val_labels = val_outs.logits, val_outs.labels
     feature_score = needs_score_output(cfg.score)
@@ -479,6 +524,8 @@ def finalise(cfg: TrainConfig, out: Path, device: str, history: list[dict[str, A
              "images", cal["temperature"], cal["nll_before"], cal["nll_after"], cfg.score, cal["threshold"],
              100 * cal["known_recall"])
     meta = meta.with_updates(temperature=cal["temperature"], **metadata_updates(cfg.score, cal["threshold"]))
+    # The frame-quality gate's statistics and limits, from the training split as the runtime will see it.
+    meta = meta.with_updates(quality=fit_quality(splits["train"], meta))
 
     def metrics_for(outs: Outputs) -> dict[str, Any]:
         if feature_score:
@@ -512,7 +559,7 @@ def finalise(cfg: TrainConfig, out: Path, device: str, history: list[dict[str, A
     if "test" in splits:
         try:
             test_ds = ImageFolderDataset(splits["test"], meta.input_size, meta.mean, meta.std, augment=None,
-                                         cache=cfg.cache)
+                                         cache=cfg.cache, intensity=Intensity.of(meta))
         except DatasetError as e:
             # An empty test/ (e.g. a generator split of 0.9,0.1,0) must not cost the finished run its summary.
             log.warning("test evaluation skipped: %s", e)

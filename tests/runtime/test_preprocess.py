@@ -171,3 +171,50 @@ def test_normaliser_float_path_matches_lut_path():
     norm = Normalizer((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
     g8 = _ramp()
     np.testing.assert_allclose(norm(g8), norm(g8.astype(np.float32) / 255), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ intensity modes
+def _scene(size: int = 64, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = np.arange(size)
+    img = np.tile(np.where((x // 6) % 2 == 0, 0.3, 0.75), (size, 1)).astype(np.float32)
+    return np.clip(img + rng.normal(0, 0.03, img.shape).astype(np.float32), 0, 1)
+
+
+PCT = META.with_updates(intensity="percentile")
+
+
+def test_percentile_mode_gives_one_input_for_every_bit_depth_and_gain():
+    img = _scene()
+    ref = preprocess(np.round(img * 255).astype(np.uint8), PCT)
+    for bits in (10, 12, 14, 16):
+        x = preprocess(np.round(img * ((1 << bits) - 1)).astype(np.uint16), PCT)
+        np.testing.assert_allclose(x, ref, atol=0.05, err_msg=f"{bits}-bit")
+    dim = preprocess(np.round(img * 0.1 * 255).astype(np.uint8), PCT)  # a tenth of the brightness, 8-bit
+    assert np.abs(dim - ref).mean() < 0.15
+    flat = preprocess(np.round((0.5 + (img - 0.5) * 0.2) * 255).astype(np.uint8), PCT)  # a fifth of the contrast
+    assert np.abs(flat - ref).mean() < 0.15
+
+
+def test_stretch_maps_the_robust_range_to_0_1_and_survives_a_flat_frame():
+    from runtime.preprocess import stretch
+
+    g = np.linspace(0, 1000, 10001, dtype=np.float32).reshape(73, 137)
+    s = stretch(g, (1, 99))
+    assert s.dtype == np.float32 and s.min() == 0 and s.max() == 1
+    assert np.count_nonzero(s == 0) == pytest.approx(0.01 * g.size, rel=0.05)
+    assert np.isclose(stretch(g, (1, 99))[36, 68], 0.5, atol=0.01)
+    assert np.all(stretch(np.full((8, 8), 7, np.uint16)) == 0)
+
+
+def test_full_scale_mode_is_what_models_made_before_it_get():
+    # A model without the field reads as full_scale and gets exactly the dtype-maximum scaling of before.
+    legacy = ModelMetadata.from_dict({k: v for k, v in META.to_dict().items()
+                                      if k not in ("intensity", "intensity_percentiles", "quality")})
+    assert legacy.intensity == "full_scale"
+    g16 = np.round(_scene() * 4095).astype(np.uint16)
+    x = preprocess(g16, legacy)
+    grey = resize_grey(g16, legacy.input_size)
+    expected = (grey.astype(np.float32) / 65535 - np.float32(legacy.mean[0])) / np.float32(legacy.std[0])
+    np.testing.assert_allclose(x[0], expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(x, preprocess(g16, PCT), atol=0.1)

@@ -1,0 +1,209 @@
+"""The frame-quality gate: frames with no usable content get an outcome of their own, never a class.
+
+It runs in :class:`~runtime.classifier.Classifier` on every frame, after decoding and resizing and before the
+intensity stretch and inference. A refused frame comes out as ``label="invalid"`` with a ``reason``
+(:data:`REASONS`); inference is skipped for it.
+
+What it measures (:func:`frame_stats`), on the resized grey shrunk further to at most :data:`ANALYSIS_SIDE` pixels a
+side (cheap, and small source frames that were enlarged look as they did before):
+
+* ``spread`` — robust range (0.5th to 99.5th percentile) as a share of the full scale. The full scale is 255 for
+  uint8, 1 for floats, and for uint16 the smallest of 8/10/12/14/16 bits that holds the frame's maximum (10- to
+  14-bit data stored in uint16 is measured on its own scale).
+* ``clipped`` — share of pixels at the bottom or the top of the full scale (whichever is larger).
+* ``signal`` — share of the stretched frame's variance that is not white noise (white noise of any distribution
+  has a 3×3 Laplacian variance of 36 times its own).
+* ``detail`` — share of the variance in fine and mid-scale structure (what a difference of the frame and its
+  Gaussian blur holds beyond the noise, noise estimated from the finest scale as in Immerkær 1996): near 0 for a
+  defocused scene or a smooth gradient.
+* ``level`` — mean of the stretched frame; ``raw_spread`` and ``raw_mean`` — robust range and mean as shares of
+  the dtype's maximum (255, 65535, 1: what a ``full_scale`` model divides by).
+
+Reasons, checked in this order: ``blank`` (spread below its limit), ``saturated`` (clipped above its limit),
+``noise`` (signal below its limit), ``defocus`` (detail below its limit: out of focus, or only a smooth gradient),
+``out_of_range`` (a statistic outside the range the training images had, widened by a margin).
+
+The limits are fitted on the training split when a model is trained (:func:`fit_limits`, called by ``python -m
+train``) and travel in the model metadata (``ModelMetadata.quality``). Models made before the gate get
+:func:`default_limits` and one warning.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+from runtime.contract import ModelMetadata
+
+#: Possible ``Prediction.reason`` values of refused frames.
+REASONS = ("blank", "saturated", "noise", "defocus", "out_of_range")
+ANALYSIS_SIDE = 128
+PERCENTILES = (0.5, 99.5)
+STATS = ("spread", "clipped", "signal", "detail", "level", "raw_spread", "raw_mean")
+QUALITY_VERSION = 1
+_BLUR_SIGMA = 2.0
+#: Share of white-noise variance that passes ``x - GaussianBlur(x, sigma)``: 1 - 2 g0 + sum(g^2) of the 2-D kernel.
+_k1 = cv2.getGaussianKernel(int(2 * math.ceil(3 * _BLUR_SIGMA) + 1), _BLUR_SIGMA).ravel().astype(np.float64)
+_NOISE_PASS = float(1.0 - 2.0 * _k1[len(_k1) // 2] ** 2 + (_k1 ** 2).sum() ** 2)
+_LAPLACE = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
+
+#: Limits for models without fitted ones. Chosen so that the 8- to 16-bit renderings of content-free frames are
+#: refused and real SEM frames are not (docs/frame-quality.md); ``range`` is filled per intensity mode.
+DEFAULT_LIMITS: dict[str, Any] = {
+    "blank_spread": 0.01,
+    "saturated_clipped": 0.5,
+    "noise_signal": 0.15,
+    "defocus_detail": 0.01,
+}
+#: Models that divide by the dtype's maximum (``intensity="full_scale"``) were trained on frames that use a good
+#: part of the scale; a frame using less (10- to 14-bit data in uint16, a very dim frame) is out of their range.
+DEFAULT_FULL_SCALE_RANGE = {"raw_spread": (0.08, 1.0)}
+#: Widening of the training range for ``out_of_range``, as a share of the 0.1–99.9 percentile span.
+RANGE_MARGIN = 0.5
+
+
+def full_scale(grey: np.ndarray) -> float:
+    """The frame's full-scale value: 255 (uint8), 1.0 (float), or 2**b - 1 for the smallest b in 8, 10, 12, 14, 16
+    that holds a uint16 frame's maximum."""
+    if grey.dtype == np.uint8:
+        return 255.0
+    if grey.dtype == np.uint16:
+        m = int(grey.max())
+        for b in (8, 10, 12, 14):
+            if m < (1 << b):
+                return float((1 << b) - 1)
+        return 65535.0
+    return 1.0
+
+
+def _analysis_view(grey: np.ndarray, side: int = ANALYSIS_SIDE) -> np.ndarray:
+    h, w = grey.shape[:2]
+    k = max(h, w) / side
+    if k <= 1:
+        return grey.astype(np.float32)
+    size = (max(4, int(round(w / k))), max(4, int(round(h / k))))
+    return cv2.resize(grey.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+
+
+def frame_stats(grey: np.ndarray) -> dict[str, float]:
+    """The gate's statistics of one 2-D grey frame (uint8, uint16 or float 0–1), as described in the module doc."""
+    fs = full_scale(grey)
+    to_dtype = fs / (float(np.iinfo(grey.dtype).max) if grey.dtype.kind == "u" else 1.0)
+    g = _analysis_view(grey) * np.float32(1.0 / fs)
+    lo, hi = np.percentile(g, PERCENTILES)
+    spread = float(hi - lo)
+    tol = np.float32(1.0 / 255.0)
+    n = g.size
+    clipped = max(np.count_nonzero(g <= tol), np.count_nonzero(g >= 1 - tol)) / n
+    raw = {"raw_spread": spread * to_dtype, "raw_mean": float(g.mean()) * to_dtype}
+    if spread <= 0:
+        return {"spread": 0.0, "clipped": float(clipped), "signal": 0.0, "detail": 0.0, "level": 0.0, **raw}
+    s = np.clip((g - np.float32(lo)) * np.float32(1.0 / spread), 0.0, 1.0)
+    var = float(s.var())
+    if var <= 1e-12:
+        return {"spread": spread, "clipped": float(clipped), "signal": 0.0, "detail": 0.0, "level": float(s.mean()),
+                **raw}
+    lap = cv2.filter2D(s, cv2.CV_32F, _LAPLACE, borderType=cv2.BORDER_REFLECT)[1:-1, 1:-1]
+    # White noise of any distribution has var(lap) = 36 var: the share of variance left is what is not noise.
+    signal = max(0.0, 1.0 - float(np.square(lap).mean()) / 36.0 / var)
+    # For the detail, the noise level from the absolute deviation (Immerkær), which edges inflate less.
+    noise_var = (math.sqrt(math.pi / 2) * float(np.abs(lap).mean()) / 6.0) ** 2
+    fine = s - cv2.GaussianBlur(s, (0, 0), _BLUR_SIGMA, borderType=cv2.BORDER_REFLECT)
+    detail = max(0.0, float(fine.var()) - _NOISE_PASS * noise_var) / var
+    return {"spread": spread, "clipped": float(clipped), "signal": signal, "detail": detail,
+            "level": float(s.mean()), **raw}
+
+
+def default_limits(intensity: str = "full_scale") -> dict[str, Any]:
+    """Limits for a model without fitted ones (see :data:`DEFAULT_LIMITS`)."""
+    limits = dict(DEFAULT_LIMITS)
+    limits["range"] = {k: list(v) for k, v in DEFAULT_FULL_SCALE_RANGE.items()} if intensity == "full_scale" else {}
+    return limits
+
+
+def fit_limits(stats: Iterable[Mapping[str, float]], intensity: str = "percentile",
+               source: str = "<training images>") -> dict[str, Any]:
+    """Fit the gate on the training split's :func:`frame_stats`: the metadata's ``quality`` object.
+
+    Each one-sided limit is the default moved towards the training images where they need it (so no training
+    image is refused), never further than that image's value allows: ``blank_spread`` = min(default, 0.25 ×
+    the 0.1th percentile of spread), ``saturated_clipped`` = max(default, 99.9th percentile of clipped + 0.1),
+    ``noise_signal`` and ``defocus_detail`` = min(default, half the 0.1th percentile). ``range`` holds, for
+    ``level`` (and for ``raw_spread`` and ``raw_mean`` when the model divides by the dtype's maximum), the training
+    images' 0.1–99.9 percentile range widened by :data:`RANGE_MARGIN` of its span on each side.
+    """
+    rows = [dict(s) for s in stats]
+    if len(rows) < 20:
+        raise ValueError(f"{source}: {len(rows)} images are too few to fit the frame-quality gate (need 20)")
+    arr = {k: np.array([r[k] for r in rows], np.float64) for k in STATS}
+    q = {k: {p: float(np.percentile(v, p)) for p in (0.1, 1, 50, 99, 99.9)} for k, v in arr.items()}
+    limits: dict[str, Any] = {
+        "blank_spread": min(DEFAULT_LIMITS["blank_spread"], 0.25 * q["spread"][0.1]),
+        "saturated_clipped": min(0.95, max(DEFAULT_LIMITS["saturated_clipped"], q["clipped"][99.9] + 0.1)),
+        "noise_signal": min(DEFAULT_LIMITS["noise_signal"], 0.5 * q["signal"][0.1]),
+        "defocus_detail": min(DEFAULT_LIMITS["defocus_detail"], 0.5 * q["detail"][0.1]),
+    }
+    ranged = ("level", "raw_spread", "raw_mean") if intensity == "full_scale" else ("level",)
+    rng: dict[str, list[float]] = {}
+    for k in ranged:
+        lo, hi = q[k][0.1], q[k][99.9]
+        m = RANGE_MARGIN * (hi - lo)
+        rng[k] = [max(0.0, lo - m), min(1.0, hi + m)]
+    limits["range"] = rng
+    return {"version": QUALITY_VERSION, "analysis_side": ANALYSIS_SIDE, "n_images": len(rows), "limits": limits,
+            "train_percentiles": {k: {str(p): round(v, 6) for p, v in qk.items()} for k, qk in q.items()}}
+
+
+_WARNED: set[str] = set()
+
+
+@dataclass(frozen=True)
+class QualityGate:
+    """``gate(grey) -> reason or ""`` with a model's limits."""
+
+    limits: Mapping[str, Any]
+    fitted: bool = True
+
+    @classmethod
+    def for_model(cls, meta: ModelMetadata, source: str = "<model>") -> QualityGate | None:
+        """The gate of a model: its fitted limits, or the defaults and one warning per model file; ``None`` when
+        the model's metadata turns the gate off (``quality: {"gate": "off"}``, for models whose inputs are
+        legitimately flat, such as test models that classify by brightness)."""
+        q = meta.quality
+        if q and q.get("gate") == "off":
+            return None
+        if q and isinstance(q.get("limits"), Mapping):
+            limits = default_limits(meta.intensity)
+            limits.update(q["limits"])
+            return cls(limits, fitted=True)
+        if source not in _WARNED:
+            _WARNED.add(source)
+            warnings.warn(f"{source}: the model has no frame-quality statistics (made before the gate); using the "
+                          "default limits. Retrain with `python -m train` to fit them on its training images.",
+                          RuntimeWarning, stacklevel=3)
+        return cls(default_limits(meta.intensity), fitted=False)
+
+    def reason(self, stats: Mapping[str, float]) -> str:
+        """The reason a frame with these statistics is refused, or ``""`` when it is usable."""
+        lim = self.limits
+        if not stats["spread"] >= lim["blank_spread"]:
+            return "blank"
+        if stats["clipped"] > lim["saturated_clipped"]:
+            return "saturated"
+        if not stats["signal"] >= lim["noise_signal"]:
+            return "noise"
+        if not stats["detail"] >= lim["defocus_detail"]:
+            return "defocus"
+        for k, (lo, hi) in (lim.get("range") or {}).items():
+            if k in stats and not lo <= stats[k] <= hi:
+                return "out_of_range"
+        return ""
+
+    def __call__(self, grey: np.ndarray) -> str:
+        return self.reason(frame_stats(grey))

@@ -1,0 +1,227 @@
+"""The frame-quality gate refuses frames with no usable content, and only those, before inference."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import cv2
+import numpy as np
+import pytest
+
+from runtime import quality
+from runtime.contract import INVALID_LABEL, ModelMetadata
+from runtime.errors import MetadataError
+from runtime.quality import QualityGate, default_limits, fit_limits, frame_stats, full_scale
+
+
+def _lines(size: int = 96, seed: int = 0, noise: float = 0.04, pitch: int = 12) -> np.ndarray:
+    """A line/space pattern with a blob and shot-like noise: what an SEM frame with content looks like."""
+    rng = np.random.default_rng(seed)
+    x = np.arange(size)
+    img = np.tile(np.where((x // (pitch // 2)) % 2 == 0, 0.3, 0.7), (size, 1)).astype(np.float32)
+    cv2.circle(img, (size // 3, size // 2), size // 10, 0.9, -1)
+    img = cv2.GaussianBlur(img, (0, 0), 0.8) + rng.normal(0, noise, img.shape).astype(np.float32)
+    return np.clip(img, 0, 1)
+
+
+def _u8(img: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+GATE = QualityGate(default_limits("percentile"))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+@pytest.mark.parametrize("value", [0.0, 0.5, 1.0])
+def test_uniform_frames_are_blank_at_any_level_and_depth(value, dtype):
+    top = np.iinfo(dtype).max if np.dtype(dtype).kind == "u" else 1.0
+    assert GATE(np.full((64, 64), value * top, dtype)) == "blank"
+
+
+def test_a_trace_of_noise_on_a_flat_frame_is_still_blank():
+    rng = np.random.default_rng(1)
+    img = 0.4 + rng.normal(0, 0.002, (128, 128))
+    assert GATE(_u8(img)) == "blank"
+
+
+def test_mostly_clipped_frame_is_saturated():
+    img = _lines()
+    img[:, : int(0.7 * img.shape[1])] = 1.0
+    assert GATE(_u8(img)) == "saturated"
+    dark = _lines()
+    dark[: int(0.8 * dark.shape[0])] = 0.0
+    assert GATE(_u8(dark)) == "saturated"
+
+
+@pytest.mark.parametrize("kind", ["gauss", "uniform", "saltpepper"])
+def test_structureless_noise_is_noise(kind):
+    rng = np.random.default_rng(2)
+    if kind == "gauss":
+        img = 0.5 + rng.normal(0, 0.15, (128, 128))
+    elif kind == "uniform":
+        img = rng.uniform(0, 1, (128, 128))
+    else:
+        img = np.full((128, 128), 0.5)
+        u = rng.random(img.shape)
+        img[u < 0.1], img[u > 0.9] = 0.0, 1.0
+    assert GATE(_u8(img)) == "noise"
+
+
+def test_defocused_scene_and_smooth_gradient_are_defocus():
+    blurred = cv2.GaussianBlur(_lines(128, noise=0.0), (0, 0), 12)
+    assert GATE(_u8(blurred)) == "defocus"
+    ramp = np.tile(np.linspace(0.2, 0.8, 128, dtype=np.float32), (128, 1))
+    assert GATE(_u8(ramp)) == "defocus"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_frames_with_content_pass_in_every_encoding(seed):
+    img = _lines(seed=seed)
+    assert GATE(_u8(img)) == ""
+    assert GATE(_u8(img * 0.1)) == ""  # a tenth of the brightness
+    for bits in (10, 12, 14, 16):
+        assert GATE(np.round(img * ((1 << bits) - 1)).astype(np.uint16)) == "", bits
+
+
+def test_full_scale_of_uint16_is_the_smallest_standard_bit_depth_holding_the_data():
+    assert full_scale(np.array([[0, 1023]], np.uint16)) == 1023
+    assert full_scale(np.array([[0, 1024]], np.uint16)) == 4095
+    assert full_scale(np.array([[0, 40000]], np.uint16)) == 65535
+    assert full_scale(np.zeros((2, 2), np.uint8)) == 255
+    assert full_scale(np.zeros((2, 2), np.float32)) == 1.0
+
+
+def test_stats_are_the_same_for_8_bit_and_12_bit_copies_of_a_frame():
+    img = _lines()
+    a = frame_stats(_u8(img))
+    b = frame_stats(np.round(img * 4095).astype(np.uint16))
+    for k in ("spread", "signal", "detail", "level"):
+        assert a[k] == pytest.approx(b[k], abs=0.02), k
+    assert b["raw_spread"] == pytest.approx(a["raw_spread"] / 16, rel=0.05)  # on uint16's own scale: 1/16
+
+
+def test_fit_keeps_every_training_frame_and_bounds_the_level():
+    frames = [_lines(seed=s, noise=0.02 + 0.01 * (s % 4), pitch=8 + 2 * (s % 5)) for s in range(40)]
+    stats = [frame_stats(_u8(f)) for f in frames]
+    q = fit_limits(stats, intensity="percentile")
+    gate = QualityGate(q["limits"])
+    assert all(gate.reason(s) == "" for s in stats)
+    lo, hi = q["limits"]["range"]["level"]
+    assert 0 <= lo < min(s["level"] for s in stats) and max(s["level"] for s in stats) < hi <= 1
+    # A frame that is nearly all background with a few bright pixels is far outside that level range.
+    sparse = np.full((96, 96), 0.2, np.float32) + np.random.default_rng(0).normal(0, 0.03, (96, 96))
+    sparse[40:44, 40:90] = 0.95
+    sparse = cv2.GaussianBlur(sparse.astype(np.float32), (0, 0), 0.7)
+    s = frame_stats(_u8(sparse))
+    assert not lo <= s["level"] <= hi
+    assert gate.reason(s) == "out_of_range"
+    with pytest.raises(ValueError, match="too few"):
+        fit_limits(stats[:5])
+
+
+def test_full_scale_models_refuse_frames_using_little_of_the_scale():
+    gate = QualityGate(default_limits("full_scale"))
+    img = _lines()
+    assert gate(_u8(img)) == ""
+    assert gate(np.round(img * 4095).astype(np.uint16)) == "out_of_range"  # 12-bit data a full-scale model sees dark
+    assert gate(_u8(img * 0.08)) == "out_of_range"  # dimmed to 8%
+
+
+def test_model_without_statistics_gets_defaults_and_one_warning():
+    meta = ModelMetadata()
+    src = f"model-{np.random.default_rng().integers(1 << 30)}.onnx"
+    with pytest.warns(RuntimeWarning, match="no frame-quality statistics"):
+        gate = QualityGate.for_model(meta, src)
+    assert gate is not None and not gate.fitted and gate.limits == default_limits("full_scale")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        QualityGate.for_model(meta, src)  # once per model
+    fitted = {"limits": {"blank_spread": 0.005}}
+    g2 = QualityGate.for_model(meta.with_updates(quality=fitted), "x")
+    assert g2.fitted and g2.limits["blank_spread"] == 0.005 and g2.limits["noise_signal"] == 0.15
+    assert QualityGate.for_model(meta.with_updates(quality={"gate": "off"}), "y") is None
+
+
+def test_metadata_round_trips_the_new_fields_and_defaults_them_for_old_models():
+    meta = ModelMetadata(intensity="percentile", intensity_percentiles=(1, 99), quality={"limits": {"a": 1}})
+    back = ModelMetadata.from_json(meta.to_json())
+    assert back == meta and back.intensity_percentiles == (1.0, 99.0)
+    old = {k: v for k, v in ModelMetadata().to_dict().items()
+           if k not in ("intensity", "intensity_percentiles", "quality")}
+    legacy = ModelMetadata.from_dict(old)
+    assert (legacy.intensity, legacy.quality) == ("full_scale", None)
+    with pytest.raises(MetadataError, match="intensity"):
+        ModelMetadata(intensity="auto").validate()
+    with pytest.raises(MetadataError, match="intensity_percentiles"):
+        ModelMetadata(intensity_percentiles=(99, 1)).validate()
+
+
+# ------------------------------------------------------------------------------------------ through the Classifier
+@pytest.fixture
+def gated(make_model, meta_factory):
+    """A tiny model whose metadata carries fitted limits (the gate on), counting its backend calls."""
+    from runtime.classifier import Classifier
+
+    q = {"limits": default_limits("percentile")}
+    clf = Classifier(make_model("gated.onnx", meta=meta_factory(quality=q, intensity="percentile")),
+                     backend="ort", threads=1)
+    calls = []
+    infer = clf.backend.infer
+
+    def counting(batch):
+        calls.append(len(batch))
+        return infer(batch)
+
+    clf.backend.infer = counting
+    clf.calls = calls
+    return clf
+
+
+def test_refused_frame_has_the_agreed_shape_and_skips_inference(gated):
+    gated.calls.clear()
+    p = gated.predict(np.zeros((64, 64), np.uint8))
+    assert (p.label, p.index, p.rejected, p.reason) == (INVALID_LABEL, -1, True, "blank")
+    assert (p.top_label, p.top_index, p.confidence) == ("", -1, 0.0) and math.isnan(p.score)
+    assert p.invalid and gated.calls == []
+    d = p.to_dict(probs=True)
+    assert d["reason"] == "blank" and d["label"] == "invalid" and d["score"] is None
+    ok = gated.predict(_u8(_lines()))
+    assert ok.reason == "" and ok.label != INVALID_LABEL and ok.to_dict()["reason"] == "" and gated.calls == [1]
+
+
+def test_batch_keeps_indices_aligned_and_sends_only_usable_frames(gated):
+    rng = np.random.default_rng(3)
+    items = [_u8(_lines(seed=1)), np.full((50, 50), 200, np.uint8), np.zeros((2, 2), np.uint8),
+             _u8(0.5 + rng.normal(0, 0.2, (96, 96))), _u8(_lines(seed=2))]
+    gated.calls.clear()
+    out = gated.predict_batch(items, on_error="keep", sources=["a", "b", "c", "d", "e"])
+    assert [getattr(p, "reason", type(p).__name__) for p in out] == ["", "blank", "InputError", "noise", ""]
+    assert [getattr(p, "source", None) for p in out] == ["a", "b", None, "d", "e"]
+    assert gated.calls == [2]
+    assert gated.predict_batch([np.zeros((40, 40), np.uint8)])[0].reason == "blank" and gated.calls == [2]
+
+
+def test_small_noise_frame_is_judged_before_it_is_enlarged(gated):
+    # Enlarged to the input with linear interpolation, noise looks smooth; prepare judges it at its own size.
+    rng = np.random.default_rng(4)
+    small = _u8(0.5 + rng.normal(0, 0.2, (16, 16)))
+    prepared = gated.prepare(small)
+    assert prepared.shape == (32, 32) and prepared.reason == "noise"
+    assert gated.predict(prepared).reason == "noise"
+
+
+def test_gate_can_be_turned_off_by_the_caller(make_model, meta_factory):
+    from runtime.classifier import Classifier
+
+    clf = Classifier(make_model("g2.onnx", meta=meta_factory(quality={"limits": {}})), backend="ort", threads=1,
+                     quality_gate=False)
+    p = clf.predict(np.zeros((40, 40), np.uint8))
+    assert p.label == "clean" and p.reason == ""
+
+
+def test_gate_is_cheap_next_to_inference():
+    """Its cost is bounded in operations, not time: it works on at most ANALYSIS_SIDE² pixels."""
+    big = _u8(cv2.resize(_lines(128), (1024, 1024)))
+    view = quality._analysis_view(big)
+    assert max(view.shape) == quality.ANALYSIS_SIDE

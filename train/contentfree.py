@@ -1,0 +1,119 @@
+"""Content-free frames: what a camera or review tool sends when there is nothing to classify.
+
+Training adds them to ``other`` (so the network never learns that "nothing" means ``clean``), and
+``benchmarks.quality`` builds its corpus from them to check that the frame-quality gate refuses every one.
+
+Kinds (:data:`KINDS`):
+
+* ``blank`` — one level, at most a trace of noise (lens cap, beam off, a dropped frame filled with a constant).
+* ``noise`` — structureless noise around a level: Gaussian, Poisson-like, uniform or salt-and-pepper.
+* ``gradient`` — a smooth linear or radial ramp, maybe with a little noise (vignetting, charging haze).
+* ``saturated`` — most of the frame clipped to black or white (gain or offset far off).
+* ``defocus`` — a real scene blurred far beyond what imaging does (beam out of focus), maybe with noise.
+
+Every frame is float32 in [0, 1]; :func:`quantise` turns it into uint8 or uint16 data of a given bit depth.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import cv2
+import numpy as np
+
+KINDS = ("blank", "noise", "gradient", "saturated", "defocus")
+
+
+def _noise(rng: np.random.Generator, shape: tuple[int, int], level: float, sigma: float) -> np.ndarray:
+    kind = rng.choice(("gauss", "poisson", "uniform", "saltpepper"))
+    if kind == "gauss":
+        img = level + rng.normal(0.0, sigma, shape)
+    elif kind == "poisson":
+        electrons = max(1.0, (level / max(sigma, 1e-3)) ** 2)  # SNR = sqrt(electrons)
+        img = rng.poisson(electrons, shape) * (level / electrons)
+    elif kind == "uniform":
+        img = level + rng.uniform(-sigma * math.sqrt(3), sigma * math.sqrt(3), shape)
+    else:
+        img = np.full(shape, level)
+        u = rng.random(shape)
+        p = rng.uniform(0.05, 0.5)
+        img[u < p / 2] = 0.0
+        img[u > 1 - p / 2] = 1.0
+    return img
+
+
+def _ramp(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    h, w = shape
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    y, x = y / max(h - 1, 1) - 0.5, x / max(w - 1, 1) - 0.5
+    if rng.random() < 0.6:
+        a = rng.uniform(0, 2 * math.pi)
+        t = x * math.cos(a) + y * math.sin(a)
+    else:
+        cy, cx = rng.uniform(-0.5, 0.5, 2)
+        t = np.sqrt((x - cx) ** 2 + (y - cy) ** 2)
+    t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+    if rng.random() < 0.3:
+        t = t ** rng.uniform(0.4, 2.5)
+    a, b = sorted(rng.uniform(0.0, 1.0, 2))
+    b = max(b, a + 0.1)
+    return a + (b - a) * t
+
+
+def frame(kind: str, rng: np.random.Generator, size: tuple[int, int],
+          scene: Callable[[np.random.Generator, tuple[int, int]], np.ndarray] | None = None) -> np.ndarray:
+    """One content-free frame of ``kind`` at ``size`` (h, w), float32 in [0, 1].
+
+    ``scene(rng, size)`` supplies a real scene (float 0–1) for ``defocus`` and ``saturated``; without it a random
+    smooth texture stands in.
+    """
+    h, w = size
+    shape = (h, w)
+    if kind == "blank":
+        img = np.full(shape, rng.uniform(0.0, 1.0))
+        if rng.random() < 0.7:
+            img = img + rng.normal(0.0, rng.uniform(0.0, 0.004), shape)
+    elif kind == "noise":
+        img = _noise(rng, shape, rng.uniform(0.1, 0.9), rng.uniform(0.03, 0.3))
+    elif kind == "gradient":
+        img = _ramp(rng, shape)
+        if rng.random() < 0.6:
+            img = img + rng.normal(0.0, rng.uniform(0.0, 0.02), shape)
+    elif kind in ("saturated", "defocus"):
+        base = scene(rng, size) if scene is not None else _texture(rng, shape)
+        if kind == "defocus":
+            sigma = rng.uniform(0.04, 0.15) * min(h, w)
+            img = cv2.GaussianBlur(base.astype(np.float32), (0, 0), sigma)
+            if rng.random() < 0.6:
+                img = img + rng.normal(0.0, rng.uniform(0.0, 0.02), shape)
+        else:
+            # Gain/offset so that 70-98% of the pixels fall outside [0, 1] on one side.
+            frac = rng.uniform(0.7, 0.98)
+            if rng.random() < 0.5:
+                cut = float(np.quantile(base, 1 - frac))
+                img = 1.0 + (base - cut) * rng.uniform(2.0, 20.0)
+            else:
+                cut = float(np.quantile(base, frac))
+                img = (base - cut) * rng.uniform(2.0, 20.0)
+    else:
+        raise ValueError(f"unknown content-free kind {kind!r}; choose one of {', '.join(KINDS)}")
+    return np.clip(img, 0.0, 1.0).astype(np.float32)
+
+
+def _texture(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """A random smooth texture in [0, 1] (a stand-in scene)."""
+    h, w = shape
+    small = rng.random((max(2, h // 8), max(2, w // 8))).astype(np.float32)
+    img = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+    img -= img.min()
+    return img / max(float(img.max()), 1e-6)
+
+
+def quantise(img: np.ndarray, bits: int) -> np.ndarray:
+    """Float [0, 1] → uint8 (``bits`` 8) or uint16 holding ``bits``-bit data (10, 12, 14, 16)."""
+    if bits == 8:
+        return np.round(img * 255.0).astype(np.uint8)
+    if bits not in (10, 12, 14, 16):
+        raise ValueError(f"bits must be 8, 10, 12, 14 or 16, got {bits}")
+    return np.round(img * float((1 << bits) - 1)).astype(np.uint16)
