@@ -23,7 +23,9 @@ setup(
     py_modules=["sem_extras"],
     # The bundled default model lives in models/ in the repository and installs as runtime/models/.
     package_dir={"runtime.models": "models"},
-    package_data={"runtime.models": ["*.onnx", "*.json", "*.md"]},
+    package_data={"runtime.models": ["*.onnx", "*.json", "*.md"],
+                  # the tiny FP32/FP16/Q-DQ models python -m runtime.doctor builds test engines from
+                  "runtime": ["data/*.onnx"]},
     install_requires=[
         "numpy>=1.24",
         # Headless: stations, containers and CI have no Qt; the README says how to get windows (display://0).

@@ -147,6 +147,7 @@ class FakeCudart:
     cudaGraph_t = cudaGraph_t
     cudaGraphExec_t = cudaGraphExec_t
 
+    __name__ = "cuda.bindings.runtime (fake)"
     DEVICE_BASE = 0x2000_0000_0000  # below where Linux maps host memory (PIE binaries at 0x55.., mmap at 0x7f..)
     DEVICE_SPAN = 1 << 40
 
