@@ -390,3 +390,42 @@ def test_project_tensorrt_code_uses_only_names_of_both_versions(relative, tables
         pytest.skip(f"{relative} does not exist yet (being written); it must pass this check before merging")
     found = check.problems_in_file(path, tables)
     assert not found, "TensorRT names missing in a supported version:\n" + "\n".join(map(str, found))
+
+
+# --- the install extras -------------------------------------------------------------------------------------------
+
+
+def setup_extras() -> dict[str, list[str]]:
+    """``extras_require`` as setup.py passes it to setuptools (setup() captured, nothing built or downloaded)."""
+    import runpy
+
+    import setuptools
+
+    captured: dict = {}
+    real = setuptools.setup
+    setuptools.setup = lambda **kw: captured.update(kw)
+    try:
+        runpy.run_path(str(REPO / "setup.py"))
+    finally:
+        setuptools.setup = real
+    return captured["extras_require"]
+
+
+@pytest.mark.parametrize("extra, cuda_major", [("tensorrt", 12), ("tensorrt-cu12", 12), ("tensorrt-cu13", 13),
+                                               ("jetson", 12)])
+def test_extras_keep_tensorrt_and_cuda_python_on_one_cuda_major(extra, cuda_major):
+    """Unpinned, pip resolved TensorRT 11 for CUDA 13 and cuda-python 13 (driver >= 580) on CUDA-12 hosts and
+    JetPack 6, where nothing then reached the GPU. Each extra must stay on one CUDA major."""
+    from packaging.requirements import Requirement
+
+    reqs = {Requirement(r).name: Requirement(r).specifier for r in setup_extras()[extra]}
+    cuda_python = reqs["cuda-python"]
+    assert ("12.9.1" in cuda_python, "13.4.4" in cuda_python) == (cuda_major == 12, cuda_major == 13)
+    if extra == "jetson":
+        assert not any(name.startswith("tensorrt") for name in reqs)  # JetPack's own TensorRT 10.3
+        return
+    trt = reqs[f"tensorrt-cu{cuda_major}"]
+    if cuda_major == 12:
+        assert "10.3.0" in trt and "11.4.0.106" not in trt
+    else:
+        assert "11.4.0.106" in trt
