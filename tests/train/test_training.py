@@ -19,7 +19,7 @@ from runtime.contract import CLASSES
 from tests.conftest import write_class_images
 from train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from train.confidence import T_MAX, T_MIN
-from train.loop import TrainConfig, augment_config, epoch_order, train
+from train.loop import PAUSE_ENV, TrainConfig, augment_config, epoch_order, train
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = dict(img_size=32, batch_size=4, threads=1, progress=False, patience=0)
@@ -131,21 +131,30 @@ def test_resume_after_sigkill_mid_epoch_finishes_the_same_schedule(tmp_path: Pat
     ref = tmp_path / "uninterrupted"
     subprocess.run(_cli(data, ref), cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
 
+    steps = json.loads((ref / "history.json").read_text())[0]["steps"]
+    assert steps >= 4, steps  # room for a step strictly inside epoch 2
+
     run = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(data, run), cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            text=True)
-    seen = []
-    deadline = time.monotonic() + 240
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        seen.append(line)
-        if "epoch 2/3 started" in line:
-            time.sleep(0.1)  # inside the 10-step epoch (checked below: last.pt still says epoch 1)
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        assert time.monotonic() < deadline, "".join(seen)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    flag = tmp_path / "paused"
+    # The child stops right after optimizer step `steps + 2` (inside epoch 2) and waits there to be killed.
+    paused_env = {**env, PAUSE_ENV: f"{steps + 2}:{flag}"}
+    log = tmp_path / "killed.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen(_cli(data, run), cwd=REPO, env=paused_env, stderr=err, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not flag.exists():
+            assert proc.poll() is None, f"exited {proc.returncode} before the pause: {log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, "no pause within 240 s"
+            time.sleep(0.05)
+        assert flag.read_text().split() == ["2", str(steps + 2)]  # epoch 2, its second step
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    seen = log.read_text()
+    assert "epoch 2/3 started" in seen and "epoch 2/3:" not in seen, seen[-2000:]
     # Killed mid-epoch 2: only epoch 1 was checkpointed.
     assert load_checkpoint(run / "last.pt")["epoch"] == 1
 
