@@ -23,6 +23,8 @@ import cv2
 import numpy as np
 
 KINDS = ("blank", "noise", "gradient", "saturated", "defocus")
+#: Largest side at which scenes are drawn and blurred before enlarging to the frame size.
+SMOOTH_SIDE = 512
 
 
 def _noise(rng: np.random.Generator, shape: tuple[int, int], level: float, sigma: float) -> np.ndarray:
@@ -81,15 +83,21 @@ def frame(kind: str, rng: np.random.Generator, size: tuple[int, int],
         if rng.random() < 0.6:
             img = img + rng.normal(0.0, rng.uniform(0.0, 0.02), shape)
     elif kind in ("saturated", "defocus"):
-        base = scene(rng, size) if scene is not None else _texture(rng, shape)
+        # Scenes and blur at most SMOOTH_SIDE a side, then enlarged: the same picture, and cheap at 4096².
+        k = max(1.0, max(h, w) / SMOOTH_SIDE)
+        small = (max(4, int(round(h / k))), max(4, int(round(w / k))))
+        base = scene(rng, small) if scene is not None else _texture(rng, small)
         if kind == "defocus":
-            sigma = rng.uniform(0.04, 0.15) * min(h, w)
+            sigma = rng.uniform(0.04, 0.15) * min(small)
             img = cv2.GaussianBlur(base.astype(np.float32), (0, 0), sigma)
+            img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR) if small != shape else img
             if rng.random() < 0.6:
                 img = img + rng.normal(0.0, rng.uniform(0.0, 0.02), shape)
         else:
             # Gain/offset so that 70-98% of the pixels fall outside [0, 1] on one side.
             frac = rng.uniform(0.7, 0.98)
+            base = cv2.resize(base.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR) if small != shape \
+                else base
             if rng.random() < 0.5:
                 cut = float(np.quantile(base, 1 - frac))
                 img = 1.0 + (base - cut) * rng.uniform(2.0, 20.0)

@@ -1,0 +1,318 @@
+"""Frame-quality benchmark: content-free frames never become a class; real frames are not refused; dim, flat,
+gamma-changed and 10- to 14-bit frames are classified as well as the originals.
+
+``python -m benchmarks.quality --models MODEL [MODEL ...]`` runs each model through ``runtime.Classifier`` (the
+deployed path, gate included) on three things:
+
+1. ``corpus`` — content-free frames (:mod:`train.contentfree`: blank, noise, gradient, saturated, defocus) at every
+   size in ``--sizes`` and in 8- and 16-bit, drawn from ``--corpus-seed`` (kept away from the tests' seeds).
+   Counted per kind and size: refused (``invalid``, per reason), ``other`` (rejected or top class), ``clean``, a
+   named defect. The goal is no ``clean`` and no named defect.
+2. ``false_invalid`` — the share of real frames the gate refuses: every image under ``--real`` (default
+   ``../shared/datasets/sem-hackathon``, skipped with a message when absent) and under ``--synthetic``.
+3. ``robustness`` — accuracy on the ``--synthetic`` test images (``DIR/<class>/``) after brightness, contrast and
+   gamma changes and as 10/12/14-bit data in uint16, against the unmodified images; plus how the ``clean`` images
+   come out (the false alarms an inspection station sees).
+
+Output: Markdown tables on stdout and ``quality.json`` + ``quality.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from runtime._atomic import atomic_write_text
+from runtime.contract import CLASSES, INVALID_LABEL, REJECT_LABEL
+
+SCHEMA = "sem-bench-quality/1"
+DEFAULT_REAL = Path("../shared/datasets/sem-hackathon")
+DEFAULT_SYNTHETIC = Path("data/synth2_test/test")
+SYNTHETIC_HINT = ("generate it: python -m train.synthetic --out data/synth2_test --per-class 150 --size 128 --seed 2 "
+                  "--split 0,0,1")
+#: Far from the tests' seeds (0-99) so the gate is never tuned on this corpus.
+DEFAULT_CORPUS_SEED = 20261207
+DEFAULT_SIZES = (64, 256, 1024, 4096)
+EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+
+#: name → (kind, parameter); applied to 8-bit images as floats in [0, 1].
+TRANSFORMS: dict[str, tuple[str, float]] = {
+    "original": ("none", 1.0),
+    "brightness 0.1x": ("brightness", 0.1), "brightness 0.2x": ("brightness", 0.2),
+    "brightness 0.3x": ("brightness", 0.3), "brightness 0.5x": ("brightness", 0.5),
+    "contrast 0.2x": ("contrast", 0.2), "contrast 0.3x": ("contrast", 0.3), "contrast 0.5x": ("contrast", 0.5),
+    "gamma 0.5": ("gamma", 0.5), "gamma 0.7": ("gamma", 0.7), "gamma 1.4": ("gamma", 1.4), "gamma 2": ("gamma", 2.0),
+    "10-bit": ("bits", 10), "12-bit": ("bits", 12), "14-bit": ("bits", 14),
+}
+
+
+def transform(img8: np.ndarray, kind: str, p: float) -> np.ndarray:
+    """One acquisition change of an 8-bit frame; 8-bit out, except ``bits`` (uint16 holding ``p``-bit data)."""
+    x = img8.astype(np.float32) / 255.0
+    if kind == "bits":
+        return np.round(x * float((1 << int(p)) - 1)).astype(np.uint16)
+    if kind == "brightness":
+        x = x * p
+    elif kind == "contrast":
+        m = float(x.mean())
+        x = (x - m) * p + m
+    elif kind == "gamma":
+        x = np.clip(x, 0, 1) ** p
+    elif kind != "none":
+        raise ValueError(f"unknown transform {kind!r}")
+    return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
+
+
+def outcome(p: Any) -> str:
+    """``invalid:<reason>``, ``other``, ``clean`` or ``defect`` for one prediction."""
+    if p.label == INVALID_LABEL:
+        return f"invalid:{p.reason}"
+    if p.label == REJECT_LABEL:
+        return "other"
+    return "clean" if p.label == "clean" else "defect"
+
+
+# ------------------------------------------------------------------------------------------------ 1. corpus
+def _scene_source(seed: int) -> Callable[[np.random.Generator, tuple[int, int]], np.ndarray]:
+    """Scenes for defocus/saturated frames: the synthetic SEM generator (any class), drawn at 256 px."""
+    from train.synthetic import render_sample
+
+    def scene(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
+        cls = CLASSES[int(rng.integers(0, len(CLASSES)))]
+        img, _ = render_sample(cls, np.random.default_rng((seed, int(rng.integers(1 << 31)))), 256,
+                               min_visibility=0)
+        return cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_AREA if size[0] < 256 else
+                          cv2.INTER_LINEAR).astype(np.float32) / 255.0
+
+    return scene
+
+
+def corpus(per_cell: int, sizes: Sequence[int], seed: int) -> Iterable[tuple[str, int, int, np.ndarray]]:
+    """(kind, size, bits, frame) for every kind × size × {8, 16} bits, ``per_cell`` frames each, reproducibly."""
+    from train import contentfree
+
+    scene = _scene_source(seed)
+    for kind in contentfree.KINDS:
+        for size in sizes:
+            for bits in (8, 16):
+                for i in range(per_cell):
+                    rng = np.random.default_rng((seed, contentfree.KINDS.index(kind), size, bits, i))
+                    yield kind, size, bits, contentfree.quantise(contentfree.frame(kind, rng, (size, size), scene),
+                                                                 bits)
+
+
+def run_corpus(clf: Any, per_cell: int, sizes: Sequence[int], seed: int, progress: bool = True) -> dict[str, Any]:
+    cells: dict[str, Counter] = {}
+    total: Counter = Counter()
+    n = len(sizes) * 2 * 5 * per_cell
+    t0 = time.perf_counter()
+    for k, (kind, size, _bits, img) in enumerate(corpus(per_cell, sizes, seed)):
+        o = outcome(clf.predict(img))
+        cells.setdefault(f"{kind}/{size}", Counter())[o] += 1
+        total[o] += 1
+        if progress and (k + 1) % 50 == 0:
+            print(f"  corpus {k + 1}/{n} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    return {"per_cell": per_cell, "sizes": list(sizes), "seed": seed, "bits": [8, 16], "frames": sum(total.values()),
+            "total": dict(total), "cells": {k: dict(v) for k, v in cells.items()},
+            "classified": total["clean"] + total["defect"]}
+
+
+# ------------------------------------------------------------------------------------------ 2. false invalid
+def images_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTS and p.is_file())
+
+
+def run_false_invalid(clf: Any, folder: Path, batch: int = 32) -> dict[str, Any]:
+    files = images_under(folder)
+    reasons: Counter = Counter()
+    refused: list[str] = []
+    errors = 0
+    for i in range(0, len(files), batch):
+        chunk = files[i:i + batch]
+        for f, p in zip(chunk, clf.predict_batch(chunk, on_error="keep")):
+            if isinstance(p, Exception):
+                errors += 1
+            elif p.label == INVALID_LABEL:
+                reasons[p.reason] += 1
+                refused.append(f"{f.relative_to(folder)} ({p.reason})")
+    n = len(files) - errors
+    return {"folder": str(folder), "images": n, "unreadable": errors, "invalid": len(refused),
+            "rate": len(refused) / n if n else None, "reasons": dict(reasons), "refused": refused}
+
+
+# ------------------------------------------------------------------------------------------ 3. robustness
+def labelled(folder: Path, per_class: int | None) -> list[tuple[Path, int]]:
+    out = []
+    for idx, cls in enumerate(CLASSES):
+        files = images_under(folder / cls) if (folder / cls).is_dir() else []
+        out += [(f, idx) for f in files[:per_class]]
+    return out
+
+
+def run_robustness(clf: Any, samples: Sequence[tuple[Path, int]], names: Sequence[str], batch: int = 32,
+                   progress: bool = True) -> dict[str, Any]:
+    imgs = [cv2.imread(str(f), cv2.IMREAD_GRAYSCALE) for f, _ in samples]
+    y = np.array([lbl for _, lbl in samples])
+    clean = y == CLASSES.index("clean")
+    rows: dict[str, Any] = {}
+    for name in names:
+        kind, p = TRANSFORMS[name]
+        top, final, outs = [], [], []
+        for i in range(0, len(imgs), batch):
+            preds = clf.predict_batch([transform(im, kind, p) for im in imgs[i:i + batch]])
+            for pr in preds:
+                top.append(pr.top_index)  # -1 for an invalid frame: never right
+                final.append(pr.index)
+                outs.append(outcome(pr))
+        top_a, final_a = np.array(top), np.array(final)
+        c_out = Counter(o for o, c in zip(outs, clean) if c)
+        rows[name] = {"top1": float((top_a == y).mean()), "final": float((final_a == y).mean()),
+                      "invalid": sum(o.startswith("invalid") for o in outs) / len(outs),
+                      "clean_images": {"n": int(clean.sum()), **dict(c_out)}}
+        if progress:
+            print(f"  {name}: top-1 {rows[name]['top1']:.3f}", file=sys.stderr)
+    base = rows.get("original", {}).get("top1")
+    if base is not None:
+        for r in rows.values():
+            r["delta_top1_pt"] = 100 * (r["top1"] - base)
+    return {"images": len(samples), "rows": rows}
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f}%"
+
+
+def format_report(doc: dict[str, Any]) -> str:
+    lines: list[str] = []
+    for m in doc["models"]:
+        lines.append(f"## {m['model']}\n")
+        c = m.get("corpus")
+        if c:
+            lines.append(f"Content-free corpus: {c['frames']} frames ({c['per_cell']} per kind × size × bit depth, "
+                         f"8 and 16 bit, seed {c['seed']}); **{c['classified']} classified as clean or a defect**.\n")
+            reasons = sorted({k for cell in c["cells"].values() for k in cell})
+            lines.append("| kind/size | " + " | ".join(reasons) + " |")
+            lines.append("|---|" + "---:|" * len(reasons))
+            for key, cell in c["cells"].items():
+                lines.append(f"| {key} | " + " | ".join(str(cell.get(r, 0)) for r in reasons) + " |")
+            lines.append("")
+        for fi in m.get("false_invalid", []):
+            if "skipped" in fi:
+                lines.append(f"False-invalid, {fi['folder']}: skipped ({fi['skipped']})\n")
+            else:
+                lines.append(f"False-invalid, {fi['folder']}: {fi['invalid']} of {fi['images']} "
+                             f"({_pct(fi['rate'], 2)}) {fi['reasons'] or ''}\n")
+        r = m.get("robustness")
+        if r:
+            lines.append(f"Robustness on {r['images']} synthetic test images (gate on; invalid counts as wrong):\n")
+            lines.append("| input | top-1 | Δ top-1 (pt) | with rejection | invalid | clean images → defect / other "
+                         "/ invalid |")
+            lines.append("|---|---:|---:|---:|---:|---|")
+            for name, row in r["rows"].items():
+                ci = row["clean_images"]
+                inv = sum(v for k, v in ci.items() if k.startswith("invalid"))
+                lines.append(f"| {name} | {_pct(row['top1'])} | {row.get('delta_top1_pt', 0):+.1f} | "
+                             f"{_pct(row['final'])} | {_pct(row['invalid'])} | {ci.get('defect', 0)} / "
+                             f"{ci.get('other', 0)} / {inv} of {ci['n']} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def run(models: Sequence[Path], parts: Sequence[str], *, synthetic: Path, real: Path, per_cell: int,
+        sizes: Sequence[int], seed: int, per_class: int | None, transforms: Sequence[str], threads: int | None,
+        progress: bool = True) -> dict[str, Any]:
+    from runtime.classifier import Classifier
+
+    doc: dict[str, Any] = {"schema": SCHEMA, "parts": list(parts), "models": []}
+    for path in models:
+        clf = Classifier(path, backend="ort", threads=threads)
+        rec: dict[str, Any] = {"model": str(path), "intensity": clf.meta.intensity,
+                               "quality_fitted": clf.meta.quality is not None}
+        if "corpus" in parts:
+            rec["corpus"] = run_corpus(clf, per_cell, sizes, seed, progress)
+        if "false_invalid" in parts:
+            rec["false_invalid"] = []
+            real_splits = [real / s for s in ("train", "val", "test")] if real.is_dir() else [real]
+            for folder in [*real_splits, synthetic]:
+                if not folder.is_dir():
+                    hint = SYNTHETIC_HINT if folder == synthetic else "the sem-hackathon set is not on this machine"
+                    rec["false_invalid"].append({"folder": str(folder), "skipped": hint})
+                    continue
+                rec["false_invalid"].append(run_false_invalid(clf, folder))
+        if "robustness" in parts:
+            if synthetic.is_dir():
+                rec["robustness"] = run_robustness(clf, labelled(synthetic, per_class), transforms,
+                                                   progress=progress)
+            else:
+                rec["robustness"] = None
+                print(f"{synthetic}: missing; {SYNTHETIC_HINT}", file=sys.stderr)
+        clf.close()
+        doc["models"].append(rec)
+    return doc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", type=Path, help="ONNX models (default: the bundled FP32 model)")
+    ap.add_argument("--parts", default="corpus,false_invalid,robustness",
+                    help="comma-separated: corpus, false_invalid, robustness (default all)")
+    ap.add_argument("--synthetic", type=Path, default=DEFAULT_SYNTHETIC,
+                    help=f"synthetic test images DIR/<class>/ (default {DEFAULT_SYNTHETIC})")
+    ap.add_argument("--real", type=Path, default=DEFAULT_REAL,
+                    help=f"real images; its train/val/test splits are used when present (default {DEFAULT_REAL})")
+    ap.add_argument("--per-cell", type=int, default=10, help="corpus frames per kind × size × bit depth")
+    ap.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="corpus frame sides")
+    ap.add_argument("--corpus-seed", type=int, default=DEFAULT_CORPUS_SEED)
+    ap.add_argument("--per-class", type=int, default=None, help="robustness: at most this many images per class")
+    ap.add_argument("--transforms", default=",".join(TRANSFORMS),
+                    help="robustness rows, comma-separated names (default all)")
+    ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench_quality"))
+    ap.add_argument("--quiet", action="store_true")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from runtime.classifier import bundled_model_path
+
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    bad = [p for p in parts if p not in ("corpus", "false_invalid", "robustness")]
+    names = [t.strip() for t in args.transforms.split(",") if t.strip()]
+    unknown = [t for t in names if t not in TRANSFORMS]
+    if bad or unknown:
+        print(f"error: unknown part(s) {bad} or transform(s) {unknown}; transforms: {', '.join(TRANSFORMS)}",
+              file=sys.stderr)
+        return 2
+    if "original" not in names:
+        names.insert(0, "original")
+    models = args.models or [bundled_model_path()]
+    missing = [m for m in models if not Path(m).is_file()]
+    if missing:
+        print(f"error: model file(s) not found: {', '.join(map(str, missing))}", file=sys.stderr)
+        return 2
+    doc = run(models, parts, synthetic=args.synthetic, real=args.real, per_cell=args.per_cell,
+              sizes=[int(s) for s in args.sizes.split(",")], seed=args.corpus_seed, per_class=args.per_class,
+              transforms=names, threads=args.threads, progress=not args.quiet)
+    text = format_report(doc)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "quality.json", json.dumps(doc, indent=2) + "\n")
+    atomic_write_text(args.out / "quality.md", text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
