@@ -390,7 +390,7 @@ def split_dirs(data: str | os.PathLike[str]) -> dict[str, Path]:
     return found
 
 
-def fit_quality(train_dir: str | os.PathLike[str], meta: Any, max_images: int = 2000) -> dict[str, Any]:
+def fit_quality(train_dir: str | os.PathLike[str], meta: Any, max_images: int = 2000) -> dict[str, Any] | None:
     """The frame-quality gate's statistics and limits (:func:`runtime.quality.fit_limits`) on the training split,
     each image resized as the runtime resizes it (at most ``max_images``, evenly spaced, per fit)."""
     from runtime import quality
@@ -405,4 +405,8 @@ def fit_quality(train_dir: str | os.PathLike[str], meta: Any, max_images: int = 
             log.warning("%s: unusable image (%s); left out of the frame-quality fit", path, e)
             continue
         feats.append(quality.frame_stats(grey))
-    return quality.fit_limits(feats, intensity=meta.intensity, source=str(train_dir))
+    try:
+        return quality.fit_limits(feats, intensity=meta.intensity, source=str(train_dir))
+    except ValueError as e:
+        log.warning("frame-quality gate not fitted (%s); the model will run with the default limits", e)
+        return None
