@@ -194,8 +194,9 @@ EPILOG = """examples:
 
 Without TensorRT the CPU artifacts are built and the command exits 0; --require-tensorrt makes that an error
 (exit 3). With TensorRT installed but no usable GPU (e.g. a driver too old for the installed cuda-python) it fails
-(exit 3) naming the CUDA error, unless --no-engine asks for the CPU artifacts only. The accuracy gate (exit 4) compares each variant with FP32 on --val-data
-(default: val/ of the training data recorded in the model).
+(exit 3) naming the CUDA error, unless --no-engine asks for the CPU artifacts only.
+The accuracy gate (exit 4) compares each variant with FP32 on --val-data (default: val/ of the training data
+recorded in the model).
 """
 
 

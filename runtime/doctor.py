@@ -438,7 +438,9 @@ class _Collect(logging.Handler):
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m runtime.doctor", description=__doc__.split("\n\n")[0],
+        prog="python -m runtime.doctor",
+        description="Is this machine's GPU stack ready for the classifier? Versions and whether they fit, pinned "
+                    "memory, tiny FP16/INT8 engines built and run against ONNX Runtime, and an artifact's self-check.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"exit status: {EXIT_OK} every applicable check passed, {EXIT_FAIL} a check failed, "
                f"{EXIT_NOT_APPLICABLE} no NVIDIA GPU and no TensorRT here (nothing GPU-side to check)\n\n"
