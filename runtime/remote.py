@@ -25,7 +25,6 @@ import hashlib
 import io
 import os
 import random
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import fields
@@ -205,9 +204,10 @@ class RemoteClassifier:
         self.retry_timeout = float(retry_timeout)
         self._override = threshold is not None
         self._client = grpcclient.InferenceServerClient(self.address, ssl=ssl, root_certificates=root_certificates)
-        self._local = threading.local()
         self.model_path = url
+        self._connected = False
         self.fingerprint, self.meta = self._connect()
+        self._connected = True
         self.labels: tuple[str, ...] = self.meta.labels
         self.reject_index = self.meta.reject_index
         self.threshold: float | None = self.meta.threshold if threshold is None else parse_threshold(threshold)
@@ -293,8 +293,11 @@ class RemoteClassifier:
                 status = _status_text(e)
                 if "DEADLINE_EXCEEDED" in status or "Deadline" in str(e):
                     raise TimeoutError(f"{self.url}: no answer within {self.timeout:g} s ({n} image(s))") from None
-                if not _retryable(e) or time.monotonic() + delay > deadline:
-                    if _retryable(e):
+                # Once connected, an unknown model means the server is restarting (models load after the ports
+                # open) or unloading: retried like a server that is down.
+                restarting = self._connected and "unknown model" in str(e).lower()
+                if not (_retryable(e) or restarting) or time.monotonic() + delay > deadline:
+                    if _retryable(e) or restarting:
                         raise ServerUnavailable(f"{self.url}: server unreachable for {self.retry_timeout:.0f} s "
                                                 f"({status}: {e.message()})") from None
                     if "unknown model" in str(e).lower() or "not ready" in str(e).lower():
@@ -327,11 +330,27 @@ class RemoteClassifier:
 
     # ---------------------------------------------------------------------------------------------- predict
     def prepare(self, x: Any) -> np.ndarray:
-        """Decode, validate, grey and resize here, as ``Classifier.prepare`` does (pipelines call it in their decode
-        thread); :meth:`predict` then sends the small model-size image instead of the whole file."""
-        from runtime.classifier import Classifier
+        """Decode, validate and grey here (pipelines call it in their decode thread), and shrink a frame larger than
+        the model input to its size, so :meth:`predict` sends a small array instead of the whole file. A smaller
+        frame is sent as it is: the server's frame-quality gate judges it before enlarging, exactly as locally
+        (the gate's verdict comes back with the prediction)."""
+        from runtime.classifier import PreparedFrame
+        from runtime.preprocess import decode_image, load_grey, resize_grey
 
-        return Classifier.prepare(self, x)  # type: ignore[arg-type]  # uses only .meta and .color_order
+        if isinstance(x, PreparedFrame):
+            return x
+        name = describe(x) if not isinstance(x, (bytes, bytearray, memoryview)) else f"<{len(x)} bytes>"
+        if isinstance(x, (bytes, bytearray, memoryview)):
+            grey = load_grey(decode_image(bytes(x), name), self.color_order)
+        elif isinstance(x, (str, os.PathLike, np.ndarray)):
+            grey = load_grey(x, self.color_order)
+        else:
+            raise InputError(f"{name}: expected an image path, encoded image bytes or a numpy array, got "
+                             f"{type(x).__name__}")
+        (h, w), size = grey.shape[:2], self.meta.input_size
+        if h >= size[0] and w >= size[1]:
+            grey = resize_grey(grey, size, self.meta.resize)
+        return np.ascontiguousarray(grey).view(PreparedFrame)
 
     def predict(self, x: Any, source: str | None = None) -> Any:
         """Classify one image (path, encoded bytes or array) on the server; errors as the local runtime's."""

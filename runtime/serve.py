@@ -229,6 +229,10 @@ def serve(args: argparse.Namespace) -> int:
                           grpc_port=args.grpc_port, metrics_port=args.metrics_port,
                           metrics_address=args.host, exit_timeout_secs=args.drain_timeout,
                           log_verbose=0)
+    # PyTriton echoes tritonserver's log with print(), in chunks that need not end lines: stdout is kept for this
+    # command's own JSON event lines (what a supervisor parses), everything else goes to stderr.
+    events = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    sys.stdout = sys.stderr
     triton = Triton(config=config)
     stopping = threading.Event()
 
@@ -251,13 +255,13 @@ def serve(args: argparse.Namespace) -> int:
                  "grpc": f"{args.host}:{args.grpc_port}", "http": f"{args.host}:{args.http_port}",
                  "metrics": f"{args.host}:{args.metrics_port}", "instances": instances, "threads": threads,
                  "startup_s": round(time.monotonic() - t0, 2), "model_describe": handlers[0].clf.describe()}
-        print(json.dumps(ready), flush=True)
+        print(json.dumps(ready), file=events, flush=True)
         triton.serve()
     except KeyboardInterrupt:
         pass
     finally:
         triton.stop()
-        print(json.dumps({"event": "stopped", "name": args.name}), flush=True)
+        print(json.dumps({"event": "stopped", "name": args.name}), file=events, flush=True)
     return EXIT_OK
 
 
