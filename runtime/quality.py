@@ -20,7 +20,8 @@ side (cheap, and small source frames that were enlarged look as they did before)
   the dtype's maximum (255, 65535, 1: what a ``full_scale`` model divides by).
 
 Reasons, checked in this order: ``blank`` (spread below its limit), ``saturated`` (clipped above its limit),
-``noise`` (signal below its limit), ``defocus`` (detail below its limit: out of focus, or only a smooth gradient),
+``noise`` (signal below its limit), ``defocus`` (detail below its limit while most of the variance is structure,
+not noise: out of focus, or only a smooth gradient),
 ``out_of_range`` (a statistic outside the range the training images had, widened by a margin).
 
 The limits are fitted on the training split when a model is trained (:func:`fit_limits`, called by ``python -m
@@ -65,6 +66,9 @@ DEFAULT_LIMITS: dict[str, Any] = {
 #: Models that divide by the dtype's maximum (``intensity="full_scale"``) were trained on frames that use a good
 #: part of the scale; a frame using less (10- to 14-bit data in uint16, a very dim frame) is out of their range.
 DEFAULT_FULL_SCALE_RANGE = {"raw_spread": (0.08, 1.0)}
+#: ``defocus`` needs a frame that is mostly smooth structure; a frame with little detail that is mostly noise
+#: (faint structure in heavy shot noise) is left to the network.
+DEFOCUS_MIN_SIGNAL = 0.6
 #: Widening of the training range for ``out_of_range``, as a share of the 0.1–99.9 percentile span.
 RANGE_MARGIN = 0.5
 
@@ -148,7 +152,8 @@ def fit_limits(stats: Iterable[Mapping[str, float]], intensity: str = "percentil
     Each one-sided limit is the default moved towards the training images where they need it (so no training
     image is refused), never further than that image's value allows: ``blank_spread`` = min(default, 0.25 ×
     the 0.1th percentile of spread), ``saturated_clipped`` = max(default, 99.9th percentile of clipped + 0.1),
-    ``noise_signal`` and ``defocus_detail`` = min(default, half the 0.1th percentile). ``range`` holds, for
+    ``noise_signal`` and ``defocus_detail`` = min(default, half the 0.1th percentile; for the detail, among the
+    images the defocus rule applies to, signal >= :data:`DEFOCUS_MIN_SIGNAL`). ``range`` holds, for
     ``level`` (and for ``raw_spread`` and ``raw_mean`` when the model divides by the dtype's maximum), the training
     images' 0.1–99.9 percentile range widened by :data:`RANGE_MARGIN` of its span on each side.
     """
@@ -161,7 +166,7 @@ def fit_limits(stats: Iterable[Mapping[str, float]], intensity: str = "percentil
         "blank_spread": min(DEFAULT_LIMITS["blank_spread"], 0.25 * q["spread"][0.1]),
         "saturated_clipped": min(0.95, max(DEFAULT_LIMITS["saturated_clipped"], q["clipped"][99.9] + 0.1)),
         "noise_signal": min(DEFAULT_LIMITS["noise_signal"], 0.5 * q["signal"][0.1]),
-        "defocus_detail": min(DEFAULT_LIMITS["defocus_detail"], 0.5 * q["detail"][0.1]),
+        "defocus_detail": min(DEFAULT_LIMITS["defocus_detail"], 0.5 * _smooth_detail_q(arr)),
     }
     ranged = ("level", "raw_spread", "raw_mean") if intensity == "full_scale" else ("level",)
     rng: dict[str, list[float]] = {}
@@ -172,6 +177,13 @@ def fit_limits(stats: Iterable[Mapping[str, float]], intensity: str = "percentil
     limits["range"] = rng
     return {"version": QUALITY_VERSION, "analysis_side": ANALYSIS_SIDE, "n_images": len(rows), "limits": limits,
             "train_percentiles": {k: {str(p): round(v, 6) for p, v in qk.items()} for k, qk in q.items()}}
+
+
+def _smooth_detail_q(arr: Mapping[str, np.ndarray], p: float = 0.1) -> float:
+    """The ``p`` percentile of detail among frames with signal >= DEFOCUS_MIN_SIGNAL (all frames if under 20)."""
+    sel = arr["signal"] >= DEFOCUS_MIN_SIGNAL
+    d = arr["detail"][sel] if sel.sum() >= 20 else arr["detail"]
+    return float(np.percentile(d, p))
 
 
 _WARNED: set[str] = set()
@@ -212,7 +224,7 @@ class QualityGate:
             return "saturated"
         if not stats["signal"] >= lim["noise_signal"]:
             return "noise"
-        if not stats["detail"] >= lim["defocus_detail"]:
+        if not stats["detail"] >= lim["defocus_detail"] and stats["signal"] >= DEFOCUS_MIN_SIGNAL:
             return "defocus"
         for k, (lo, hi) in (lim.get("range") or {}).items():
             if k in stats and not lo <= stats[k] <= hi:

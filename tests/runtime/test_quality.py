@@ -225,3 +225,10 @@ def test_gate_is_cheap_next_to_inference():
     big = _u8(cv2.resize(_lines(128), (1024, 1024)))
     view = quality._analysis_view(big)
     assert max(view.shape) == quality.ANALYSIS_SIDE
+
+
+def test_little_detail_is_defocus_only_when_the_frame_is_mostly_structure():
+    base = {"spread": 0.5, "clipped": 0.0, "detail": 0.0, "level": 0.5, "raw_spread": 0.5, "raw_mean": 0.5}
+    assert GATE.reason({**base, "signal": 0.95}) == "defocus"  # smooth: out of focus or a gradient
+    assert GATE.reason({**base, "signal": 0.4}) == ""  # faint structure in heavy shot noise: left to the network
+    assert GATE.reason({**base, "signal": 0.05}) == "noise"
