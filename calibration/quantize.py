@@ -22,12 +22,23 @@ in a throwaway venv with ``--no-deps`` installs) writes: its B0 output has Q/DQ 
 
 CPU file (:func:`write_cpu_int8`): ``onnxruntime.quantization.quantize_static`` in QDQ format with unsigned
 activations (asymmetric) and signed per-channel weights, all supported ops quantised so activations stay INT8
-between QLinearConvs (on the AMD EPYC here — AVX-512 VNNI — that is what made INT8 faster; see the report in
-``export``'s docs). Nodes named in ``nodes_to_exclude`` stay float.
+between QLinearConvs; nodes named in ``nodes_to_exclude`` stay float. Which weights get 7 bits is the CPU target
+(:data:`CPU_TARGETS`): ONNX Runtime fuses the Q/DQ pairs into integer kernels, and on x86 without VNNI (AVX2,
+AVX-512BW) its U8S8 GEMM multiplies adjacent u8·s8 pairs with ``vpmaddubsw``, whose int16 sum saturates once
+``a1·w1 + a2·w2`` exceeds 32767 (two activations near 255 with weights near ±127): the fused model then differs from
+the Q/DQ graph it was built from by whole logits. ``portable`` (the default) chooses each output channel's weight
+scale so that no two adjacent weights along K sum to more than 128 in magnitude (``255·128 = 32640`` cannot
+saturate, whatever the activations; :func:`limit_pair_sums`), which is exact on every x86 kernel and keeps nearly
+all of the 8 bits (plain 7-bit weights, ``reduce_range``, are safe too but cost a point of agreement); ``vnni``
+keeps onnxruntime's plain 8-bit weights, for CPUs whose dot-product instructions accumulate in int32 (AVX-512 VNNI,
+AVX-VNNI, AMX). The target and the build machine's instruction set are recorded in the artifact, and the
+on-target self-check (:mod:`runtime.check`) catches a kernel that still disagrees. See ``docs/int8.md``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -94,10 +105,12 @@ def _graph_input_name(model_path: str | Path) -> str:
 
 
 def compute_ranges(model_path: str | Path, data: np.ndarray, method: str = "percentile",
-                   percentile: float = DEFAULT_PERCENTILE, chunk: int = 8, progress: bool = False) -> Any:
+                   percentile: float = DEFAULT_PERCENTILE, chunk: int = 8, progress: bool = False,
+                   quiet: bool = True) -> Any:
     """Activation ranges of every float tensor in ``model_path`` over ``data`` → onnxruntime ``TensorsData``.
 
-    Chunks of ``chunk`` images go through the calibrator one after another, each as one batch (onnxruntime's
+    ``quiet`` hides what onnxruntime's calibrators print for every chunk. Chunks of ``chunk`` images go through the
+    calibrator one after another, each as one batch (onnxruntime's
     histogram collector stacks a call's outputs, so a call must not mix batch sizes); MinMax merges the ranges and
     the histogram methods merge their histograms across calls.
     """
@@ -122,9 +135,10 @@ def compute_ranges(model_path: str | Path, data: np.ndarray, method: str = "perc
         if progress:
             from tqdm import tqdm
             chunks = tqdm(chunks, desc=f"calibrating ({method})", unit="chunk")
-        for start in chunks:
-            cal.collect_data(_ArrayReader(input_name, data[start:start + chunk], chunk))
-        return cal.compute_data()
+        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            for start in chunks:
+                cal.collect_data(_ArrayReader(input_name, data[start:start + chunk], chunk))
+            return cal.compute_data()
 
 
 def ranges_as_dict(tensors_data: Any) -> dict[str, tuple[float, float]]:
@@ -269,13 +283,124 @@ def _set_props(model: onnx.ModelProto, props: dict[str, str] | None) -> None:
 
 
 # ------------------------------------------------------------------ CPU (ONNX Runtime) INT8
+#: CPU targets for :func:`write_cpu_int8` (see the module docstring).
+CPU_TARGETS = ("portable", "vnni")
+#: Instruction-set flags (``/proc/cpuinfo``) whose integer dot products accumulate in int32 without saturation.
+NON_SATURATING_ISA = ("avx512_vnni", "avx_vnni", "amx_int8")
+#: Op types whose weights ONNX Runtime's integer GEMM/conv kernels multiply with u8 activations.
+GEMM_OPS = ("Conv", "Gemm", "MatMul")
+#: ``vpmaddubsw`` adds two u8·s8 products in int16: |q_k + q_(k+1)| · 255 must stay ≤ 32767.
+PAIR_LIMIT = 128
+
+
+def cpu_target_ok(target: str, isa: Sequence[str]) -> bool:
+    """Whether a CPU with instruction-set flags ``isa`` runs ``target``'s integer kernels without saturation."""
+    return target == "portable" or any(f in isa for f in NON_SATURATING_ISA)
+
+
+def _k_orders(w: np.ndarray, op: str) -> list[np.ndarray]:
+    """``w`` as (channels, K) in every order a kernel may walk K: for a conv (C_in, kh, kw) and (kh, kw, C_in)."""
+    if op == "Conv" and w.ndim == 4:
+        return [w.reshape(w.shape[0], -1), w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1)]
+    return [w.reshape(w.shape[0], -1)]
+
+
+def max_pair_sum(q: np.ndarray, op: str) -> np.ndarray:
+    """Per output channel: the largest |q_k + q_(k+1)| over adjacent K positions (any walking order), or |q_k|."""
+    out = np.abs(q.reshape(q.shape[0], -1)).max(axis=1).astype(np.int64)
+    for m in _k_orders(q.astype(np.int64), op):
+        if m.shape[1] > 1:
+            out = np.maximum(out, np.abs(m[:, :-1] + m[:, 1:]).max(axis=1))
+    return out
+
+
+def _safe_quantize(w: np.ndarray, op: str) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-channel INT8 (channels on axis 0) with every adjacent pair sum within :data:`PAIR_LIMIT`."""
+    amax = np.abs(w.reshape(w.shape[0], -1)).max(axis=1).astype(np.float64)
+    pair = amax.copy()
+    for m in _k_orders(w.astype(np.float64), op):
+        if m.shape[1] > 1:
+            pair = np.maximum(pair, np.abs(m[:, :-1] + m[:, 1:]).max(axis=1))
+    scale = np.maximum(np.maximum(amax / INT8_MAX, pair / PAIR_LIMIT), MIN_AMAX / INT8_MAX).astype(np.float32)
+    shape = (-1,) + (1,) * (w.ndim - 1)
+    for _ in range(16):  # rounding can push a pair to 129: widen that channel's scale a little and redo it
+        q = np.clip(np.round(w / scale.reshape(shape)), -INT8_MAX, INT8_MAX).astype(np.int8)
+        over = max_pair_sum(q, op) > PAIR_LIMIT
+        if not over.any():
+            return q, scale
+        scale = np.where(over, scale * np.float32(1.01), scale).astype(np.float32)
+    raise RuntimeError("could not fit INT8 weights under the pair-sum limit")  # pragma: no cover
+
+
+def limit_pair_sums(model: onnx.ModelProto, float_weights: dict[str, np.ndarray] | None = None) -> dict[str, int]:
+    """Requantise, in place, every INT8 weight an integer GEMM/conv kernel reads so that no two adjacent products
+    can saturate int16 (see the module docstring); conv/Gemm biases follow their new scales. ``float_weights``
+    (name → array of the float model) avoids rounding twice. Returns counts for the report."""
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    float_weights = float_weights or {}
+    done: set[str] = set()
+    stats = {"weights": 0, "channels": 0, "channels_rescaled": 0}
+    for node in g.node:
+        if node.op_type not in GEMM_OPS or len(node.input) < 2:
+            continue
+        dq = producer.get(node.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or dq.input[0] in done:
+            continue
+        qname, sname = dq.input[0], dq.input[1]
+        q = numpy_helper.to_array(inits[qname])
+        s = numpy_helper.to_array(inits[sname]).astype(np.float32)
+        if q.dtype != np.int8 or sname not in inits:
+            continue
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) % q.ndim if s.ndim else 0
+        base = qname[: -len("_quantized")] if qname.endswith("_quantized") else ""
+        w = float_weights.get(base)
+        if w is None or w.shape != q.shape:
+            w = q.astype(np.float32) * (s.reshape([-1 if i == axis else 1 for i in range(q.ndim)]) if s.ndim else s)
+        wc = np.moveaxis(w, axis, 0)
+        if s.ndim == 0:  # per-tensor: one channel over everything
+            wc = wc.reshape(1, -1)
+        new_q, new_s = _safe_quantize(wc, node.op_type if q.ndim == 4 else "Gemm")
+        old_s = np.broadcast_to(s, new_s.shape) if s.ndim == 0 else s
+        stats["weights"] += 1
+        stats["channels"] += len(new_s)
+        stats["channels_rescaled"] += int((np.abs(new_s - old_s) > 1e-6 * np.abs(old_s)).sum())
+        if s.ndim == 0:
+            new_s = new_s.reshape(())
+            new_q = new_q.reshape(np.moveaxis(w, axis, 0).shape)
+        inits[qname].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(np.moveaxis(new_q, 0, axis)), qname))
+        inits[sname].CopyFrom(numpy_helper.from_array(new_s.astype(np.float32), sname))
+        done.add(qname)
+        if len(node.input) > 2 and node.input[2] and (bdq := producer.get(node.input[2])) is not None \
+                and bdq.op_type == "DequantizeLinear" and bdq.input[0] in inits and bdq.input[1] in inits:
+            bq = numpy_helper.to_array(inits[bdq.input[0]])
+            bs = numpy_helper.to_array(inits[bdq.input[1]]).astype(np.float64)
+            if bq.dtype == np.int32:
+                b = bq.astype(np.float64) * bs
+                new_bs = (bs * (new_s.astype(np.float64) / old_s.astype(np.float64).reshape(bs.shape)
+                                if bs.ndim else bs * float(new_s) / float(old_s))).astype(np.float32)
+                new_bq = np.clip(np.round(b / new_bs), -(2 ** 31), 2 ** 31 - 1).astype(np.int32)
+                inits[bdq.input[0]].CopyFrom(numpy_helper.from_array(new_bq, bdq.input[0]))
+                inits[bdq.input[1]].CopyFrom(numpy_helper.from_array(new_bs, bdq.input[1]))
+    return stats
+
+
 def write_cpu_int8(model_path: str | Path, tensors_data: Any, out_path: str | Path,
                    nodes_to_exclude: Sequence[str] = (), per_channel: bool = True,
-                   quant_format: str = "qdq", metadata_props: dict[str, str] | None = None) -> Path:
-    """U8 activations / S8 per-channel weights with onnxruntime's quantiser, reusing precomputed ranges."""
+                   quant_format: str = "qdq", metadata_props: dict[str, str] | None = None,
+                   target: str = "portable") -> Path:
+    """U8 activations / S8 per-channel weights with onnxruntime's quantiser, reusing precomputed ranges.
+
+    ``target`` (:data:`CPU_TARGETS`): ``portable`` limits adjacent weight pairs so no x86 kernel saturates
+    (:func:`limit_pair_sums`); ``vnni`` keeps onnxruntime's plain 8-bit weights for CPUs with int32-accumulating
+    dot products.
+    """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import save_tensors_data
 
+    if target not in CPU_TARGETS:
+        raise ValueError(f"unknown CPU target {target!r}; choose one of {', '.join(CPU_TARGETS)}")
     fmt = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}[quant_format]
     with tempfile.TemporaryDirectory(prefix="quant.") as tmp:
         cache = Path(tmp) / "ranges.json"
@@ -286,6 +411,10 @@ def write_cpu_int8(model_path: str | Path, tensors_data: Any, out_path: str | Pa
                         nodes_to_exclude=list(nodes_to_exclude), calibrate_method=tensors_data.calibration_method,
                         calibration_cache_path=cache)
         model = onnx.load(str(raw))
+    if target == "portable":
+        floats = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(model_path)).graph.initializer
+                  if i.data_type == TensorProto.FLOAT}
+        log.info("portable INT8 weights: %s", limit_pair_sums(model, floats))
     _set_props(model, metadata_props)
     atomic_write_bytes(out_path, model.SerializeToString())
     return Path(out_path)

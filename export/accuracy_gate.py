@@ -66,12 +66,17 @@ def load_inputs(paths: Sequence[Path], labels: np.ndarray, meta: ModelMetadata) 
 
 
 def onnx_logits(onnx_path: str | os.PathLike[str], inputs: np.ndarray, output_name: str, batch: int = 32,
-                threads: int | None = None) -> np.ndarray:
+                threads: int | None = None, optimize: bool = True) -> np.ndarray:
+    """Logits with ONNX Runtime on the CPU. ``optimize=False`` runs a Q/DQ graph as written (float ops between exact
+    quantise/dequantise steps: the arithmetic of an int32-accumulating engine), not this CPU's fused kernels."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     return np.concatenate([sess.run([output_name], {name: inputs[i:i + batch]})[0]
@@ -90,6 +95,8 @@ class GateResult:
     passed: bool
     max_drop_pt: float
     notes: list[str] = field(default_factory=list)
+    #: The CPU that computed the variant's logits (INT8 kernels differ between instruction sets).
+    machine: dict[str, Any] = field(default_factory=dict)
 
     def table(self) -> str:
         head = f"{'variant':<10} {'acc':>7} {'macro-F1':>9} {'acc(rej)':>9} {'F1(rej)':>8} {'T':>6} {'thr':>7}"
@@ -102,6 +109,10 @@ class GateResult:
         lines.append(f"top-1 agreement {self.top1_agreement:.2%}; drop vs fp32: "
                      f"accuracy {self.accuracy_drop_pt:+.2f} pt, "
                      f"macro-F1 {self.macro_f1_drop_pt:+.2f} pt (limit {self.max_drop_pt:g} pt) → {verdict}")
+        if self.machine:
+            from runtime.check import isa_summary
+
+            lines.append(f"measured on {isa_summary(self.machine)}")
         lines += self.notes
         return "\n".join(lines)
 
@@ -109,7 +120,7 @@ class GateResult:
         return {"precision": self.precision, "rows": self.rows, "top1_agreement": self.top1_agreement,
                 "accuracy_drop_pt": self.accuracy_drop_pt, "macro_f1_drop_pt": self.macro_f1_drop_pt,
                 "temperature": self.temperature, "threshold": self.threshold, "passed": self.passed,
-                "max_drop_pt": self.max_drop_pt}
+                "max_drop_pt": self.max_drop_pt, "machine": self.machine}
 
 
 def _row(name: str, logits: np.ndarray, labels: np.ndarray, meta: ModelMetadata, t: float,
@@ -153,4 +164,7 @@ def accuracy_gate(fp32_logits: np.ndarray, variant_logits: np.ndarray, labels: n
     passed = acc_drop <= max_drop_pt and f1_drop <= max_drop_pt
     if len(labels) < 100:
         notes.append(f"note: only {len(labels)} validation images; one image is {100 / len(labels):.1f} pt")
-    return GateResult(precision, [base, var], agree, acc_drop, f1_drop, t_new, thr_new, passed, max_drop_pt, notes)
+    from runtime.check import cpu_info
+
+    return GateResult(precision, [base, var], agree, acc_drop, f1_drop, t_new, thr_new, passed, max_drop_pt, notes,
+                      cpu_info())

@@ -214,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-method", default="percentile", choices=("minmax", "percentile", "entropy"),
                    help="range method (default %(default)s; entropy is slow)")
     p.add_argument("--cpu-keep-float", default="", help="comma-separated node names the CPU INT8 model keeps float")
+    p.add_argument("--cpu-target", default="portable", choices=("portable", "vnni"),
+                   help="CPU INT8 weights: portable (exact on every x86 CPU, default) or vnni (plain 8-bit, only for "
+                   "CPUs with AVX-512 VNNI/AVX-VNNI/AMX; saturates elsewhere)")
     p.add_argument("--batch", default=",".join(map(str, DEFAULT_BATCHES)),
                    help="batch sizes for the engine profile: min,opt,max (default %(default)s)")
     p.add_argument("--workspace", type=float, default=DEFAULT_WORKSPACE_GIB, help="TensorRT workspace GiB")
@@ -223,8 +226,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="build only the CPU/ONNX artifacts even where TensorRT is installed")
     p.add_argument("--val-data", help="labelled validation folder (class folders) for the accuracy gate")
     p.add_argument("--max-drop", type=float, default=1.0, help="max accuracy/macro-F1 drop in points (default 1)")
-    p.add_argument("--allow-drop", action="store_true", help="keep artifacts that fail the accuracy gate")
+    p.add_argument("--allow-drop", action="store_true", help="keep artifacts that fail the accuracy gate under their "
+                   "normal names")
+    p.add_argument("--keep-rejected", action="store_true", help="keep an artifact that fails the gate as "
+                   "<name>.rejected.onnx for inspection (default: delete it)")
+    p.add_argument("--golden-data", help="images for the golden references stored with each artifact (default: "
+                   "--val-data, else the calibration data)")
+    p.add_argument("-v", "--verbose", action="store_true", help="show third-party (onnxruntime, TensorRT) INFO logs")
     return p
+
+
+def rejected_path(path: Path) -> Path:
+    """``x.int8.cpu.onnx`` → ``x.int8.cpu.rejected.onnx``: a name nobody ships by mistake."""
+    return path.with_name(path.name[:-5] + ".rejected.onnx") if path.name.endswith(".onnx") else \
+        path.with_name(path.name + ".rejected")
+
+
+def configure_logging(verbose: bool) -> None:
+    """Our own progress at INFO; third-party loggers (onnxruntime's quantiser, ...) only from WARNING unless -v."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s",
+                        force=True)
+    for name in ("export", "calibration"):
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 def _val_folder(args: argparse.Namespace, meta: ModelMetadata) -> Path | None:
@@ -234,10 +257,54 @@ def _val_folder(args: argparse.Namespace, meta: ModelMetadata) -> Path | None:
     return d / "val" if d is not None and (d / "val").is_dir() else None
 
 
+def _write_goldens(args: argparse.Namespace, onnx_path: Path, meta: ModelMetadata, precision: str,
+                   batches: tuple[int, int, int], variants: dict[str, Path], rejected: set[Path],
+                   report: dict[str, Any], default_data: Any) -> Any:
+    """Golden references (runtime.check) from the FP32 model into every kept variant; returns them (or None)."""
+    from export.golden import add_goldens, make_goldens
+
+    command = build_command(args.onnx, precision, batches, args.out, args.calib_data)
+    if precision == "int8" and args.val_data:
+        command += f" --val-data {shlex.quote(str(args.val_data))}"
+    if precision == "int8" and args.cpu_target != "portable":
+        command += f" --cpu-target {args.cpu_target}"
+    data = args.golden_data or (str(default_data) if default_data else None)
+    try:
+        goldens = make_goldens(onnx_path, data, meta, build_command=command)
+        for path in variants.values():
+            if path not in rejected:
+                add_goldens(path, goldens)
+    except (OSError, ValueError) as e:
+        print(f"warning: golden references not written ({e}); these artifacts cannot self-check", file=sys.stderr)
+        return None
+    report["goldens"] = {"images": len(goldens), "source": goldens.reference.get("data"), "sha256": goldens.sha256}
+    return goldens
+
+
+def _self_check_variants(args: argparse.Namespace, variants: dict[str, Path], rejected: set[Path],
+                         report: dict[str, Any], goldens: Any) -> bool:
+    """Run each kept CPU variant's goldens here; a FAIL rejects it (unless --allow-drop). True when one failed."""
+    from runtime.check import self_check
+
+    failed = False
+    report["self_check"] = {}
+    for name, path in variants.items():
+        if goldens is None or path in rejected or name == "int8-trt":
+            continue  # the TensorRT Q/DQ file is checked by its engine, where that runs
+        rep = self_check(path, "cpu")
+        print(f"\n{rep.render()}")
+        report["self_check"][name] = rep.to_dict()
+        if not rep.ok:
+            failed = True
+            if not args.allow_drop:
+                rejected.add(path)
+    return failed
+
+
 @cli("python -m export.build_engine")
 def main(argv: Sequence[str] | None = None) -> int:  # noqa: C901 - a linear script of steps
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    configure_logging(args.verbose)
     from export.tensorrt_build import EngineBuildError, gpu_problem, import_tensorrt, query_gpu
 
     onnx_path = Path(args.onnx)
@@ -291,7 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: C901 - a linear scr
         try:
             cal = run_calibration(onnx_path, Path(calib_dir), paths["int8_qdq_onnx"], paths["int8_cpu_onnx"],
                                   size=args.calib_size, method=args.calib_method,
-                                  cpu_keep_float=[s for s in args.cpu_keep_float.split(",") if s])
+                                  cpu_keep_float=[s for s in args.cpu_keep_float.split(",") if s],
+                                  cpu_target=args.cpu_target, verbose=args.verbose)
         except (ValueError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -310,6 +378,8 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: C901 - a linear scr
         variants["int8-trt"] = paths["int8_qdq_onnx"]
 
     gate_failed = False
+    rejected: set[Path] = set()
+    calib_dir = None if precision == "fp16" else (args.calib_data or default_data_dir(meta))
     val = _val_folder(args, meta)
     if val is None:
         print("accuracy gate skipped: no validation data (pass --val-data DIR)")
@@ -325,7 +395,10 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: C901 - a linear scr
         ref = onnx_logits(onnx_path, x, meta.output_name)
         report["gate"] = {}
         for name, path in variants.items():
-            res = accuracy_gate(ref, onnx_logits(path, x, meta.output_name), y, meta, name, args.max_drop)
+            # TensorRT's Q/DQ file is judged by its Q/DQ arithmetic (TensorRT accumulates in int32); onnxruntime's
+            # fused CPU kernels for it would measure this CPU, not the engine.
+            got = onnx_logits(path, x, meta.output_name, optimize=name != "int8-trt")
+            res = accuracy_gate(ref, got, y, meta, name, args.max_drop)
             print(f"\naccuracy gate on {len(y)} images of {val} ({name}: {path.name})\n{res.table()}")
             report["gate"][name] = res.to_dict()
             own = read_onnx_metadata(path)  # keeps what calibration recorded
@@ -333,8 +406,29 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: C901 - a linear scr
                                      extra={**own.extra, "accuracy_gate": res.to_dict()})
             update_onnx_metadata(path, vmeta)
             gate_failed |= not res.passed
+            if not res.passed and not args.allow_drop:
+                rejected.add(path)
 
-    if trt is not None and gpu is not None:
+    goldens = _write_goldens(args, onnx_path, meta, precision, batches, variants, rejected, report,
+                             val if val is not None else calib_dir)
+    gate_failed |= _self_check_variants(args, variants, rejected, report, goldens)
+    for path in sorted(rejected):
+        written.remove(path)
+        if args.keep_rejected:
+            written.append(path.replace(rejected_path(path)))
+            print(f"rejected: {path.name} failed the accuracy gate or the self-check; kept as "
+                  f"{rejected_path(path).name}", file=sys.stderr)
+        else:
+            path.unlink(missing_ok=True)
+            print(f"rejected: {path.name} failed the accuracy gate or the self-check and was deleted "
+                  f"(--keep-rejected keeps it as {rejected_path(path).name}, --allow-drop under its name)",
+                  file=sys.stderr)
+    report["rejected"] = [str(p) for p in sorted(rejected)]
+    engine_src = paths["fp16_onnx"] if precision == "fp16" else paths["int8_qdq_onnx"]
+    if trt is not None and gpu is not None and engine_src in rejected:
+        print(f"no engine built: its source {engine_src.name} was rejected", file=sys.stderr)
+
+    if trt is not None and gpu is not None and engine_src not in rejected:
         src = paths["fp16_onnx"] if precision == "fp16" else paths["int8_qdq_onnx"]
         engine = paths[f"{precision}_engine"]
         try:
@@ -344,6 +438,10 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: C901 - a linear scr
             print(f"error: {e}", file=sys.stderr)
             return 1
         written += [engine, Path(str(engine) + ".json")]
+        if goldens is not None:  # the engine checks itself against the same references where it runs
+            from runtime.check import write_golden_sidecar
+
+            written.append(write_golden_sidecar(engine, goldens))
 
     from runtime._atomic import atomic_write_text
 
@@ -351,8 +449,8 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: C901 - a linear scr
     written.append(atomic_write_text(paths[f"{precision}_report"], json.dumps(report, indent=2, default=str) + "\n"))
     print("\nwrote:\n  " + "\n  ".join(str(p) for p in written))
     if gate_failed and not args.allow_drop:
-        print(f"error: accuracy gate failed (drop above {args.max_drop:g} pt); the artifacts are kept for inspection "
-              "but should not be shipped; rerun with --allow-drop to accept them", file=sys.stderr)
+        print(f"error: accuracy gate failed (drop above {args.max_drop:g} pt) or the self-check failed on this "
+              "machine; rerun with --allow-drop to accept such artifacts under their normal names", file=sys.stderr)
         return EXIT_GATE_FAILED
     return 0
 

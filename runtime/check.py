@@ -309,7 +309,7 @@ class CheckReport:
                  f"   (limit {t.max_dscore:.1%})"]
         if self.worst:
             lines.append(f"  worst input      {self.worst}")
-        lines.append(("PASS" if self.ok else "FAIL: " + "; ".join(self.failures)))
+        lines.append("PASS" if self.ok else "FAIL: " + "; ".join(self.failures))
         if not self.ok and self.rebuild:
             lines.append(f"rebuild it on this machine: {self.rebuild}")
         return "\n".join(lines)
@@ -468,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m runtime.check", description="Run a model artifact's stored golden references on this "
         "machine and say whether its outputs can be trusted here.",
         epilog=f"exit codes: {EXIT_PASS} PASS, {EXIT_FAIL} FAIL, {EXIT_ERROR} the model cannot be opened, "
-               f"{EXIT_NO_GOLDENS} the artifact has no golden references", formatter_class=argparse.RawDescriptionHelpFormatter)
+               f"{EXIT_NO_GOLDENS} the artifact has no golden references",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="ONNX model or TensorRT engine (default: the bundled model)")
     p.add_argument("--backend", default="auto", help="auto, ort, cpu, cuda or trt (default %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")

@@ -3,6 +3,7 @@ pooling, linear head) that export in a second, for export/calibration tests."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import cv2
@@ -60,3 +61,31 @@ def write_dataset(root: Path, per_class: int, size: int = 40, classes: tuple[str
                 img = np.clip(rng.normal(20 + 28 * i, 10, (size, size)), 0, 255).astype(np.uint8)
                 cv2.imwrite(str(d / f"{k:03d}.png"), img)
     return root
+
+
+def pattern_batch(n: int, seed: int = 0, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(images (n, 3, size, size) float32, labels): class k is a brightness level plus k-dependent stripes and noise,
+    so a network that learned them gives logits that move with the input (numeric tests need that)."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 8
+    xs = np.linspace(0, 2 * np.pi, size, dtype=np.float32)
+    base = -1.5 + 3.0 * y[:, None, None] / 7 + 0.4 * np.sin(xs[None, None, :] * (1 + y[:, None, None] % 4))
+    img = base + rng.normal(0, 0.3, (n, size, size))
+    return np.repeat(img[:, None], 3, axis=1).astype(np.float32), y
+
+
+@functools.lru_cache(maxsize=2)
+def learned_tiny(seed: int = 0, steps: int = 150) -> nn.Module:
+    """A TinyEffNet trained on :func:`pattern_batch` (seconds on a CPU; cached, do not modify it): its logits span
+    several units and depend on the input, unlike a freshly initialised network whose outputs are nearly constant."""
+    torch.manual_seed(seed)
+    m = TinyEffNet()
+    opt = torch.optim.Adam(m.parameters(), lr=0.01)
+    m.train()
+    for step in range(steps):
+        x, y = pattern_batch(64, seed=1000 + step)
+        loss = nn.functional.cross_entropy(m(torch.from_numpy(x)), torch.from_numpy(y))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m.eval()

@@ -110,7 +110,7 @@ def test_cpu_info_reads_the_isa_flags():
 
 
 # ------------------------------------------------------------------------------------------------ engines
-def _engine_with_goldens(make_engine, meta_factory, **engine_kw) -> tuple[Path, Goldens]:
+def _engine_with_goldens(make_engine, meta_factory, **engine_kw) -> tuple[Path, Goldens]:  # noqa: F811
     path = make_engine(**engine_kw)
     sidecar = json.loads(Path(str(path) + ".json").read_text())
     sidecar["build_command"] = "python -m export.build_engine --onnx m.onnx --int8 --calib-data data/"
@@ -132,8 +132,8 @@ def test_an_engine_checks_itself_when_opened(gpu, make_engine, meta_factory, dty
     assert golden_sidecar_path(path).name == path.name + ".golden.json"
 
 
-def test_an_engine_that_drifts_is_refused_with_how_far_and_the_rebuild_command(gpu, make_engine, meta_factory,
-                                                                               monkeypatch):  # noqa: F811
+def test_an_engine_that_drifts_is_refused_with_how_far_and_the_rebuild_command(  # noqa: F811
+        gpu, make_engine, meta_factory, monkeypatch):  # noqa: F811
     path, g = _engine_with_goldens(make_engine, meta_factory)
     rng = np.random.default_rng(3)
     monkeypatch.setattr(fake, "WEIGHTS", fake.WEIGHTS * (1 + 0.3 * rng.standard_normal(fake.WEIGHTS.shape)))
