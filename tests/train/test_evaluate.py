@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import f1_score
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    log_loss,
+    precision_recall_fscore_support,
+)
 
 from runtime.contract import CLASSES, ModelMetadata
 from runtime.preprocess import Preprocessor
@@ -42,10 +48,46 @@ def test_compute_metrics_rejection_on_and_off() -> None:
     assert m["rejection_on"]["selective_accuracy"] == pytest.approx(5 / 6)
     assert np.array_equal(np.array(m["confusion_matrix"]).sum(1)[[0, 1, 2, 7]], [2, 2, 2, 2])
     assert m["confusion_matrix"][7][7] == 2  # the rejected 'other' image counts as correct
-    for key in ("macro_precision", "macro_recall", "weighted_precision", "weighted_recall", "weighted_f1", "ece",
-                "nll", "reliability"):
-        assert key in m
-    assert set(CLASSES) <= set(m["per_class"])
+
+
+def test_every_metric_value_matches_scikit_learn() -> None:
+    """Values, not key presence: each number against scikit-learn (or, for ECE, a direct count) on varied data."""
+    rng = np.random.default_rng(3)
+    n = 200
+    labels = rng.integers(0, 8, n)
+    labels[labels == 5] = 4  # class 5 absent from the ground truth (macro averages over present classes)
+    logits = rng.normal(0, 1, (n, 8)) + 2.5 * np.eye(8)[labels] * rng.uniform(0, 1, (n, 1))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    rejected = probs.max(1) < 0.4
+    m = compute_metrics(labels, probs, rejected, CLASSES)
+    top = probs.argmax(1)
+    final = np.where(rejected, OTHER, top)
+    present = np.unique(labels)
+    idx = list(range(8))
+    for got, pred in ((m, final), (m["rejection_off"], top)):
+        assert got["accuracy"] == pytest.approx(accuracy_score(labels, pred))
+        for avg, lab in (("macro", present), ("weighted", idx)):
+            p, r, f, _ = precision_recall_fscore_support(labels, pred, labels=lab, average=avg, zero_division=0)
+            assert (got[f"{avg}_precision"], got[f"{avg}_recall"], got[f"{avg}_f1"]) == pytest.approx((p, r, f))
+    assert m["confusion_matrix"] == confusion_matrix(labels, final, labels=idx).tolist()
+    assert m["rejection_off"]["confusion_matrix"] == confusion_matrix(labels, top, labels=idx).tolist()
+    p, r, f, support = precision_recall_fscore_support(labels, final, labels=idx, zero_division=0)
+    for i, name in enumerate(CLASSES):
+        row = m["per_class"][name]
+        assert (row["precision"], row["recall"], row["f1-score"], row["support"]) == pytest.approx(
+            (p[i], r[i], f[i], support[i])), name
+    assert m["nll"] == pytest.approx(log_loss(labels, probs, labels=idx))
+    accepted = ~rejected
+    assert m["rejection_on"]["coverage"] == pytest.approx(accepted.mean())
+    assert m["rejection_on"]["rejected"] == int(rejected.sum())
+    assert m["rejection_on"]["selective_accuracy"] == pytest.approx(accuracy_score(labels[accepted], top[accepted]))
+    # ECE (not in scikit-learn): 15 equal-width confidence bins, |accuracy - confidence| weighted by bin size.
+    conf, correct = probs.max(1), top == labels
+    bins = np.minimum((conf * 15).astype(int) - (conf * 15 == np.floor(conf * 15)), 14).clip(0)
+    want = sum((bins == b).mean() * abs(correct[bins == b].mean() - conf[bins == b].mean())
+               for b in range(15) if (bins == b).any())
+    assert m["ece"] == pytest.approx(want) and m["ece"] > 0.01
+    assert sum(b["count"] for b in m["reliability"]) == n
 
 
 def test_compute_metrics_rejects_mismatched_shapes() -> None:
@@ -80,6 +122,7 @@ def test_cli_writes_every_metric_and_plot(tmp_path: Path, make_class_dataset: Ca
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     m = json.loads((out / "metrics.json").read_text())
     assert m["num_samples"] == 16 and m["model"]["threshold"] == 0.5 and m["model"]["tta"]
+    assert len(m["model"]["tta_views"]) == 8  # square input: every flip and 90° turn
     assert any("bad.png" in p for p in m["model"]["skipped_files"])
     assert (out / "confusion_matrix.csv").read_text().splitlines()[0].endswith(",".join(CLASSES))
 
@@ -97,8 +140,7 @@ def test_cli_reports_missing_or_foreign_model(tmp_path: Path, make_class_dataset
 
 def test_onnx_model_goes_through_the_runtime_and_agrees_with_the_checkpoint(
         tmp_path: Path, make_class_dataset: Callable[..., Path]) -> None:
-    pytest.importorskip("onnxruntime")
-    export = pytest.importorskip("export.onnx_export")
+    from export import onnx_export as export  # ours: an import error here is a failure, never a skip
     from train.checkpoint import model_from_checkpoint
 
     data = make_class_dataset(tmp_path / "test", per_class=2, size=32, splits=())
@@ -123,3 +165,34 @@ def test_onnx_model_goes_through_the_runtime_and_agrees_with_the_checkpoint(
     assert got["rejection_on"]["rejected"] == want["rejection_on"]["rejected"]
     assert 0 < want["rejection_on"]["rejected"] < 16  # the rule was exercised both ways
     assert abs(got["nll"] - want["nll"]) < 1e-3
+
+
+def test_tta_on_non_square_inputs_averages_the_views_that_keep_the_shape() -> None:
+    """--tta used to average nothing for non-square inputs while metrics.json said "tta": true."""
+    from train.evaluate import TTA_VIEWS, predict_logits, tta_views
+
+    assert tta_views(64, 64) == tuple(range(8)) and tta_views(48, 64) == (0, 2, 4, 6)
+    assert [TTA_VIEWS[k] for k in tta_views(48, 64)] == ["identity", "rot180", "hflip", "vflip"]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 46 * 62, 8))
+    x = torch.rand(5, 3, 48, 64)
+    loader = [(x, torch.zeros(5, dtype=torch.long))]
+    plain, _ = predict_logits(model, loader)
+    tta, _ = predict_logits(model, loader, tta=True)
+    with torch.inference_mode():
+        views = [x, torch.flip(x, (2, 3)), torch.flip(x, (3,)), torch.flip(x, (2,))]
+        want = torch.stack([model(v) for v in views]).mean(0).numpy()
+    np.testing.assert_allclose(tta, want, rtol=1e-5, atol=1e-6)
+    assert np.abs(tta - plain).max() > 1e-3  # the views were really applied
+
+
+def test_cli_records_the_tta_views_it_applied(tmp_path: Path, make_class_dataset: Callable[..., Path]) -> None:
+    data = make_class_dataset(tmp_path / "test", per_class=1, size=32, splits=())
+    model = build_model("efficientnet_lite0", weights="none")
+    ckpt = save_checkpoint(tmp_path / "wide.pt", model, ModelMetadata(input_size=(32, 48), arch="efficientnet_lite0"),
+                           epoch=1)
+    for flag, views in (([], []), (["--tta"], ["identity", "rot180", "hflip", "vflip"])):
+        out = tmp_path / f"eval{len(flag)}"
+        assert main(["--model", str(ckpt), "--data", str(data), "--out", str(out), *flag]) == 0
+        m = json.loads((out / "metrics.json").read_text())["model"]
+        assert m["tta"] is bool(flag) and m["tta_views"] == views
