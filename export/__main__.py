@@ -72,6 +72,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}\n(the file was moved to {bad})", file=sys.stderr)
         return 1
     print(result.line())
+    # Golden references for the on-target self-check (python -m runtime.check), from the parity data's folder.
+    from export.golden import add_goldens, make_goldens
+
+    data = args.parity_data or (ckpt_args.get("data") if isinstance(ckpt_args, dict) else None)
+    goldens = make_goldens(path, data if source != "generated images" else None, meta,
+                           build_command=f"python -m export --checkpoint {ckpt_path} --out {path}")
+    add_goldens(path, goldens)
+    print(f"golden references: {len(goldens)} images from {goldens.reference['data']}")
     print(f"wrote {path} ({meta.arch}, input {meta.input_name} {meta.channels}×{meta.input_size[0]}×"
           f"{meta.input_size[1]}, dynamic batch, opset {args.opset})")
     return 0
