@@ -81,7 +81,7 @@ class FrameResult:
             "label": p.label if p is not None else None,
             "confidence": round(float(p.confidence), 6) if p is not None else None,
             "rejected": bool(p.rejected) if p is not None else None,
-            "reason": (getattr(p, "reason", "") or None) if p is not None else None,
+            "reason": (p.reason or None) if p is not None else None,
             "top_label": (p.top_label or None) if p is not None else None,
             "score": _num(p.score) if p is not None else None,
             "latency_ms": round(self.latency_ms, 3),
@@ -268,9 +268,8 @@ class ConsoleOutput(Output):
         if p is None:
             lines.append(head + f"ERROR  {result.error}")
         else:
-            reason = getattr(p, "reason", "")
-            if reason:
-                label = f"{p.label} ({reason})"
+            if p.reason:
+                label = f"{p.label} ({p.reason})"
             else:
                 label = p.label + (f" ({p.top_label}?)" if p.rejected else "")
             score = f"{p.score:>8.4g}" if math.isfinite(p.score) else f"{'-':>8}"
@@ -322,7 +321,7 @@ def draw_overlay(image: np.ndarray | None, result: FrameResult, size: tuple[int,
     p = result.prediction
     if p is None:
         text, colour = f"ERROR: {result.error or ''}"[:80], (0, 0, 255)
-    elif getattr(p, "reason", ""):
+    elif p.reason:
         text, colour = f"{p.label}: {p.reason}", (255, 0, 255)
     elif p.rejected:
         text, colour = f"{p.label} ({p.top_label}? {p.confidence:.0%})", (0, 165, 255)

@@ -22,13 +22,9 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from runtime.contract import INVALID_LABEL
 from runtime.outputs import RECORD_FIELDS, FrameResult, Output, OutputWriteError, VideoOutput, gui_problem, open_output
 from runtime.sources import Frame, Source, open_source, parse_source
-
-try:
-    from runtime.contract import INVALID_LABEL
-except ImportError:  # the frame-quality gate's label, until runtime.contract defines it
-    INVALID_LABEL = "invalid"
 
 # Exit codes: the one home for them (the --help epilog and RunSummary.exit_code use these).
 EXIT_OK = 0  # every input was classified, or was an invalid frame the quality gate refused (also after a clean stop)
@@ -227,7 +223,7 @@ class RunSummary:
             return
         self.latencies_ms.append(result.latency_ms)
         if _is_invalid(p):
-            self.invalid_reasons[getattr(p, "reason", "") or "unspecified"] += 1
+            self.invalid_reasons[p.reason or "unspecified"] += 1
         else:
             self.classified += 1
             self.rejected += bool(p.rejected)

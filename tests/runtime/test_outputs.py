@@ -158,27 +158,20 @@ def test_unwritable_output_is_a_clear_error(tmp_path):
 # ------------------------------------------------------------------------------------------------ failures, invalid
 def invalid_prediction(reason: str = "blank", source: str = "/data/blank.png"):
     """A frame the frame-quality gate refused, as the agreed interface describes it."""
-    fields = dict(label="invalid", index=-1, top_label="", top_index=-1, confidence=0.0,
-                  probs=np.zeros(8, np.float32), logits=np.zeros(8, np.float32), rejected=True,
-                  score=float("nan"), timings={"total": 0.4}, source=source)
-    if "reason" in getattr(Prediction, "__dataclass_fields__", {}):
-        return Prediction(**fields, reason=reason)
-    from types import SimpleNamespace  # until Prediction.reason lands (quality gate, issue 20)
-
-    return SimpleNamespace(**fields, reason=reason)
+    return Prediction(label="invalid", index=-1, top_label="", top_index=-1, confidence=0.0,
+                      probs=np.zeros(8, np.float32), logits=np.full(8, np.nan, np.float32), rejected=True,
+                      score=float("nan"), timings={"total": 0.4}, source=source, reason=reason)
 
 
-def budget_write(budget: int, only: str | None = None):
-    """An ``os.write`` for files named ``only`` (all when None) that behaves like a filesystem with ``budget`` bytes
-    free: a short write when the request does not fit, then ENOSPC."""
+def budget_write(budget: int):
+    """An ``os.write`` that behaves like a filesystem with ``budget`` bytes free: a short write when the request
+    does not fit, then ENOSPC."""
     import errno
     import os
 
     left = {"n": budget}
 
     def write(fd, data):
-        if only is not None and not os.readlink(f"/proc/self/fd/{fd}").endswith(only):
-            return os.write(fd, data)
         if left["n"] <= 0:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         n = os.write(fd, bytes(data[:left["n"]]))

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import cv2
@@ -62,12 +61,9 @@ def good_dir(tmp_path, grey_image) -> Path:
 
 
 def invalid_prediction(reason: str, source: str) -> Any:
-    fields = dict(label="invalid", index=-1, top_label="", top_index=-1, confidence=0.0,
-                  probs=np.zeros(8, np.float32), logits=np.zeros(8, np.float32), rejected=True,
-                  score=float("nan"), timings={"total": 0.3}, source=source)
-    if "reason" in getattr(Prediction, "__dataclass_fields__", {}):
-        return Prediction(**fields, reason=reason)
-    return SimpleNamespace(**fields, reason=reason)  # until Prediction.reason lands (quality gate, issue 20)
+    return Prediction(label="invalid", index=-1, top_label="", top_index=-1, confidence=0.0,
+                      probs=np.zeros(8, np.float32), logits=np.full(8, np.nan, np.float32), rejected=True,
+                      score=float("nan"), timings={"total": 0.3}, source=source, reason=reason)
 
 
 class GatedClassifier:
@@ -232,6 +228,43 @@ def test_invalid_frames_are_counted_per_reason_and_exit_0(clf, tmp_path, grey_im
     text = err.getvalue()
     assert "5 (2 classified, 0 errors, 3 invalid)" in text
     assert "invalid   3 (no usable content): blank 2, noise 1" in text and "nan" not in text
+
+
+def _scene(level: float, size: int = 128) -> np.ndarray:
+    """Structure (a grating, a line, a ring) around brightness ``level``: usable content for the quality gate."""
+    y, x = np.mgrid[0:size, 0:size]
+    img = level * 255 + 40 * np.sin(x / 5.0) * np.cos(y / 7.0)
+    img[40:44, :] += 40
+    cv2.circle(img, (size // 2, size // 2), size // 6, level * 255 + 40, 2)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def test_the_real_quality_gate_through_the_cli(make_model, meta_factory, tmp_path):
+    """The tiny model with the gate on (default limits): content-free frames are invalid records with their reason,
+    frames with structure are classified, the run exits 0. (Which frame gets which reason is runtime.quality's to
+    test; these three are far from every limit.)"""
+    model = make_model("gated.onnx", meta=meta_factory(quality=None))
+    d = tmp_path / "frames"
+    d.mkdir()
+    y, x = np.mgrid[0:128, 0:128]
+    frames = {"1_dark": _scene(0.2), "2_blank": np.full((128, 128), 128, np.uint8),
+              "3_noise": np.random.default_rng(0).integers(0, 256, (128, 128)).astype(np.uint8),
+              "4_bright": _scene(0.8), "5_saturated": np.where(x < 80, 255, _scene(0.5)).astype(np.uint8)}
+    for name, img in frames.items():
+        cv2.imwrite(str(d / f"{name}.png"), img)
+    jsonl, csv_path = tmp_path / "gate.jsonl", tmp_path / "gate.csv"
+    r = cli("--source", str(d), "--model", str(model), "--headless", "--quiet", "-o", str(jsonl), "-o", str(csv_path))
+    assert r.returncode == EXIT_OK, r.stderr
+    got = [(Path(r["source"]).stem, r["label"], r["reason"]) for r in records(jsonl)]
+    assert got == [("1_dark", "clean", None), ("2_blank", "invalid", "blank"), ("3_noise", "invalid", "noise"),
+                   ("4_bright", "bridges", None), ("5_saturated", "invalid", "saturated")]
+    import csv
+
+    rows = list(csv.DictReader(csv_path.open(newline="")))
+    assert [(row["label"], row["reason"]) for row in rows][1:3] == [("invalid", "blank"), ("invalid", "noise")]
+    assert "frames    5 (2 classified, 0 errors, 3 invalid)" in r.stderr
+    assert "invalid   3 (no usable content): blank 1, noise 1, saturated 1" in r.stderr
+    assert "exit 0: every frame classified or refused" in r.stderr
 
 
 def test_only_invalid_frames_report_latency_not_nan(clf, tmp_path, grey_image):
