@@ -55,7 +55,7 @@ def in_process(model: str, images: list[bytes], duration: float, batch: int, thr
     """Images/s of ``Classifier.predict_batch`` on the same encoded images (decode included, as on the server)."""
     from runtime.classifier import Classifier
 
-    clf = Classifier(model, "auto", threads=threads, batch_size=batch)
+    clf = Classifier(model, "auto", threads=threads, batch_size=batch, spin=False)  # as the server instances
     clf.predict_batch(images[:batch])
     n, t0 = 0, time.perf_counter()
     items = (images * (batch // len(images) + 1))[:batch]
@@ -189,6 +189,8 @@ def render(result: dict[str, Any]) -> str:
              f"| in-process `predict_batch` (batch {result['in_process']['batch']}; mean of "
              f"{result['in_process']['before']['images_per_s']:.1f} before and "
              f"{result['in_process']['after']['images_per_s']:.1f} after) | {ip:.1f} | 1.00 | | | | |"]
+    lines.append(f"| in-process, batch 1 (for reference) | {result['in_process']['batch1_images_per_s']:.1f} | "
+                 f"{result['in_process']['batch1_images_per_s'] / ip:.2f} | | | | |")
     for r in result["rows"]:
         lines.append(f"| {r['clients']} | {r['images_per_s']:.1f} | {r['images_per_s'] / ip:.2f} | "
                      f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['p99_ms'] / r['p50_ms']:.1f} | {r['errors']} |")
@@ -228,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     images = make_images(16, args.image_size)
     print(f"in-process Classifier.predict_batch for {args.duration:g} s ...", file=sys.stderr)
     before = in_process(model, images, args.duration, args.max_batch, args.threads)
+    single_before = in_process(model, images, args.duration / 2, 1, args.threads)
     server = ServerProcess(args.serve_python, model, args.instances, args.max_batch, args.max_queue_delay_us,
                            out / "server.log")
     ready = server.start()
@@ -245,8 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # fairer reference (both are reported).
     print(f"in-process Classifier.predict_batch again for {args.duration:g} s ...", file=sys.stderr)
     after = in_process(model, images, args.duration, args.max_batch, args.threads)
+    single_after = in_process(model, images, args.duration / 2, 1, args.threads)
     ip = {"images_per_s": (before["images_per_s"] + after["images_per_s"]) / 2, "batch": args.max_batch,
-          "before": before, "after": after}
+          "before": before, "after": after,
+          "batch1_images_per_s": (single_before["images_per_s"] + single_after["images_per_s"]) / 2}
     result = {"model": model, "image_size": args.image_size, "duration_s": args.duration,
               "instances": args.instances, "max_batch": args.max_batch,
               "max_queue_delay_us": args.max_queue_delay_us, "in_process": ip, "rows": rows,
