@@ -11,8 +11,6 @@ import pytest
 from benchmarks import accuracy
 from tests.benchmarks.conftest import write_tiny_onnx
 
-pytest.importorskip("sklearn")
-
 
 @pytest.fixture
 def tiny_test_set(tmp_path: Path, make_class_dataset: Callable[..., Path]) -> Path:
