@@ -314,8 +314,9 @@ class Classifier:
             resized = resize_grey(grey, self.meta.input_size, self.meta.resize)
             out = np.asarray(resized).view(PreparedFrame)
             if self.quality_gate is not None:
-                # A frame smaller than the input is judged before enlarging (which would smooth its noise).
-                out.reason = self.quality_gate(grey if small else resized)
+                # A frame smaller than the input is judged before enlarging (which would smooth its noise); a larger
+                # one after shrinking (cheap), with clipping counted on the frame as it came.
+                out.reason = self.quality_gate(grey, None) if small else self.quality_gate(resized, grey)
             return out
         except (InputError, OSError):
             raise

@@ -10,7 +10,8 @@ side (cheap, and small source frames that were enlarged look as they did before)
 * ``spread`` — robust range (0.5th to 99.5th percentile) as a share of the full scale. The full scale is 255 for
   uint8, 1 for floats, and for uint16 the smallest of 8/10/12/14/16 bits that holds the frame's maximum (10- to
   14-bit data stored in uint16 is measured on its own scale).
-* ``clipped`` — share of pixels at the bottom or the top of the full scale (whichever is larger).
+* ``clipped`` — share of pixels at the bottom or the top of the full scale (whichever is larger), counted on a
+  strided sample of the frame as it came (before any resizing blends clipped pixels with their neighbours).
 * ``signal`` — share of the stretched frame's variance that is not white noise (white noise of any distribution
   has a 3×3 Laplacian variance of 36 times its own), at half resolution where the frame is large enough.
 * ``detail`` — share of the variance in fine and mid-scale structure (what a difference of the frame and its
@@ -96,16 +97,26 @@ def _analysis_view(grey: np.ndarray, side: int = ANALYSIS_SIDE) -> np.ndarray:
     return cv2.resize(grey.astype(np.float32), size, interpolation=cv2.INTER_AREA)
 
 
-def frame_stats(grey: np.ndarray) -> dict[str, float]:
-    """The gate's statistics of one 2-D grey frame (uint8, uint16 or float 0–1), as described in the module doc."""
+def _clipped(native: np.ndarray, fs: float, side: int = ANALYSIS_SIDE) -> float:
+    """Share of pixels at the bottom or top of the full scale, on a strided sample of the frame as it came (an area
+    average would blend clipped pixels with their neighbours)."""
+    k = max(1, int(math.ceil(max(native.shape[:2]) / side)))
+    v = native[::k, ::k]
+    tol = fs / 255.0
+    return max(np.count_nonzero(v <= tol), np.count_nonzero(v >= fs - tol)) / v.size
+
+
+def frame_stats(grey: np.ndarray, native: np.ndarray | None = None) -> dict[str, float]:
+    """The gate's statistics of one 2-D grey frame (uint8, uint16 or float 0–1), as described in the module doc.
+
+    ``native`` is the frame before it was shrunk to ``grey`` (the model input), if it was: clipping is counted
+    on it."""
     fs = full_scale(grey)
     to_dtype = fs / (float(np.iinfo(grey.dtype).max) if grey.dtype.kind == "u" else 1.0)
     g = _analysis_view(grey) * np.float32(1.0 / fs)
     lo, hi = np.percentile(g, PERCENTILES)
     spread = float(hi - lo)
-    tol = np.float32(1.0 / 255.0)
-    n = g.size
-    clipped = max(np.count_nonzero(g <= tol), np.count_nonzero(g >= 1 - tol)) / n
+    clipped = _clipped(native if native is not None else grey, fs)
     raw = {"raw_spread": spread * to_dtype, "raw_mean": float(g.mean()) * to_dtype}
     if spread <= 0:
         return {"spread": 0.0, "clipped": float(clipped), "signal": 0.0, "detail": 0.0, "level": 0.0, **raw}
@@ -231,5 +242,5 @@ class QualityGate:
                 return "out_of_range"
         return ""
 
-    def __call__(self, grey: np.ndarray) -> str:
-        return self.reason(frame_stats(grey))
+    def __call__(self, grey: np.ndarray, native: np.ndarray | None = None) -> str:
+        return self.reason(frame_stats(grey, native))

@@ -400,11 +400,16 @@ def fit_quality(train_dir: str | os.PathLike[str], meta: Any, max_images: int = 
     feats = []
     for path, _ in samples[::step]:
         try:
-            grey = resize_grey(load_grey(path), meta.input_size, meta.resize)
+            native = load_grey(path)
         except (InputError, OSError) as e:
             log.warning("%s: unusable image (%s); left out of the frame-quality fit", path, e)
             continue
-        feats.append(quality.frame_stats(grey))
+        # As the runtime measures it (runtime.classifier.Classifier.prepare).
+        h, w = meta.input_size
+        if native.shape[0] <= h and native.shape[1] <= w:
+            feats.append(quality.frame_stats(native))
+        else:
+            feats.append(quality.frame_stats(resize_grey(native, meta.input_size, meta.resize), native))
     try:
         return quality.fit_limits(feats, intensity=meta.intensity, source=str(train_dir))
     except ValueError as e:

@@ -232,3 +232,15 @@ def test_little_detail_is_defocus_only_when_the_frame_is_mostly_structure():
     assert GATE.reason({**base, "signal": 0.95}) == "defocus"  # smooth: out of focus or a gradient
     assert GATE.reason({**base, "signal": 0.4}) == ""  # faint structure in heavy shot noise: left to the network
     assert GATE.reason({**base, "signal": 0.05}) == "noise"
+
+
+def test_fragmented_clipping_is_counted_on_the_frame_as_it_came(gated):
+    # 75% of the pixels clipped in fine speckles: shrinking to the input blends them away; the native count does not.
+    rng = np.random.default_rng(6)
+    img = _u8(_lines(256, seed=6))
+    img[rng.random(img.shape) < 0.75] = 255
+    from runtime.preprocess import resize_grey
+
+    small = resize_grey(img, (32, 32))
+    assert frame_stats(small)["clipped"] < 0.5
+    assert gated.prepare(img).reason == "saturated"
