@@ -1,0 +1,85 @@
+"""benchmarks.quality: the corpus is what it says, outcomes are counted right, the report is written."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from benchmarks import quality as bq
+from runtime.contract import INVALID_LABEL
+
+
+def _pred(label: str, reason: str = "", index: int = 0, top: int = 0) -> SimpleNamespace:
+    return SimpleNamespace(label=label, reason=reason, index=index, top_index=top)
+
+
+class _Always:
+    """A classifier stand-in that gives every frame the same prediction."""
+
+    def __init__(self, pred: SimpleNamespace) -> None:
+        self.pred = pred
+
+    def predict(self, x):
+        return self.pred
+
+    def predict_batch(self, items, on_error="raise"):
+        return [self.pred for _ in items]
+
+
+def test_outcomes():
+    assert bq.outcome(_pred(INVALID_LABEL, "blank", -1, -1)) == "invalid:blank"
+    assert bq.outcome(_pred("other", index=7)) == "other"
+    assert bq.outcome(_pred("clean")) == "clean"
+    assert bq.outcome(_pred("cracks", index=3, top=3)) == "defect"
+
+
+def test_transforms_change_what_they_name():
+    img = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (8, 1))
+    assert bq.transform(img, "brightness", 0.5).mean() == pytest.approx(img.mean() / 2, abs=1)
+    flat = bq.transform(img, "contrast", 0.2)
+    assert flat.std() == pytest.approx(img.std() * 0.2, rel=0.05)
+    assert bq.transform(img, "gamma", 2.0).mean() < img.mean()
+    twelve = bq.transform(img, "bits", 12)
+    assert twelve.dtype == np.uint16 and twelve.max() == round(252 / 255 * 4095)
+    np.testing.assert_array_equal(bq.transform(img, "none", 1.0), img)
+
+
+def test_corpus_covers_every_kind_size_and_depth_reproducibly():
+    frames = list(bq.corpus(1, [64, 96], seed=123))
+    assert len(frames) == 5 * 2 * 2
+    assert {(k, s, b) for k, s, b, _ in frames} == {(k, s, b) for k in ("blank", "noise", "gradient", "saturated",
+                                                                         "defocus") for s in (64, 96) for b in (8, 16)}
+    for _, size, bits, img in frames:
+        assert img.shape == (size, size) and img.dtype == (np.uint8 if bits == 8 else np.uint16)
+    again = list(bq.corpus(1, [64, 96], seed=123))
+    assert all(np.array_equal(a[3], b[3]) for a, b in zip(frames, again))
+
+
+def test_corpus_counts_a_classifier_that_calls_everything_clean():
+    res = bq.run_corpus(_Always(_pred("clean")), 1, [64], seed=1, progress=False)
+    assert res["frames"] == 10 and res["classified"] == 10 and res["total"] == {"clean": 10}
+    ok = bq.run_corpus(_Always(_pred(INVALID_LABEL, "noise", -1, -1)), 1, [64], seed=1, progress=False)
+    assert ok["classified"] == 0 and ok["cells"]["noise/64"] == {"invalid:noise": 2}
+
+
+def test_main_writes_the_report_and_skips_missing_real_data(tmp_path: Path, tiny_models: Path,
+                                                           make_class_dataset: Callable[..., Path]):
+    synth = make_class_dataset(tmp_path / "synth", per_class=2, size=32, splits=())
+    out = tmp_path / "out"
+    rc = bq.main(["--models", str(tiny_models), "--per-cell", "1", "--sizes", "64", "--synthetic", str(synth),
+                  "--real", str(tmp_path / "absent"), "--transforms", "brightness 0.1x,12-bit", "--out", str(out),
+                  "--threads", "1", "--quiet"])
+    assert rc == 0
+    doc = json.loads((out / "quality.json").read_text())
+    m = doc["models"][0]
+    assert m["corpus"]["frames"] == 10
+    assert m["false_invalid"][0]["skipped"]
+    assert m["false_invalid"][1]["images"] == 16
+    assert list(m["robustness"]["rows"]) == ["original", "brightness 0.1x", "12-bit"]
+    assert "Content-free corpus" in (out / "quality.md").read_text()
+    assert bq.main(["--models", str(tmp_path / "nope.onnx")]) == 2
