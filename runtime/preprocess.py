@@ -182,6 +182,23 @@ def _area_shrink(grey: np.ndarray, h: int, w: int) -> np.ndarray:
     return cv2.resize(grey, (w, h), interpolation=cv2.INTER_AREA)
 
 
+def percentiles(x: np.ndarray, q: tuple[float, ...]) -> list[float]:
+    """``np.percentile(x, q)`` (linear method), several times faster on frame-sized arrays: a histogram for uint8,
+    a partial sort otherwise."""
+    flat = x.reshape(-1)
+    n = flat.size
+    ranks = [p / 100.0 * (n - 1) for p in q]
+    lo_hi = [(int(np.floor(r)), min(int(np.floor(r)) + 1, n - 1)) for r in ranks]
+    if x.dtype == np.uint8:
+        cum = np.cumsum(np.bincount(flat, minlength=256))
+        at = {k: float(np.searchsorted(cum, k, side="right")) for pair in lo_hi for k in pair}
+    else:
+        ks = sorted({k for pair in lo_hi for k in pair})
+        part = np.partition(flat, ks)
+        at = {k: float(part[k]) for k in ks}
+    return [at[a] + (r - a) * (at[b] - at[a]) for r, (a, b) in zip(ranks, lo_hi)]
+
+
 def stretch(grey: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5),
             out: np.ndarray | None = None) -> np.ndarray:
     """Robust per-frame stretch: the ``percentiles`` (low, high) of ``grey`` map to 0 and 1, clipped; float32.
@@ -189,8 +206,8 @@ def stretch(grey: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5),
     Bit depth, gain and offset drop out (a 12-bit frame in uint16, a frame at a tenth of the brightness and the
     original give the same result up to quantisation). A frame with no spread at all maps to 0.
     """
+    lo, hi = _percentiles(grey, percentiles)
     g = grey if grey.dtype == np.float32 else grey.astype(np.float32)
-    lo, hi = np.percentile(g, percentiles)
     span = float(hi - lo)
     if out is None:
         out = np.empty(g.shape, np.float32)
@@ -199,6 +216,9 @@ def stretch(grey: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5),
         out *= np.float32(1.0 / span)
     np.clip(out, 0.0, 1.0, out=out)
     return out
+
+
+_percentiles = percentiles
 
 
 class Intensity:

@@ -42,6 +42,7 @@ import cv2
 import numpy as np
 
 from runtime.contract import ModelMetadata
+from runtime.preprocess import percentiles
 
 #: Possible ``Prediction.reason`` values of refused frames.
 REASONS = ("blank", "saturated", "noise", "defocus", "out_of_range")
@@ -92,7 +93,7 @@ def _analysis_view(grey: np.ndarray, side: int = ANALYSIS_SIDE) -> np.ndarray:
     h, w = grey.shape[:2]
     k = max(h, w) / side
     if k <= 1:
-        return grey.astype(np.float32)
+        return grey.astype(np.float32)  # a copy, which the caller scales in place
     size = (max(4, int(round(w / k))), max(4, int(round(h / k))))
     return cv2.resize(grey.astype(np.float32), size, interpolation=cv2.INTER_AREA)
 
@@ -113,8 +114,10 @@ def frame_stats(grey: np.ndarray, native: np.ndarray | None = None) -> dict[str,
     on it."""
     fs = full_scale(grey)
     to_dtype = fs / (float(np.iinfo(grey.dtype).max) if grey.dtype.kind == "u" else 1.0)
-    g = _analysis_view(grey) * np.float32(1.0 / fs)
-    lo, hi = np.percentile(g, PERCENTILES)
+    g = _analysis_view(grey)
+    # On the integers where nothing was shrunk (a histogram for uint8): the same numbers, cheaper.
+    lo, hi = (v / fs for v in percentiles(grey if g.shape == grey.shape else g, PERCENTILES))
+    g *= np.float32(1.0 / fs)
     spread = float(hi - lo)
     clipped = _clipped(native if native is not None else grey, fs)
     raw = {"raw_spread": spread * to_dtype, "raw_mean": float(g.mean()) * to_dtype}

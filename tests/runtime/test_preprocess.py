@@ -218,3 +218,14 @@ def test_full_scale_mode_is_what_models_made_before_it_get():
     expected = (grey.astype(np.float32) / 65535 - np.float32(legacy.mean[0])) / np.float32(legacy.std[0])
     np.testing.assert_allclose(x[0], expected, rtol=1e-5, atol=1e-6)
     assert not np.allclose(x, preprocess(g16, PCT), atol=0.1)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_fast_percentiles_equal_numpys(dtype):
+    from runtime.preprocess import percentiles
+
+    rng = np.random.default_rng(0)
+    for shape in ((128, 128), (7, 9), (1, 5)):
+        x = (rng.random(shape) * (255 if dtype == np.uint8 else 4095 if dtype == np.uint16 else 1)).astype(dtype)
+        for q in ((0.5, 99.5), (1, 99), (0, 100), (50,)):
+            np.testing.assert_allclose(percentiles(x, q), np.percentile(x, q), rtol=1e-6, atol=1e-6)
