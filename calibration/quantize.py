@@ -59,6 +59,10 @@ DEFAULT_PERCENTILE = 99.999
 INT8_MAX = 127.0
 #: Guards scales against all-zero tensors (TensorRT rejects a zero scale).
 MIN_AMAX = 1e-8
+#: Smallest Q/DQ scale in the TensorRT file: the smallest normal FP16 value, because the file's scales are converted
+#: to FP16 for a strongly typed engine (a dead channel's 1e-10 scale would underflow). Values below half of it
+#: quantise to zero, which for weights and activations of a trained network is no loss.
+MIN_TRT_SCALE = 2.0 ** -14
 
 
 # ------------------------------------------------------------------ model preparation
@@ -207,7 +211,7 @@ def tensorrt_qdq_placement(model: onnx.ModelProto, keep_head_float: bool = True,
 def _per_channel_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-output-channel INT8: (int8 weights, float32 scales)."""
     flat = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
-    scale = (np.maximum(flat, MIN_AMAX) / INT8_MAX).astype(np.float32)
+    scale = np.maximum(flat / INT8_MAX, MIN_TRT_SCALE).astype(np.float32)
     shape = (-1,) + (1,) * (w.ndim - 1)
     q = np.clip(np.round(w / scale.reshape(shape)), -INT8_MAX, INT8_MAX).astype(np.int8)
     return q, scale
@@ -236,7 +240,8 @@ def write_tensorrt_qdq(model_path: str | Path, ranges: dict[str, tuple[float, fl
         lo, hi = ranges[tensor]
         amax = max(abs(lo), abs(hi), MIN_AMAX)
         scale_name = f"{tensor}_qdq_scale"
-        new_inits.append(numpy_helper.from_array(np.array(amax / INT8_MAX, np.float32), scale_name))
+        new_inits.append(numpy_helper.from_array(np.array(max(amax / INT8_MAX, MIN_TRT_SCALE), np.float32),
+                                                 scale_name))
         q_out, dq_out = f"{tensor}_quantized", f"{tensor}_dequantized"
         nodes = [helper.make_node("QuantizeLinear", [tensor, scale_name, zero8], [q_out], name=f"{tensor}_Q"),
                  helper.make_node("DequantizeLinear", [q_out, scale_name, zero8], [dq_out], name=f"{tensor}_DQ")]

@@ -136,6 +136,23 @@ def test_tensorrt_qdq_is_close_to_fp32(learned: tuple[Path, np.ndarray, np.ndarr
     _check(ref, _run(tmp_path / "trt.onnx", x, optimize=False), INT8_QDQ_BOUND)
 
 
+def test_tensorrt_scales_stay_representable_in_fp16(prepared: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    """A dead (all-zero) conv channel must not get a scale that underflows when the file goes to FP16 scales."""
+    path, x = prepared
+    model = onnx.load(str(path))
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    w = next(i for i in model.graph.initializer if i.name == conv.input[1])
+    arr = onnx.numpy_helper.to_array(w).copy()
+    arr[0] = 0
+    w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
+    onnx.save(model, str(tmp_path / "dead.onnx"))
+    write_tensorrt_qdq(tmp_path / "dead.onnx", ranges_as_dict(compute_ranges(tmp_path / "dead.onnx", x, "minmax")),
+                       tmp_path / "trt.onnx")
+    scales = [onnx.numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "trt.onnx")).graph.initializer
+              if i.name.endswith("_qdq_scale")]
+    assert min(float(s.min()) for s in scales) >= 2.0 ** -14
+
+
 def test_cpu_int8_is_u8s8_and_close_to_fp32(learned: tuple[Path, np.ndarray, np.ndarray, np.ndarray],
                                             tmp_path: Path) -> None:
     path, calib, x, ref = learned
