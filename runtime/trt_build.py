@@ -106,7 +106,10 @@ def _attach_timing_cache(config: Any, path: Path | None) -> None:
     data = b""
     if path is not None and path.is_file():
         data = path.read_bytes()
-    cache = config.create_timing_cache(data) if data else None
+    try:  # createTimingCache returns null (None) for a blob it cannot read
+        cache = config.create_timing_cache(data) if data else None
+    except (RuntimeError, TypeError, ValueError):
+        cache = None
     if data and cache is None:
         log.warning("%s: timing cache could not be read (corrupt?); starting a fresh one", path)
     if cache is not None and not config.set_timing_cache(cache, False):
