@@ -932,6 +932,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("iters", "rounds", "frame_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"benchmarks.latency: --{name.replace('_', '-')} must be ≥ 1")
+    # The compute floor reads the graph with onnx (the train extra): fail on that now, not after measuring.
+    import onnx  # noqa: F401
+
     model = resolve_model(args.model)
     st = Settings(model=model, backends=args.backends, precisions=args.precisions, batches=args.batch,
                   frame_size=args.frame_size, source=args.source, iters=args.iters, warmup=max(0, args.warmup),
