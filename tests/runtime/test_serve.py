@@ -394,6 +394,14 @@ def test_sigterm_drains_in_flight_requests_and_a_retrying_client_survives_a_rest
     assert_same(survivor.predict(textured), local.predict(textured))
     assert srv.stop() == 0
 
+    # Restarted with another model on the same address: the fingerprint in every answer gives it away.
+    srv.model = clf.model_path
+    srv.start()
+    with pytest.raises(ModelMismatch, match=f"now serves model fingerprint {model_fingerprint(clf.model_path)}, "
+                                            f"not {model_fingerprint(gated)}"):
+        survivor.predict(textured)
+    assert srv.stop() == 0
+
 
 def test_libpython_problem_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     import sysconfig
