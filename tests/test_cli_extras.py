@@ -200,3 +200,17 @@ def test_tools_find_the_bundled_model_in_an_installed_layout(tmp_path: Path) -> 
     found = [Path(line) for line in r.stdout.split()]
     assert found and all(p.is_relative_to(site / "runtime" / "models") for p in found), (found, r.stderr)
     assert found[0].name == DEFAULT_MODEL
+
+
+def test_the_install_carries_the_guard_and_every_tool_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every tool imports sem_extras: a wheel without it would turn each CLI into an ImportError traceback."""
+    import runpy
+
+    import setuptools
+
+    captured: dict = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: captured.update(kw))
+    monkeypatch.chdir(REPO)
+    runpy.run_path(str(REPO / "setup.py"))
+    assert "sem_extras" in captured.get("py_modules", [])
+    assert set(TOOL_PACKAGES) <= set(captured["packages"]) and "runtime.models" in captured["packages"]
