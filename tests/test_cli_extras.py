@@ -214,3 +214,31 @@ def test_the_install_carries_the_guard_and_every_tool_package(monkeypatch: pytes
     runpy.run_path(str(REPO / "setup.py"))
     assert "sem_extras" in captured.get("py_modules", [])
     assert set(TOOL_PACKAGES) <= set(captured["packages"]) and "runtime.models" in captured["packages"]
+
+
+#: What ``pip install .`` installs (setup.py install_requires), by import name.
+RUNTIME_DEPENDENCIES = {"numpy", "cv2", "onnxruntime"}
+
+
+def test_every_third_party_import_of_the_tools_is_mapped_to_its_extra() -> None:
+    """A new dependency of train/export/calibration/benchmarks without an entry in EXTRA_FOR_MODULE would make the
+    guard pass its ModuleNotFoundError through as a traceback on a runtime-only install."""
+    import ast
+
+    ours = {*TOOL_PACKAGES, "sem_extras", "__future__"}
+    unmapped: dict[str, str] = {}
+    for pkg in TOOL_PACKAGES[1:]:  # the runtime handles its own optional backends
+        for f in sorted((REPO / pkg).rglob("*.py")):
+            for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for top in {n.partition(".")[0] for n in names}:
+                    if top in sys.stdlib_module_names or top in ours or top in RUNTIME_DEPENDENCIES:
+                        continue
+                    if top not in sem_extras.EXTRA_FOR_MODULE:
+                        unmapped.setdefault(top, str(f.relative_to(REPO)))
+    assert not unmapped, f"add these to sem_extras.EXTRA_FOR_MODULE: {unmapped}"
