@@ -32,9 +32,10 @@ CHANNEL_MODES = ("grey_replicated",)
 #: Built-in rejection scores, all oriented so that higher means "more like the known classes".
 LOGIT_SCORES = ("msp", "max_logit", "energy")
 #: How raw pixel values become the 0–1 intensity scale (see :mod:`runtime.preprocess`): ``full_scale`` divides by
-#: the dtype's maximum (255, 65535; models made before this field), ``percentile`` stretches each frame's robust
-#: range (``intensity_percentiles``) to 0–1, whatever its bit depth, brightness or contrast.
-INTENSITY_MODES = ("full_scale", "percentile")
+#: the dtype's maximum (255, 65535; models made before this field), ``bit_depth`` divides uint16 data by the
+#: maximum of its real bit depth (10, 12, 14 or 16 bits, from the frame's maximum), ``percentile`` stretches each
+#: frame's robust range (``intensity_percentiles``) to 0–1, whatever its bit depth, brightness or contrast.
+INTENSITY_MODES = ("full_scale", "bit_depth", "percentile")
 #: The outcome of a frame the frame-quality gate refuses (:mod:`runtime.quality`): not a class, not a rejection.
 INVALID_LABEL = "invalid"
 

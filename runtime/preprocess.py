@@ -6,8 +6,9 @@ Stages, each a public function so training can put augmentation between them:
 2. :func:`to_grey` — any accepted array (grey/BGR/BGRA, uint8/uint16/float in [0, 1]) → validated 2-D grey.
 3. :func:`resize_grey` — to the model's input size with the metadata's resize method.
 4. :class:`Intensity` — the metadata's intensity mode: ``full_scale`` passes the grey on (the normaliser divides
-   by the dtype's maximum), ``percentile`` stretches the frame's robust range to 0–1 (:func:`stretch`), so 8- to
-   16-bit data, dim and low-contrast frames reach the network on one scale.
+   by the dtype's maximum), ``bit_depth`` scales uint16 data by its real bit depth (:func:`full_scale`), so 10- to
+   14-bit data in uint16 reaches the network as 8-bit data does, ``percentile`` stretches the frame's robust
+   range to 0–1 (:func:`stretch`), so any bit depth, dim and low-contrast frames reach the network on one scale.
 5. :class:`Normalizer` — grey → float32 ``(C, H, W)`` with the model's mean/std, written into a caller's buffer.
 
 The frame-quality gate (:mod:`runtime.quality`) looks at the resized grey between 3 and 4.
@@ -221,15 +222,30 @@ def stretch(grey: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5),
 _percentiles = percentiles
 
 
+def full_scale(grey: np.ndarray) -> float:
+    """The frame's full-scale value: 255 (uint8), 1.0 (float), or 2**b - 1 for the smallest b in 8, 10, 12, 14, 16
+    that holds a uint16 frame's maximum (10- to 14-bit data is stored in uint16 with the high bits zero)."""
+    if grey.dtype == np.uint8:
+        return 255.0
+    if grey.dtype == np.uint16:
+        m = int(grey.max())
+        for b in (8, 10, 12, 14):
+            if m < (1 << b):
+                return float((1 << b) - 1)
+        return 65535.0
+    return 1.0
+
+
 class Intensity:
     """The metadata's intensity mode as one call: grey → what :class:`Normalizer` takes.
 
     ``full_scale`` returns the grey unchanged (uint8/uint16 are scaled by 255/65535 in the normaliser, as for every
-    model made before the mode existed); ``percentile`` returns :func:`stretch` of it.
+    model made before the mode existed); ``bit_depth`` returns uint16 frames as float32 divided by their
+    :func:`full_scale` (everything else unchanged); ``percentile`` returns :func:`stretch` of it.
     """
 
     def __init__(self, mode: str = "full_scale", percentiles: tuple[float, float] = (0.5, 99.5)) -> None:
-        if mode not in ("full_scale", "percentile"):
+        if mode not in ("full_scale", "bit_depth", "percentile"):
             raise ValueError(f"unknown intensity mode {mode!r}")
         self.mode = mode
         self.percentiles = (float(percentiles[0]), float(percentiles[1]))
@@ -241,6 +257,10 @@ class Intensity:
     def __call__(self, grey: np.ndarray) -> np.ndarray:
         if self.mode == "full_scale":
             return grey
+        if self.mode == "bit_depth":
+            if grey.dtype != np.uint16:
+                return grey
+            return grey.astype(np.float32) * np.float32(1.0 / full_scale(grey))
         return stretch(grey, self.percentiles)
 
 

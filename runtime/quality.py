@@ -17,8 +17,9 @@ side (cheap, and small source frames that were enlarged look as they did before)
 * ``detail`` — share of the variance in fine and mid-scale structure (what a difference of the frame and its
   Gaussian blur holds beyond the noise, noise estimated from the finest scale as in Immerkær 1996): near 0 for a
   defocused scene or a smooth gradient.
-* ``level`` — mean of the stretched frame; ``raw_spread`` and ``raw_mean`` — robust range and mean as shares of
-  the dtype's maximum (255, 65535, 1: what a ``full_scale`` model divides by).
+* ``level`` — mean of the stretched frame; ``mean`` — mean as a share of the full scale; ``raw_spread`` and
+  ``raw_mean`` — robust range and mean as shares of the dtype's maximum (255, 65535, 1: what a ``full_scale``
+  model divides by).
 
 Reasons, checked in this order: ``blank`` (spread below its limit), ``saturated`` (clipped above its limit),
 ``noise`` (signal below its limit), ``defocus`` (detail below its limit while most of the variance is structure,
@@ -42,14 +43,17 @@ import cv2
 import numpy as np
 
 from runtime.contract import ModelMetadata
-from runtime.preprocess import percentiles
+from runtime.preprocess import full_scale, percentiles
 
 #: Possible ``Prediction.reason`` values of refused frames.
 REASONS = ("blank", "saturated", "noise", "defocus", "out_of_range")
 ANALYSIS_SIDE = 128
 PERCENTILES = (0.5, 99.5)
 SIGNAL_HALVE_MIN = 96
-STATS = ("spread", "clipped", "signal", "detail", "level", "raw_spread", "raw_mean")
+STATS = ("spread", "clipped", "signal", "detail", "level", "mean", "raw_spread", "raw_mean")
+#: The statistics ``out_of_range`` bounds, per intensity mode: what the network's input depends on.
+RANGED = {"percentile": ("level",), "bit_depth": ("level", "spread", "mean"),
+          "full_scale": ("level", "raw_spread", "raw_mean")}
 QUALITY_VERSION = 1
 _BLUR_SIGMA = 2.0
 #: Share of white-noise variance that passes ``x - GaussianBlur(x, sigma)``: 1 - 2 g0 + sum(g^2) of the 2-D kernel.
@@ -68,25 +72,15 @@ DEFAULT_LIMITS: dict[str, Any] = {
 #: Models that divide by the dtype's maximum (``intensity="full_scale"``) were trained on frames that use a good
 #: part of the scale; a frame using less (10- to 14-bit data in uint16, a very dim frame) is out of their range.
 DEFAULT_FULL_SCALE_RANGE = {"raw_spread": (0.08, 1.0)}
+DEFAULT_BIT_DEPTH_RANGE = {"spread": (0.08, 1.0)}
 #: ``defocus`` needs a frame that is mostly smooth structure; a frame with little detail that is mostly noise
 #: (faint structure in heavy shot noise) is left to the network.
 DEFOCUS_MIN_SIGNAL = 0.6
+#: Statistics whose range also ends at half the training images' 0.1th percentile: a frame with half the contrast
+#: or brightness of the faintest training frame is out of range for a model that sees absolute intensities.
+DIM_STATS = ("spread", "raw_spread", "mean", "raw_mean")
 #: Widening of the training range for ``out_of_range``, as a share of the 0.1–99.9 percentile span.
 RANGE_MARGIN = 0.5
-
-
-def full_scale(grey: np.ndarray) -> float:
-    """The frame's full-scale value: 255 (uint8), 1.0 (float), or 2**b - 1 for the smallest b in 8, 10, 12, 14, 16
-    that holds a uint16 frame's maximum."""
-    if grey.dtype == np.uint8:
-        return 255.0
-    if grey.dtype == np.uint16:
-        m = int(grey.max())
-        for b in (8, 10, 12, 14):
-            if m < (1 << b):
-                return float((1 << b) - 1)
-        return 65535.0
-    return 1.0
 
 
 def _analysis_view(grey: np.ndarray, side: int = ANALYSIS_SIDE) -> np.ndarray:
@@ -120,7 +114,8 @@ def frame_stats(grey: np.ndarray, native: np.ndarray | None = None) -> dict[str,
     g *= np.float32(1.0 / fs)
     spread = float(hi - lo)
     clipped = _clipped(native if native is not None else grey, fs)
-    raw = {"raw_spread": spread * to_dtype, "raw_mean": float(g.mean()) * to_dtype}
+    mean = float(g.mean())
+    raw = {"mean": mean, "raw_spread": spread * to_dtype, "raw_mean": mean * to_dtype}
     if spread <= 0:
         return {"spread": 0.0, "clipped": float(clipped), "signal": 0.0, "detail": 0.0, "level": 0.0, **raw}
     s = np.clip((g - np.float32(lo)) * np.float32(1.0 / spread), 0.0, 1.0)
@@ -155,7 +150,8 @@ def _signal(s: np.ndarray, var: float) -> float:
 def default_limits(intensity: str = "full_scale") -> dict[str, Any]:
     """Limits for a model without fitted ones (see :data:`DEFAULT_LIMITS`)."""
     limits = dict(DEFAULT_LIMITS)
-    limits["range"] = {k: list(v) for k, v in DEFAULT_FULL_SCALE_RANGE.items()} if intensity == "full_scale" else {}
+    ranges = {"full_scale": DEFAULT_FULL_SCALE_RANGE, "bit_depth": DEFAULT_BIT_DEPTH_RANGE}.get(intensity, {})
+    limits["range"] = {k: list(v) for k, v in ranges.items()}
     return limits
 
 
@@ -168,8 +164,9 @@ def fit_limits(stats: Iterable[Mapping[str, float]], intensity: str = "percentil
     the 0.1th percentile of spread), ``saturated_clipped`` = max(default, 99.9th percentile of clipped + 0.1),
     ``noise_signal`` and ``defocus_detail`` = min(default, half the 0.1th percentile; for the detail, among the
     images the defocus rule applies to, signal >= :data:`DEFOCUS_MIN_SIGNAL`). ``range`` holds, for
-    ``level`` (and for ``raw_spread`` and ``raw_mean`` when the model divides by the dtype's maximum), the training
-    images' 0.1–99.9 percentile range widened by :data:`RANGE_MARGIN` of its span on each side.
+    the statistics :data:`RANGED` names for the model's intensity mode, the training images' 0.1–99.9 percentile
+    range widened by :data:`RANGE_MARGIN` of its span on each side (for :data:`DIM_STATS`, no lower than half its
+    0.1th percentile).
     """
     rows = [dict(s) for s in stats]
     if len(rows) < 20:
@@ -182,12 +179,15 @@ def fit_limits(stats: Iterable[Mapping[str, float]], intensity: str = "percentil
         "noise_signal": min(DEFAULT_LIMITS["noise_signal"], 0.5 * q["signal"][0.1]),
         "defocus_detail": min(DEFAULT_LIMITS["defocus_detail"], 0.5 * _smooth_detail_q(arr)),
     }
-    ranged = ("level", "raw_spread", "raw_mean") if intensity == "full_scale" else ("level",)
+    ranged = RANGED[intensity]
     rng: dict[str, list[float]] = {}
     for k in ranged:
         lo, hi = q[k][0.1], q[k][99.9]
         m = RANGE_MARGIN * (hi - lo)
-        rng[k] = [max(0.0, lo - m), min(1.0, hi + m)]
+        low = max(0.0, lo - m)
+        if k in DIM_STATS:
+            low = max(low, 0.5 * lo)  # under half the dimmest/flattest training frame: far outside, whatever the span
+        rng[k] = [low, min(1.0, hi + m)]
     limits["range"] = rng
     return {"version": QUALITY_VERSION, "analysis_side": ANALYSIS_SIDE, "n_images": len(rows), "limits": limits,
             "train_percentiles": {k: {str(p): round(v, 6) for p, v in qk.items()} for k, qk in q.items()}}

@@ -70,9 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--anomaly-p", type=float, default=d.anomaly_p, metavar="P",
                     help="outlier exposure: paste a CutPaste anomaly into this share of the clean training images "
                     "and train them as `other` (default 0 = off; needs an augmentation preset)")
-    ap.add_argument("--intensity", default=d.intensity, choices=("percentile", "full_scale"),
+    ap.add_argument("--intensity", default=d.intensity, choices=("percentile", "bit_depth", "full_scale"),
                     help="pixel values to 0-1: per-frame robust percentile stretch (any bit depth, brightness, "
-                    "contrast; the default) or division by the dtype maximum (models made before)")
+                    "contrast; the default), division by the real bit depth's maximum (10-14-bit data in uint16), "
+                    "or by the dtype maximum (models made before)")
     ap.add_argument("--acquisition-p", type=float, default=d.acquisition_p, metavar="P",
                     help="share of training images dimmed, flattened, gamma-changed and requantised to 8 bits "
                     f"(default {d.acquisition_p}; with an augmentation preset)")

@@ -229,3 +229,15 @@ def test_fast_percentiles_equal_numpys(dtype):
         x = (rng.random(shape) * (255 if dtype == np.uint8 else 4095 if dtype == np.uint16 else 1)).astype(dtype)
         for q in ((0.5, 99.5), (1, 99), (0, 100), (50,)):
             np.testing.assert_allclose(percentiles(x, q), np.percentile(x, q), rtol=1e-6, atol=1e-6)
+
+
+def test_bit_depth_mode_scales_uint16_by_its_real_depth_and_leaves_8_bit_alone():
+    bd = META.with_updates(intensity="bit_depth")
+    img = _scene()
+    ref = preprocess(np.round(img * 255).astype(np.uint8), META)
+    np.testing.assert_array_equal(preprocess(np.round(img * 255).astype(np.uint8), bd), ref)
+    for bits in (10, 12, 14, 16):
+        x = preprocess(np.round(img * ((1 << bits) - 1)).astype(np.uint16), bd)
+        np.testing.assert_allclose(x, ref, atol=0.02, err_msg=f"{bits}-bit")
+    # full_scale sees 12-bit data as a dark frame
+    assert np.abs(preprocess(np.round(img * 4095).astype(np.uint16), META) - ref).mean() > 0.5
