@@ -125,7 +125,7 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     if problem:
         _skip_or_fail(problem)
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    srv = Server(tiny_model, log, "--max-image-bytes", "200000", "--max-batch", "8").start()
+    srv = Server(tiny_model, log, "--max-image-bytes", "200000", "--max-batch", "8", "--instances", "2").start()
     yield srv
     assert srv.stop() == 0, log.read_text()[-3000:]
 
@@ -249,6 +249,12 @@ def test_health_endpoints_and_loopback_default(server: Server) -> None:
     for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/sem_classifier/ready"):
         assert urllib.request.urlopen(f"http://127.0.0.1:{server.http}{path}", timeout=10).status == 200
     assert server.ready["grpc"] == f"127.0.0.1:{server.grpc}"
+    import tritonclient.grpc as grpcclient
+
+    cfg = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc}").get_model_config("sem_classifier",
+                                                                                        as_json=True)["config"]
+    assert cfg["max_batch_size"] == 8 and "dynamic_batching" in cfg
+    assert [int(g["count"]) for g in cfg["instance_group"]] == [2]
     addrs = {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)} - {"127.0.0.1"}
     for addr in addrs:  # not listening on the machine's other addresses
         with socket.socket() as s:
