@@ -103,6 +103,12 @@ class Server:
         self.proc.kill()
         raise AssertionError(f"server did not come up; log: {self.log.read_text()[-3000:]}")
 
+    def kill(self) -> None:
+        """Leave nothing running, whatever happened (a failed test must not leak a server)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
     def stop(self, timeout: float = 60) -> int:
         """SIGTERM, wait for the exit; ``stdout_tail`` is what it printed after becoming ready."""
         assert self.proc is not None
@@ -125,9 +131,21 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     if problem:
         _skip_or_fail(problem)
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    srv = Server(tiny_model, log, "--max-image-bytes", "200000", "--max-batch", "8", "--instances", "2").start()
-    yield srv
-    assert srv.stop() == 0, log.read_text()[-3000:]
+    srv = Server(tiny_model, log, "--max-image-bytes", "200000", "--max-batch", "8", "--instances", "2")
+    try:
+        yield srv.start()
+        assert srv.stop() == 0, log.read_text()[-3000:]
+    finally:
+        srv.kill()
+
+
+@pytest.fixture
+def own_servers() -> Iterator[list[Server]]:
+    """Servers a test starts itself; killed at teardown if the test did not stop them."""
+    started: list[Server] = []
+    yield started
+    for srv in started:
+        srv.kill()
 
 
 @pytest.fixture(scope="session")
@@ -329,7 +347,7 @@ def test_wrong_model_name_and_fingerprint(server: Server) -> None:
 
 
 def test_sigterm_drains_in_flight_requests_and_a_retrying_client_survives_a_restart(
-        tmp_path: Path, clf: Any, make_model: Any) -> None:
+        tmp_path: Path, clf: Any, make_model: Any, own_servers: list[Server]) -> None:
     """Also the frame-quality gate on the server: this model has it on, so flat frames come back ``invalid``."""
     from runtime.classifier import Classifier
     from runtime.contract import INVALID_LABEL
@@ -340,7 +358,9 @@ def test_sigterm_drains_in_flight_requests_and_a_retrying_client_survives_a_rest
     gated = make_model("gated.onnx", meta=clf.meta.with_updates(quality=None))  # default gate limits
     with pytest.warns(RuntimeWarning, match="no frame-quality statistics"):
         local = Classifier(gated, "ort", threads=1)
-    srv = Server(gated, tmp_path / "server.log", "--max-batch", "8").start()
+    srv = Server(gated, tmp_path / "server.log", "--max-batch", "8")
+    own_servers.append(srv)
+    srv.start()
     busy = png(0.8, size=4000)  # a few kB to send, 16 MP to decode: requests arrive at once and take a while
     want = local.predict(busy)
     assert want.label == INVALID_LABEL and want.reason == "blank"
