@@ -419,7 +419,9 @@ def write_cpu_int8(model_path: str | Path, tensors_data: Any, out_path: str | Pa
     if target == "portable":
         floats = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(model_path)).graph.initializer
                   if i.data_type == TensorProto.FLOAT}
-        log.info("portable INT8 weights: %s", limit_pair_sums(model, floats))
+        st = limit_pair_sums(model, floats)
+        log.info("CPU INT8 (portable): %d of %d weight channels rescaled so no int16 pair sum can saturate",
+                 st["channels_rescaled"], st["channels"])
     _set_props(model, metadata_props)
     atomic_write_bytes(out_path, model.SerializeToString())
     return Path(out_path)
