@@ -26,7 +26,14 @@ def small_settings(model: Path, **kw: object) -> latency.Settings:
 @pytest.fixture(scope="module")
 def latency_doc(tiny_models: Path) -> dict:
     # torch is a test dependency (the train extra): the torch baseline rows must be measured, never skipped here.
-    return latency.run_latency(small_settings(tiny_models))
+    import torch
+
+    try:
+        return latency.run_latency(small_settings(tiny_models))
+    finally:
+        # The torch baseline flushes denormals to zero process-wide (right for a benchmark process); give the rest
+        # of the test session IEEE floats back.
+        torch.set_flush_denormal(False)
 
 
 def test_every_configuration_is_measured_or_skipped_with_a_reason(latency_doc: dict) -> None:
