@@ -24,6 +24,7 @@ import numpy as np
 
 from runtime.check import Goldens, cpu_info
 from runtime.contract import ModelMetadata
+from sem_extras import cli
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli("python -m export.golden")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")

@@ -114,6 +114,7 @@ def inputs(tmp_path: Path) -> dict[str, str]:
 RUNS = {
     "export": ["--checkpoint", "{pt}"],
     "export.build_engine": ["--onnx", "{onnx}", "--fp16"],
+    "export.golden": ["--model", "{onnx}", "--data", "{data}"],
     "train": ["--data", "{data}", "--out", "{tmp}/run"],
     "train.evaluate": ["--model", "{onnx}", "--data", "{data}/train"],
     "train.audit": ["--data", "{data}"],
