@@ -223,7 +223,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ref_meta.precision != "fp32":
             print(f"error: {ref}: the reference must be an FP32 model, it is {ref_meta.precision}", file=sys.stderr)
             return 2
-        goldens = make_goldens(ref, args.data, ref_meta, args.images, args.build_command)
+        command = args.build_command
+        if not command and meta.precision.startswith(("int8", "fp16")):
+            command = f"python -m export.build_engine --onnx {ref} --{meta.precision[:4]}" + \
+                (f" --calib-data {args.data or '<training data>'}" if meta.precision.startswith("int8") else "")
+        goldens = make_goldens(ref, args.data, ref_meta, args.images, command)
         add_goldens(model, goldens)
     except (OSError, ValueError, MetadataError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -383,9 +383,13 @@ def _rebuild_command(clf: Any, goldens: Goldens) -> str:
     cmd = getattr(clf.backend, "_rebuild", "") or goldens.build_command
     if cmd:
         return cmd
-    src = goldens.reference.get("name") or "<fp32 model>.onnx"
-    prec = "int8" if clf.meta.precision.startswith("int8") else "fp16"
-    return f"python -m export.build_engine --onnx {src} --{prec} --calib-data <training data>"
+    name = goldens.reference.get("name")
+    src = Path(clf.model_path).parent / name if name else "<fp32 model>.onnx"
+    if not str(clf.meta.precision).startswith(("int8", "fp16")):
+        return f"re-export it: python -m export --checkpoint <checkpoint> --out {clf.model_path}"
+    prec = "int8" if str(clf.meta.precision).startswith("int8") else "fp16"
+    return f"python -m export.build_engine --onnx {src} --{prec}" + \
+        (" --calib-data <training data>" if prec == "int8" else "")
 
 
 def check_classifier(clf: Any) -> CheckReport | None:
