@@ -11,20 +11,23 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import sys
 import threading
 import time
 import traceback
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 
 from runtime.contract import INVALID_LABEL
 from runtime.outputs import RECORD_FIELDS, FrameResult, Output, OutputWriteError, VideoOutput, gui_problem, open_output
-from runtime.sources import Frame, Source, open_source, parse_source
+from runtime.sources import Frame, Source, SourceSpec, open_source, parse_source, redact
 
 # Exit codes: the one home for them (the --help epilog and RunSummary.exit_code use these).
 EXIT_OK = 0  # every input was classified, or was an invalid frame the quality gate refused (also after a clean stop)
@@ -60,12 +63,17 @@ records: {fields}.
   defocus, out_of_range), or empty with error set (the input could not be read or classified). Record files are
   appended to, never truncated; a CSV with another header is left alone and res-1.csv started next to it.
 
+several sources (--source repeated, or cams.streams with one SRC per line): a capture thread per source, one
+  inference loop batching a frame of each across sources; records name their source; a failing live source is
+  reopened with backoff while the others go on; the status line and summary show each source's state, fps, drops.
+
 examples:
   python -m runtime.run --source samples/
   python -m runtime.run --source /dev/video0 --output display://0 --smoothing 5
   python -m runtime.run --source rtsp://10.0.0.7/cam --headless --output results.jsonl
   python -m runtime.run --source review.mp4 --model model.int8.onnx --output annotated.mp4 --output res.csv
   python -m runtime.run --source 'lot42/**/*.png' --threshold 0.6 --output lot42.jsonl --quiet
+  python -m runtime.run --source rtsp://10.0.0.7/a --source rtsp://10.0.0.8/b --headless --output station.jsonl
 """.replace("{fields}", ", ".join(RECORD_FIELDS))
 
 
@@ -189,6 +197,8 @@ class RunSummary:
     outputs: list[str] = field(default_factory=list)
     output_errors: list[str] = field(default_factory=list)  # one message per failed output, naming it
     error_examples: list[str] = field(default_factory=list, repr=False)  # the first few frame errors
+    streams: list[dict[str, Any]] = field(default_factory=list)  # one entry per source (SourceFeed.to_dict)
+    batches: int = 0  # inference calls; frames / batches is the mean batch across sources
 
     MAX_EXAMPLES = 5
 
@@ -236,7 +246,7 @@ class RunSummary:
             return EXIT_INTERNAL
         if self.output_errors:
             return EXIT_OUTPUT
-        if self.errors or self.stopped_by == "source-error" or self.frames == 0:
+        if self.errors or self.stopped_by == "source-error" or self.source_error or self.frames == 0:
             return EXIT_INPUT
         return EXIT_OK
 
@@ -248,7 +258,8 @@ class RunSummary:
             why = _plural(len(self.output_errors), "output") + " failed"
         elif code == EXIT_INPUT:
             why = (_plural(self.errors, "input") + " could not be read or classified" if self.errors
-                   else "the source failed" if self.stopped_by == "source-error" else "no frames could be read")
+                   else "the source failed" if self.stopped_by == "source-error"
+                   else "a source failed" if self.source_error else "no frames could be read")
         else:
             why = "internal error"
         return f"exit {code}: {why}"
@@ -261,7 +272,7 @@ class RunSummary:
                 "latency_mean_ms": _round(self.latency_mean_ms), "latency_p90_ms": _round(self.latency_p90_ms),
                 "labels": dict(self.labels.most_common()), "stopped_by": self.stopped_by,
                 "source_error": self.source_error, "outputs": self.outputs, "output_errors": self.output_errors,
-                "exit_code": self.exit_code}
+                "sources": self.streams, "batches": self.batches, "exit_code": self.exit_code}
 
     def format(self) -> str:
         labels = ", ".join(f"{k} {v}" for k, v in self.labels.most_common()) or "-"
@@ -292,16 +303,34 @@ class RunSummary:
                 lines.append(f"error     ... and {more} more (see the records)")
         if self.dropped or self.reconnects:
             lines.append(f"live      {self.dropped} frames dropped (classifier busy), {self.reconnects} reconnects")
+        if len(self.streams) > 1:
+            lines.append(f"batching  {self.frames} frames in {self.batches} inference calls "
+                         f"(mean batch {self.frames / max(1, self.batches):.2f})")
+            lines += [f"  {_stream_line(st)}" for st in self.streams]
         if self.outputs:
             lines.append(f"outputs   {', '.join(self.outputs)}")
         lines += [f"FAILED    {e}" for e in self.output_errors]
-        stop = {"end": "end of source", "signal": "stopped by signal", "max-frames": "--max-frames reached",
+        stop = {"end": "end of source" + ("s" if len(self.streams) > 1 else ""), "signal": "stopped by signal",
+                "max-frames": "--max-frames reached",
                 "window": "window closed", "source-error": f"source failed: {self.source_error}",
                 "output-error": ("every output failed" if len(self.output_errors) >= len(self.outputs) else
                                  "an output failed (--on-output-error continue keeps going without it)"),
                 "internal-error": f"internal error: {self.internal_error}"}[self.stopped_by]
         lines.append(f"ended     {stop}; {self.outcome()}")
         return "\n".join(lines)
+
+
+def _stream_line(st: dict[str, Any]) -> str:
+    """One source in the summary: ``cam1 (stream) ended: 120 frames, 25.0 fps, 3 dropped, 1 reconnect``."""
+    text = (f"{st['name']} ({st['kind']}) {st['state']}: {_plural(st['frames'], 'frame')}, {st['fps']:.1f} fps, "
+            f"{st['dropped']} dropped, {_plural(st['reconnects'], 'reconnect')}")
+    if st["errors"]:
+        text += f", {_plural(st['errors'], 'error')}"
+    if st["invalid"]:
+        text += f", {st['invalid']} invalid"
+    if st.get("error"):
+        text += f"; {st['error']}"
+    return text
 
 
 def _round(v: float) -> float | None:
@@ -314,7 +343,8 @@ def _error_text(e: BaseException, frame: Frame) -> str:
     return msg if frame.source in msg else f"{frame.source} [frame {frame.index}]: {msg}"
 
 
-def _check_args(smoothing: int, max_frames: int | None, threads: int | None, on_output_error: str) -> None:
+def _check_args(smoothing: int, max_frames: int | None, threads: int | None, on_output_error: str,
+                batch_timeout_ms: float = 5.0) -> None:
     if smoothing is None or smoothing < 0:
         raise ValueError(f"smoothing must be 0 (off) or a number of frames >= 1, got {smoothing}")
     if max_frames is not None and max_frames < 1:
@@ -323,28 +353,477 @@ def _check_args(smoothing: int, max_frames: int | None, threads: int | None, on_
         raise ValueError(f"threads must be >= 1 (or None for the physical cores), got {threads}")
     if on_output_error not in ON_OUTPUT_ERROR:
         raise ValueError(f"on_output_error must be one of {', '.join(ON_OUTPUT_ERROR)}, got {on_output_error!r}")
+    if not (batch_timeout_ms >= 0):
+        raise ValueError(f"batch_timeout_ms must be >= 0, got {batch_timeout_ms}")
 
 
-def run(source: str, *, model: str | None = None, backend: str = "auto", threshold: float | str | None = None,
-        smoothing: int = 0, outputs: list[str] | None = None, headless: bool = False, max_frames: int | None = None,
-        loop: bool = False, quiet: bool = False, threads: int | None = None, classifier: Any = None,
-        stop_event: threading.Event | None = None, capture_factory: Any = None, err: TextIO | None = None,
-        out: TextIO | None = None, status: bool = True, on_output_error: str = "stop",
-        self_check: bool | None = None) -> RunSummary:
-    """Classify every frame of ``source`` and write results to ``outputs``; returns the run's summary, whose
-    ``exit_code`` says how it went (``EXIT_CODES``).
+STREAMS_SUFFIX = ".streams"
+
+
+def expand_sources(sources: str | list[str] | tuple[str, ...]) -> list[str]:
+    """The SRC list a run reads: each ``--source``, with a ``*.streams`` file replaced by its lines (one URI per
+    line; blank lines and ``#`` comments skipped). A source given twice is an error (records could not tell the
+    two apart)."""
+    items = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+    out: list[str] = []
+    for item in items:
+        text = str(item).strip()
+        if text.lower().endswith(STREAMS_SUFFIX) and "://" not in text:
+            path = Path(text).expanduser()
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except OSError as e:
+                raise FileNotFoundError(e.errno or 2, f"cannot read the streams list: {e.strerror or e}",
+                                        str(path)) from None
+            found = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+            if not found:
+                raise ValueError(f"{path}: no sources in this streams list (one URI per line)")
+            out += found
+        else:
+            out.append(text)
+    if not out:
+        raise ValueError("no source given")
+    seen: set[str] = set()
+    for uri in out:
+        if uri in seen:
+            raise ValueError(f"{redact(uri)}: source given twice")
+        seen.add(uri)
+    return out
+
+
+class SourceFeed:
+    """One source inside the frame loop: its :class:`Source`, a feeder thread moving its frames into ``pending``
+    (live sources: the newest frame only, older ones dropped and counted; files: a short queue, so decode stays
+    ahead of inference), and its state for the status line, summary and metrics.
+
+    ``state``: ``connecting`` (not opened yet), ``running``, ``reconnecting`` (a live source waiting out its
+    backoff), ``ended`` (end of file), ``failed`` (a file source that broke, or a live one given up on at stop),
+    ``stopped``. A live source that fails is reopened with backoff for as long as the run lasts; the others go on.
+    """
+
+    FILE_QUEUE = 2
+
+    def __init__(self, uri: str, spec: SourceSpec, opener: Callable[[], Source], cond: threading.Condition,
+                 stop: threading.Event, log: Callable[[str], None], backoff: tuple[float, float] = (0.5, 10.0),
+                 src: Source | None = None) -> None:
+        self.uri, self.spec = uri, spec
+        self.name = redact(uri)
+        self._opener = opener
+        self._cond, self._stop, self._log = cond, stop, log
+        self.backoff = backoff
+        self.src = src
+        self.pending: deque[Frame] = deque()
+        self.done = False
+        self._state = "connecting" if src is None else "running"
+        self.error: str | None = None
+        self.frames = self.errors = self.invalid = self.dropped = self.reconnects = 0
+        self.smoother: ProbabilitySmoother | None = None
+        self._recent: deque[float] = deque(maxlen=60)
+        self.fps_now = 0.0
+        self.last: FrameResult | None = None
+        self._thread: threading.Thread | None = None
+        self._closed_stats = (0, 0)  # dropped / reconnects of sources already closed (reopened live sources)
+
+    # state -------------------------------------------------------------------------------------------------------
+    @property
+    def live(self) -> bool:
+        return self.spec.is_live
+
+    @property
+    def state(self) -> str:
+        if self._state == "running" and self.src is not None:
+            return getattr(self.src, "state", "running")
+        return self._state
+
+    @property
+    def total_dropped(self) -> int:
+        return self.dropped + self._closed_stats[0] + (self.src.stats.dropped if self.src is not None else 0)
+
+    @property
+    def total_reconnects(self) -> int:
+        return self.reconnects + self._closed_stats[1] + (self.src.stats.reconnects if self.src is not None else 0)
+
+    def count(self, result: FrameResult) -> None:
+        """Per-source counters and rate (the loop thread)."""
+        self.frames += 1
+        p = result.prediction
+        if p is None:
+            self.errors += 1
+        elif _is_invalid(p):
+            self.invalid += 1
+        now = time.perf_counter()
+        self._recent.append(now)
+        if len(self._recent) > 1 and self._recent[-1] > self._recent[0]:
+            self.fps_now = (len(self._recent) - 1) / (self._recent[-1] - self._recent[0])
+        self.last = result
+
+    def to_dict(self, elapsed_s: float) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.spec.kind, "state": self.state, "frames": self.frames,
+                "errors": self.errors, "invalid": self.invalid, "dropped": self.total_dropped,
+                "reconnects": self.total_reconnects, "fps": round(self.frames / elapsed_s, 2) if elapsed_s else 0.0,
+                "error": self.error}
+
+    def status_text(self) -> str:
+        short = self.name if len(self.name) <= 24 else "..." + self.name[-21:]
+        return f"{short} {self.state} {self.fps_now:.1f} fps drop {self.total_dropped}"
+
+    # the feeder thread -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._feed, name=f"feed:{self.name}", daemon=True)
+        self._thread.start()
+
+    def _set(self, state: str, error: str | None = None, done: bool = False) -> None:
+        with self._cond:
+            self._state = state
+            if error is not None:
+                self.error = error
+            if done or state in ("ended", "failed", "stopped"):
+                self.done = True
+            self._cond.notify_all()
+
+    def _stopped(self) -> None:
+        """At stop: a live source still waiting to reconnect keeps saying so in the summary."""
+        self._set("stopped" if self._state in ("running", "connecting") else self._state, done=True)
+
+    def _drop_source(self) -> None:
+        src, self.src = self.src, None
+        if src is not None:
+            self._closed_stats = (self._closed_stats[0] + src.stats.dropped,
+                                  self._closed_stats[1] + src.stats.reconnects)
+            try:
+                src.close()
+            except Exception:  # noqa: BLE001 - closing a broken capture must not stop the retry
+                pass
+
+    def _feed(self) -> None:
+        delay = self.backoff[0]
+        try:
+            while not self._stop.is_set():
+                if self.src is None:
+                    try:
+                        self.src = self._opener()
+                    except Exception as e:  # noqa: BLE001 - a live source that is down is retried, a file is not
+                        why = f"{type(e).__name__}: {e}"
+                        if not self.live:
+                            self._set("failed", why)
+                            return
+                        self._set("reconnecting", why)
+                        self._log(f"{self.name}: cannot open ({why}); retrying in {delay:.1f} s")
+                        self._stop.wait(delay)
+                        delay = min(delay * 2, self.backoff[1])
+                        with self._cond:
+                            self.reconnects += 1
+                        continue
+                    if self.error is not None:
+                        self._log(f"{self.name}: opened")
+                self._set("running")
+                try:
+                    for frame in self.src:
+                        delay = self.backoff[0]
+                        with self._cond:
+                            if self.live:
+                                if self.pending:
+                                    self.pending.popleft()
+                                    self.dropped += 1
+                            else:
+                                while len(self.pending) >= self.FILE_QUEUE and not self._stop.is_set():
+                                    self._cond.wait(0.1)
+                            self.pending.append(frame)
+                            self._cond.notify_all()
+                        if self._stop.is_set():
+                            break
+                except Exception as e:  # noqa: BLE001 - this source broke; the others go on
+                    why = f"{type(e).__name__}: {e}"
+                    if not self.live:
+                        self._set("failed", why)
+                        return
+                    self._set("reconnecting", why)
+                    self._log(f"{self.name}: {why}; reopening in {delay:.1f} s")
+                    self._drop_source()
+                    self._stop.wait(delay)
+                    delay = min(delay * 2, self.backoff[1])
+                    with self._cond:
+                        self.reconnects += 1
+                    continue
+                if self._stop.is_set():
+                    self._stopped()
+                else:
+                    self._set("ended")
+                return
+            self._stopped()
+        except BaseException as e:  # noqa: BLE001 - never leave the loop waiting on a dead feeder
+            self._set("failed", f"{type(e).__name__}: {e}")
+
+    def close(self) -> None:
+        if self.src is not None:
+            self.src.stop()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if not self.done:
+            self._stopped()
+        if self.src is not None:
+            self.src.close()
+
+
+class LoopHook:
+    """Something that watches every result without being an output (metrics, alarms). All methods optional to
+    override: ``on_start(loop)``, ``on_result(loop, feed, result)`` after the outputs were written,
+    ``status(loop) -> str`` appended to the status line, ``on_close(loop, summary)`` before the summary prints."""
+
+    def on_start(self, loop: FrameLoop) -> None:
+        pass
+
+    def on_result(self, loop: FrameLoop, feed: SourceFeed, result: FrameResult) -> None:
+        pass
+
+    def on_batch(self, loop: FrameLoop, size: int, infer_ms: float) -> None:
+        pass
+
+    def status(self, loop: FrameLoop) -> str:
+        return ""
+
+    def on_close(self, loop: FrameLoop, summary: RunSummary) -> None:
+        pass
+
+
+class FrameLoop:
+    """The frame loop of ``python -m runtime.run``: owns the sources (one :class:`SourceFeed` each), the outputs,
+    the summary, the status line and the hooks; one inference loop batches frames across sources.
+
+    Each pass takes at most one frame per source (the newest for live ones, the next for files), waiting up to
+    ``batch_timeout_ms`` after the first frame for the other running sources, up to ``max_batch`` frames; one
+    frame is classified with ``predict``, several with ``predict_batch`` in one backend call. Results are routed
+    back to their source (smoothing is per source) and written to every output. Setup happens in :func:`run`.
+    """
+
+    def __init__(self, clf: Any, feeds: list[SourceFeed], outputs: list[Output], summary: RunSummary, *,
+                 status_line: StatusLine, err: TextIO, stop: threading.Event, cond: threading.Condition,
+                 on_output_error: str = "stop", max_frames: int | None = None, batch_timeout_ms: float = 5.0,
+                 max_batch: int | None = None, hooks: list[LoopHook] | None = None) -> None:
+        self.clf, self.feeds, self.outputs, self.summary = clf, feeds, outputs, summary
+        self.status_line, self.err, self.stop, self._cond = status_line, err, stop, cond
+        self.on_output_error, self.max_frames = on_output_error, max_frames
+        self.batch_timeout = batch_timeout_ms / 1e3
+        backend_max = getattr(getattr(clf, "backend", None), "max_batch", None) or getattr(clf, "max_batch", None)
+        limit = max_batch or (backend_max if backend_max else getattr(clf, "batch_size", 8))
+        self.max_batch = max(1, min(int(limit), len(feeds)))
+        self.can_batch = self.max_batch > 1 and hasattr(clf, "predict_batch")
+        self.hooks: list[LoopHook] = list(hooks or [])
+        self.broken: dict[int, str] = {}  # output index -> why it failed
+        self.console = any(o.describe() == "stdout" for o in outputs)
+        self._recent: deque[float] = deque(maxlen=60)
+        self._rr = 0  # round-robin start, so no source is always first in (or left out of) a batch
+        self.started = 0.0
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.started if self.started else 0.0
+
+    # collecting a batch ------------------------------------------------------------------------------------------
+    def _collect(self) -> list[tuple[SourceFeed, Frame]] | None:
+        """Up to one frame per source; None when every source is done and drained."""
+        with self._cond:
+            deadline: float | None = None
+            while not self.stop.is_set():
+                ready = [f for f in self.feeds if f.pending]
+                if not ready and all(f.done for f in self.feeds):
+                    return None
+                waiting_for = [f for f in self.feeds if not f.pending and f.state == "running"]
+                now = time.perf_counter()
+                if ready and (len(ready) >= self.max_batch or not waiting_for):
+                    break
+                if ready and deadline is None:
+                    deadline = now + self.batch_timeout
+                if ready and now >= deadline:  # type: ignore[operator]
+                    break
+                self._cond.wait(timeout=min(0.1, deadline - now) if deadline is not None else 0.1)
+            else:
+                return []
+            n = len(self.feeds)
+            order = [self.feeds[(self._rr + i) % n] for i in range(n)]
+            self._rr = (self._rr + 1) % n
+            batch = [(f, f.pending.popleft()) for f in order if f.pending][: self.max_batch]
+            self._cond.notify_all()  # file feeders waiting for room
+            return batch
+
+    # classifying -------------------------------------------------------------------------------------------------
+    def _classify_batch(self, batch: list[tuple[SourceFeed, Frame]]) -> list[FrameResult]:
+        good = [(f, fr) for f, fr in batch if fr.error is None]
+        if len(good) <= 1 or not self.can_batch:
+            return [_classify(self.clf, fr, f.smoother, f.live) for f, fr in batch]
+        from runtime.errors import InputError
+
+        results: dict[int, FrameResult] = {}
+        xs = [fr.prepared if fr.prepared is not None else fr.image for _, fr in good]
+        try:
+            preds = self.clf.predict_batch(xs, on_error="keep", sources=[fr.source for _, fr in good])
+        except Exception:  # noqa: BLE001 - a batch that fails as a whole: classify one by one, each error its own
+            return [_classify(self.clf, fr, f.smoother, f.live) for f, fr in batch]
+        now = time.time()
+        for (f, fr), pred in zip(good, preds, strict=True):
+            if isinstance(pred, BaseException):
+                extra = "" if isinstance(pred, (InputError, OSError)) else f" ({type(pred).__name__})"
+                results[id(fr)] = FrameResult(fr, None, _error_text(pred, fr) + extra, fr.prepare_ms)
+                continue
+            if f.smoother is not None:
+                pred = f.smoother.update(pred)
+            latency = (now - fr.timestamp) * 1e3 if f.live else fr.prepare_ms + pred.timings.get("total", 0.0)
+            results[id(fr)] = FrameResult(fr, pred, None, latency)
+        return [results[id(fr)] if id(fr) in results else _classify(self.clf, fr, f.smoother, f.live)
+                for f, fr in batch]
+
+    # outputs -----------------------------------------------------------------------------------------------------
+    def _output_failed(self, i: int, o: Output, e: BaseException) -> None:
+        msg = str(e) if isinstance(e, OutputWriteError) else f"{o.describe()}: {type(e).__name__}: {e}"
+        self.broken[i] = msg
+        self.summary.output_errors.append(msg)
+        self.status_line.clear()
+        if len(self.broken) == len(self.outputs):
+            then = "no output left, stopping"
+        elif self.on_output_error == "stop":
+            then = "stopping (--on-output-error continue keeps going without it)"
+        else:
+            then = "disabled, the run goes on"
+        print(f"[run] output failed: {msg}; {then}", file=self.err, flush=True)
+
+    def _status_text(self, result: FrameResult) -> str:
+        s = self.summary
+        fps_text = f"{result.fps:5.1f}" if result.fps else "    -"
+        invalid_text = f"  invalid {s.invalid} ({s.invalid_text()})" if s.invalid else ""
+        if len(self.feeds) == 1:
+            f = self.feeds[0]
+            tail = f"  dropped {f.total_dropped}  reconnects {f.total_reconnects}"
+        else:
+            tail = "  | " + " | ".join(f.status_text() for f in self.feeds)
+        text = (f"[run] {s.frames} frames  {fps_text} fps  latency {result.latency_ms:6.1f} ms  "
+                f"errors {s.errors}{invalid_text}{tail}")
+        for h in self.hooks:
+            extra = h.status(self)
+            if extra:
+                text += "  " + extra
+        return text
+
+    def _deliver(self, feed: SourceFeed, result: FrameResult) -> str | None:
+        """Count, write and report one result; returns why the run must stop, or None."""
+        self.summary.add(result)
+        feed.count(result)
+        self._recent.append(time.perf_counter())
+        if len(self._recent) > 1 and self._recent[-1] > self._recent[0]:
+            result.fps = (len(self._recent) - 1) / (self._recent[-1] - self._recent[0])
+        if self.console:
+            self.status_line.clear()
+        for i, o in enumerate(self.outputs):
+            if i in self.broken:
+                continue
+            try:
+                o.write(result)
+            except Exception as e:  # noqa: BLE001 - full disk, dead window: said; the others still get it
+                self._output_failed(i, o, e)
+        for h in self.hooks:
+            h.on_result(self, feed, result)
+        self.status_line.update(self._status_text(result), force=self.console)
+        if self.broken and (self.on_output_error == "stop" or len(self.broken) == len(self.outputs)):
+            return "output-error"  # with "continue", when no output is left to write to
+        if any(o.stop_requested for i, o in enumerate(self.outputs) if i not in self.broken):
+            return "window"
+        if self.max_frames and self.summary.frames >= self.max_frames:
+            return "max-frames"
+        return None
+
+    # the loop ----------------------------------------------------------------------------------------------------
+    def run(self) -> RunSummary:
+        summary = self.summary
+        self.started = time.perf_counter()
+        for h in self.hooks:
+            h.on_start(self)
+        for f in self.feeds:
+            f.start()
+        try:
+            while not self.stop.is_set():
+                batch = self._collect()
+                if batch is None:
+                    break
+                if not batch:
+                    continue
+                t0 = time.perf_counter()
+                results = self._classify_batch(batch)
+                summary.batches += 1
+                for h in self.hooks:
+                    h.on_batch(self, len(batch), (time.perf_counter() - t0) * 1e3)
+                why = None
+                for (feed, _), result in zip(batch, results, strict=True):
+                    why = self._deliver(feed, result)
+                    if why:
+                        break
+                if why:
+                    summary.stopped_by = why
+                    break
+            if self.stop.is_set() and summary.stopped_by == "end":
+                summary.stopped_by = "signal"
+        except Exception as e:  # noqa: BLE001 - a bug must not lose what was written: close outputs, say what happened
+            summary.stopped_by, summary.internal_error = "internal-error", f"{type(e).__name__}: {e}"
+            self.status_line.clear()
+            traceback.print_exc(file=self.err)
+        finally:
+            self.finish()
+        return summary
+
+    def finish(self) -> None:
+        summary = self.summary
+        summary.elapsed_s = self.elapsed_s
+        self.stop.set()  # ends every feeder (shared with the sources)
+        for f in self.feeds:
+            try:
+                f.close()
+            except Exception as e:  # noqa: BLE001 - one source's close must not cost the others' or the outputs
+                print(f"[run] {f.name}: cannot close: {type(e).__name__}: {e}", file=self.err)
+        summary.dropped = sum(f.total_dropped for f in self.feeds)
+        summary.reconnects = sum(f.total_reconnects for f in self.feeds)
+        summary.streams = [f.to_dict(summary.elapsed_s) for f in self.feeds]
+        failed = [f for f in self.feeds if f.state == "failed"]
+        if failed and summary.source_error is None:
+            summary.source_error = "; ".join(f"{f.name}: {f.error}" for f in failed)
+            if len(self.feeds) == 1 and summary.stopped_by == "end":
+                summary.stopped_by = "source-error"
+        for i, o in enumerate(self.outputs):
+            try:
+                o.close()
+            except Exception as e:  # noqa: BLE001 - e.g. the final sync of a records file
+                if i not in self.broken:
+                    self._output_failed(i, o, e)
+        summary.outputs = [o.describe() + (" (FAILED)" if i in self.broken else "")
+                           for i, o in enumerate(self.outputs)]
+        for h in self.hooks:
+            try:
+                h.on_close(self, summary)
+            except Exception as e:  # noqa: BLE001
+                print(f"[run] {type(h).__name__}: {type(e).__name__}: {e}", file=self.err)
+
+
+def run(source: str | list[str], *, model: str | None = None, backend: str = "auto",
+        threshold: float | str | None = None, smoothing: int = 0, outputs: list[str] | None = None,
+        headless: bool = False, max_frames: int | None = None, loop: bool = False, quiet: bool = False,
+        threads: int | None = None, classifier: Any = None, stop_event: threading.Event | None = None,
+        capture_factory: Any = None, err: TextIO | None = None, out: TextIO | None = None, status: bool = True,
+        on_output_error: str = "stop", self_check: bool | None = None, batch_timeout_ms: float = 5.0,
+        max_batch: int | None = None, hooks: list[LoopHook] | None = None,
+        backoff: tuple[float, float] = (0.5, 10.0)) -> RunSummary:
+    """Classify every frame of ``source`` (one SRC, a list of them, or ``*.streams`` files) and write results to
+    ``outputs``; returns the run's summary, whose ``exit_code`` says how it went (``EXIT_CODES``).
 
     Setup problems (bad argument, unknown source, missing model, failed self-check, unusable output) raise before
-    anything runs; once running, bad frames become error records and only ``stop_event`` (or the end of the
-    source, ``max_frames``, a closed window, a failed output with ``on_output_error="stop"``) ends the loop. An
-    unexpected error inside the loop ends it too: traceback on ``err``, outputs closed, summary returned with
+    anything runs; once running, bad frames become error records and only ``stop_event`` (or the end of every
+    source, ``max_frames``, a closed window, a failed output with ``on_output_error="stop"``) ends the loop. With
+    several sources, a live one that cannot be opened or fails is retried with ``backoff`` while the others go on.
+    An unexpected error inside the loop ends it too: traceback on ``err``, outputs closed, summary returned with
     ``stopped_by="internal-error"``. ``self_check`` goes to :class:`~runtime.classifier.Classifier` (None: its
-    automatic choice).
+    automatic choice). ``hooks`` (:class:`LoopHook`) see every result.
     """
     err = err or sys.stderr
-    _check_args(smoothing, max_frames, threads, on_output_error)
+    _check_args(smoothing, max_frames, threads, on_output_error, batch_timeout_ms)
     stop = stop_event or threading.Event()
-    spec = parse_source(source)  # fail fast on a typo before loading the model
+    uris = expand_sources(source)
+    specs = [parse_source(u) for u in uris]  # fail fast on a typo before loading the model
     out_uris = list(outputs or [])
     if headless:
         out_uris = [u for u in out_uris if not str(u).lower().startswith("display://")]
@@ -363,15 +842,35 @@ def run(source: str, *, model: str | None = None, backend: str = "auto", thresho
     clf = classifier
     status_line = StatusLine(err, enabled=status)
     opened: list[Output] = []
-    src: Source | None = None
+    feeds: list[SourceFeed] = []
+    cond = threading.Condition()
+
+    def log(m: str) -> None:
+        status_line.clear()
+        print(f"[source] {m}", file=err, flush=True)
+
     try:
         for uri in out_uris:
             opened.append(open_output(uri, stream=out))
         needs_image = any(getattr(o, "needs_image", False) for o in opened)
-        src = open_source(source, loop=loop, prepare=clf.prepare, keep_image=needs_image,
-                          capture_factory=capture_factory, stop_event=stop,
-                          log=lambda m: (status_line.clear(), print(f"[source] {m}", file=err, flush=True)))
+        for uri, spec in zip(uris, specs, strict=True):
+            def opener(uri: str = uri) -> Source:
+                return open_source(uri, loop=loop, prepare=clf.prepare, keep_image=needs_image,
+                                   capture_factory=capture_factory, stop_event=stop, log=log, backoff=backoff)
+
+            try:
+                src: Source | None = opener()
+            except OSError as e:
+                if len(uris) == 1 or not spec.is_live:
+                    raise
+                # One of several cameras down at start: the station runs with the others and keeps trying.
+                log(f"{redact(uri)}: cannot open ({e}); retrying in the background")
+                src = None
+            feeds.append(SourceFeed(uri, spec, opener, cond, stop, log, backoff=backoff, src=src))
     except BaseException:
+        for f in feeds:
+            if f.src is not None:
+                f.src.close()
         for o in opened:
             try:
                 o.close()
@@ -380,104 +879,43 @@ def run(source: str, *, model: str | None = None, backend: str = "auto", thresho
         if own_classifier:
             clf.close()
         raise
+    first = next((f.src for f in feeds if f.src is not None), None)
     for o in opened:
         if isinstance(o, VideoOutput) and o.frames == 0:
             # The source's own rate when known; a folder of images becomes a 5 fps slideshow.
-            o.fps = src.fps or (30.0 if src.is_live else 5.0)
+            o.fps = (first.fps if first is not None else None) or (30.0 if specs[0].is_live else 5.0)
 
-    smoother = None
     if smoothing and smoothing > 1:
-        if spec.kind in ("video", "camera", "stream"):
-            smoother = ProbabilitySmoother(clf, smoothing)
-        else:
-            print(f"[run] --smoothing {smoothing} ignored: it averages over consecutive video frames, and "
-                  f"{source} is {spec.kind}", file=err)
+        for f in feeds:
+            if f.spec.kind in ("video", "camera", "stream", "gst"):
+                f.smoother = ProbabilitySmoother(clf, smoothing)
+            else:
+                print(f"[run] --smoothing {smoothing} ignored for {f.name}: it averages over consecutive video "
+                      f"frames, and {f.name} is {f.spec.kind}", file=err)
 
     for o in opened:
         moved = getattr(o, "diverted_from", None)
         if moved is not None:
             print(f"[run] {moved} has other columns (another program's, or an older version's): appending to "
                   f"{o.path} instead", file=err)
-    summary = RunSummary(source=f"{source} ({spec.kind})", model=clf.describe(),
-                         outputs=[o.describe() for o in opened])
-    console = any(o.describe() == "stdout" for o in opened)
+    names = ", ".join(f"{f.name} ({f.spec.kind})" for f in feeds)
+    summary = RunSummary(source=names, model=clf.describe(), outputs=[o.describe() for o in opened])
+    frame_loop = FrameLoop(clf, feeds, opened, summary, status_line=status_line, err=err, stop=stop, cond=cond,
+                           on_output_error=on_output_error, max_frames=max_frames, batch_timeout_ms=batch_timeout_ms,
+                           max_batch=max_batch, hooks=hooks)
     print(f"[run] {clf.describe()}", file=err)
-    print(f"[run] source {source} ({spec.kind}{', live' if src.is_live else ''}); outputs: "
-          f"{', '.join(summary.outputs) or 'none'}; Ctrl-C to stop", file=err, flush=True)
-    recent: deque[float] = deque(maxlen=60)
-    broken: dict[int, str] = {}  # output index -> why it failed
-
-    def output_failed(i: int, o: Output, e: BaseException) -> None:
-        msg = str(e) if isinstance(e, OutputWriteError) else f"{o.describe()}: {type(e).__name__}: {e}"
-        broken[i] = msg
-        summary.output_errors.append(msg)
-        status_line.clear()
-        if len(broken) == len(opened):
-            then = "no output left, stopping"
-        elif on_output_error == "stop":
-            then = "stopping (--on-output-error continue keeps going without it)"
-        else:
-            then = "disabled, the run goes on"
-        print(f"[run] output failed: {msg}; {then}", file=err, flush=True)
-
-    t_start = time.perf_counter()
+    if len(feeds) == 1:
+        f = feeds[0]
+        live = ", live" if f.live else ""
+        print(f"[run] source {f.name} ({f.spec.kind}{live}); outputs: {', '.join(summary.outputs) or 'none'}; "
+              "Ctrl-C to stop", file=err, flush=True)
+    else:
+        print(f"[run] {len(feeds)} sources: {names}; batches of up to {frame_loop.max_batch} "
+              f"(waiting at most {batch_timeout_ms:g} ms for the others); outputs: "
+              f"{', '.join(summary.outputs) or 'none'}; Ctrl-C to stop", file=err, flush=True)
     try:
-        frames = iter(src)
-        while not stop.is_set():
-            try:
-                frame = next(frames)
-            except StopIteration:
-                break
-            except Exception as e:  # noqa: BLE001 - a source that dies mid-run ends the run, reported, not a crash
-                summary.stopped_by, summary.source_error = "source-error", f"{type(e).__name__}: {e}"
-                break
-            result = _classify(clf, frame, smoother, src.is_live)
-            summary.add(result)
-            recent.append(time.perf_counter())
-            if len(recent) > 1 and recent[-1] > recent[0]:
-                result.fps = (len(recent) - 1) / (recent[-1] - recent[0])
-            if console:
-                status_line.clear()
-            for i, o in enumerate(opened):
-                if i in broken:
-                    continue
-                try:
-                    o.write(result)
-                except Exception as e:  # noqa: BLE001 - full disk, dead window: said; the others still get it
-                    output_failed(i, o, e)
-            stats = src.stats
-            fps_text = f"{result.fps:5.1f}" if result.fps else "    -"
-            invalid_text = f"  invalid {summary.invalid} ({summary.invalid_text()})" if summary.invalid else ""
-            status_line.update(
-                f"[run] {summary.frames} frames  {fps_text} fps  latency {result.latency_ms:6.1f} ms  "
-                f"errors {summary.errors}{invalid_text}  dropped {stats.dropped}  reconnects {stats.reconnects}",
-                force=console)
-            if broken and (on_output_error == "stop" or len(broken) == len(opened)):
-                summary.stopped_by = "output-error"  # with "continue", when no output is left to write to
-                break
-            if any(o.stop_requested for i, o in enumerate(opened) if i not in broken):
-                summary.stopped_by = "window"
-                break
-            if max_frames and summary.frames >= max_frames:
-                summary.stopped_by = "max-frames"
-                break
-        if stop.is_set() and summary.stopped_by == "end":
-            summary.stopped_by = "signal"
-    except Exception as e:  # noqa: BLE001 - a bug must not lose what was written: close outputs, say what happened
-        summary.stopped_by, summary.internal_error = "internal-error", f"{type(e).__name__}: {e}"
-        status_line.clear()
-        traceback.print_exc(file=err)
+        frame_loop.run()
     finally:
-        summary.elapsed_s = time.perf_counter() - t_start
-        src.close()
-        summary.dropped, summary.reconnects = src.stats.dropped, src.stats.reconnects
-        for i, o in enumerate(opened):
-            try:
-                o.close()
-            except Exception as e:  # noqa: BLE001 - e.g. the final sync of a records file
-                if i not in broken:
-                    output_failed(i, o, e)
-        summary.outputs = [o.describe() + (" (FAILED)" if i in broken else "") for i, o in enumerate(opened)]
         if own_classifier:
             clf.close()  # frees GPU buffers for TensorRT
         status_line.finish()
@@ -532,8 +970,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m runtime.run", description="Classify SEM images from a camera, stream, video or folder.",
         epilog=EPILOG + "\n" + _exit_code_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", "-s", required=True, metavar="SRC", help="camera, stream URL, video, image, folder "
-                   "or glob (see below)")
+    p.add_argument("--source", "-s", required=True, action="append", metavar="SRC",
+                   help="camera, stream URL, video, image, folder or glob (see below); repeat it, or give a "
+                   "*.streams file (one SRC per line), for several sources in one process with batched inference")
     p.add_argument("--model", "-m", metavar="M", help="ONNX model or TensorRT engine (default: the bundled model)")
     p.add_argument("--backend", "-b", default="auto", choices=("auto", "ort", "cpu", "cuda", "trt"),
                    help="inference backend (default auto: TensorRT for engines, else ONNX Runtime)")
@@ -562,6 +1001,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-status", action="store_true", help="no live status line")
     p.add_argument("--threads", type=_int_at_least(1, "ONNX Runtime threads"), metavar="N",
                    help="ONNX Runtime threads (default: physical cores)")
+    p.add_argument("--batch-timeout", type=float, default=5.0, metavar="MS",
+                   help="several sources: after the first frame, wait at most MS milliseconds for the other sources' "
+                   "frames before running the batch (default 5)")
+    p.add_argument("--max-batch", type=_int_at_least(1, "frames per inference call"), metavar="B",
+                   help="several sources: at most B frames per inference call (default: the backend's limit)")
     return p
 
 
@@ -580,7 +1024,7 @@ def main(argv: list[str] | None = None) -> int:
                       smoothing=args.smoothing, outputs=args.output, headless=args.headless,
                       max_frames=args.max_frames, loop=args.loop, quiet=args.quiet, threads=args.threads,
                       stop_event=stop, status=not args.no_status, on_output_error=args.on_output_error,
-                      self_check=args.self_check)
+                      self_check=args.self_check, batch_timeout_ms=args.batch_timeout, max_batch=args.max_batch)
     except KeyboardInterrupt:
         print("[run] interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

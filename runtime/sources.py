@@ -85,6 +85,15 @@ class SourceSpec:
 
 
 # ------------------------------------------------------------------------------------------------ parsing
+_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")
+
+
+def redact(uri: str) -> str:
+    """``uri`` fit for logs, status lines and records about the source itself: ``rtsp://user:pass@host/x`` →
+    ``rtsp://***@host/x``; paths and URIs without credentials unchanged."""
+    return _USERINFO.sub(r"\1***@", str(uri))
+
+
 def _natural_key(path: str) -> list[Any]:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", path)]
 
@@ -157,6 +166,7 @@ class Source:
         self.uri = spec.uri
         self.stats = SourceStats()
         self.fps: float | None = None  # native rate when known (videos, cameras)
+        self.state = "running"  # live sources: "reconnecting" while a failed capture waits to be reopened
         # Shared with the caller when given, so a signal handler's stop reaches waits inside the source at once.
         self._stop = stop_event or threading.Event()
 
@@ -419,6 +429,7 @@ class LiveSource(Source):
                         if cap is not None:
                             cap.release()
                         cap = None
+                        self.state = "reconnecting"
                         self._log(f"{self.uri}: cannot reopen; retrying in {delay:.1f} s")
                         self._stop.wait(delay)
                         delay = min(delay * 2, self.backoff[1])
@@ -435,6 +446,7 @@ class LiveSource(Source):
                 if not ok or img is None:
                     with self._cond:
                         self.stats.reconnects += 1
+                        self.state = "reconnecting"
                     self._log(f"{self.uri}: capture failed; reopening in {delay:.1f} s")
                     cap.release()
                     cap = None
@@ -443,6 +455,7 @@ class LiveSource(Source):
                     continue
                 delay = self.backoff[0]
                 with self._cond:
+                    self.state = "running"
                     if self._latest is not None:
                         self.stats.dropped += 1
                     self._latest = Frame(index=self._index, source=self.uri, timestamp=time.time(), image=img)
@@ -464,6 +477,7 @@ class LiveSource(Source):
             if stalled and not self._stop.is_set():
                 with self._cond:
                     self.stats.reconnects += 1
+                    self.state = "reconnecting"
                 self._log(f"{self.uri}: read stalled for over {self.stall_timeout:g} s; reopening")
                 self._start_capture(None)
                 continue
