@@ -58,8 +58,11 @@ setup(
         # in its own environment. `client` is what a station needs to use a server: Classifier("grpc://...").
         "serve": ["nvidia-pytriton==0.7.0", "tritonclient[grpc]>=2.40"],
         "client": ["tritonclient[grpc]>=2.40"],
+        # Station operations (docs/plant.md): --output mqtt://... publishes results with paho-mqtt.
+        "station": ["paho-mqtt>=2.0"],
         # cuda-bindings: the tests run the real cuda-python's argument checking (without a GPU: the driver error).
-        "dev": ["pytest>=8", "ruff>=0.5", "hypothesis>=6.100", "cuda-bindings>=12.6"],
+        # paho-mqtt: the MQTT tests talk to a real broker (mosquitto) as publisher and subscriber.
+        "dev": ["pytest>=8", "ruff>=0.5", "hypothesis>=6.100", "cuda-bindings>=12.6", "paho-mqtt>=2.0"],
     },
     entry_points={
         "console_scripts": [

@@ -444,10 +444,15 @@ def open_output(uri: str | os.PathLike[str], *, fps: float | None = None, stream
         return DisplayOutput(text[len("display://"):] or "0")
     if low in ("-", "stdout", "stdout://", "console://"):
         return ConsoleOutput(stream)
+    if low.startswith(("mqtt://", "mqtts://")):  # results to an MQTT broker (runtime/mqtt.py; paho-mqtt)
+        from runtime.mqtt import MqttOutput
+
+        return MqttOutput(text)
     if low.startswith("file://"):
         text = text[len("file://"):]
     elif "://" in low:
-        raise OutputError(f"{text}: unknown output; use display://0, a .mp4/.avi file, a .jsonl or .csv file, or -")
+        raise OutputError(f"{text.split('://', 1)[0]}://...: unknown output; use display://0, mqtt://host/topic, "
+                          "a .mp4/.avi file, a .jsonl or .csv file, or -")
     suffix = Path(text).suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         return JsonlOutput(text)

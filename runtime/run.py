@@ -58,6 +58,8 @@ outputs (--output, repeatable; default: a line per frame on stdout):
   display://0   window with label/confidence/fps (needs opencv-python, not -headless)
   out.mp4       video with the overlay (.avi, .mkv too)
   res.jsonl     one JSON record per frame (appended, each record written whole); res.csv likewise; - for stdout
+  mqtt://host:1883/topic   one JSON message per result, QoS 1; journalled on disk while the broker is away, sent
+                when it is back (mqtts:// for TLS, ?ca=FILE; login from SEM_MQTT_USERNAME/SEM_MQTT_PASSWORD)
 records: {fields}.
   label is a class, "other" (rejected), "invalid" (no usable content; reason says why: blank, saturated, noise,
   defocus, out_of_range), or empty with error set (the input could not be read or classified). Record files are
