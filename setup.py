@@ -58,6 +58,8 @@ setup(
         # in its own environment. `client` is what a station needs to use a server: Classifier("grpc://...").
         "serve": ["nvidia-pytriton==0.7.0", "tritonclient[grpc]>=2.40"],
         "client": ["tritonclient[grpc]>=2.40"],
+        # Archives on Ray Data (python -m runtime.archive, docs/scale.md): Ray with pyarrow and pandas; progress bar.
+        "scale": ["ray[data]==2.60.*", "tqdm>=4.66"],
         # Station operations (docs/plant.md): --output mqtt://... publishes results with paho-mqtt.
         "station": ["paho-mqtt>=2.0"],
         # cuda-bindings: the tests run the real cuda-python's argument checking (without a GPU: the driver error).
