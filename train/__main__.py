@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
@@ -17,6 +18,7 @@ EPILOG = """examples:
   python -m train --data data/synth --out runs/synth --epochs 8
   python -m train --data data --out runs/ft --weights runs/synth/best.pt
   python -m train --data data --out runs/lite0 --resume   # continue after an interruption
+  torchrun --nproc-per-node 2 -m train --data data --out runs/ddp   # data-parallel (docs/scale.md)
 
 DATA holds train/ and val/ (test/ optional, evaluated at the end but never used for selection), each with one
 folder per class: clean bridges gaps cracks foreign_materials cmp ler other. Bad folders and files are reported
@@ -112,8 +114,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     root = logging.getLogger()
     root.setLevel(logging.INFO)
-    for h in (logging.StreamHandler(sys.stderr), logging.FileHandler(out / "train.log")):
+    # Under torchrun only rank 0 logs (and writes train.log); the other ranks show warnings and errors only.
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    handlers = (logging.StreamHandler(sys.stderr), logging.FileHandler(out / "train.log")) if main_rank else (
+        logging.StreamHandler(sys.stderr),)
+    for h in handlers:
         h.setFormatter(fmt)
+        if not main_rank:
+            h.setLevel(logging.WARNING)
         root.addHandler(h)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     try:

@@ -30,13 +30,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, Subset
 from tqdm import tqdm
 
 from runtime._atomic import atomic_write_bytes, atomic_write_text
 from runtime.contract import CLASSES, INTENSITY_MODES, ModelMetadata
 from runtime.preprocess import Intensity
 from runtime.scores import softmax
+from train import distributed
 from train.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from train.confidence import calibrate, reject_mask
 from train.data import (
@@ -320,6 +321,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     last_path, best_path = out / "last.pt", out / "best.pt"
+    # --- DDP (torchrun, train.distributed): join the group; a single process gets a no-op context. A group that
+    # torchrun restarted after a rank died (--max-restarts) resumes from last.pt on every rank.
+    ddp = distributed.setup(resolve_device(cfg.device), cfg.threads)
+    if ddp.restart and not resume and last_path.is_file():
+        log.warning("torchrun restart %d: resuming from %s", ddp.restart, last_path)
+        resume = True
+    # --- end DDP
     ckpt: dict[str, Any] | None = None
     if resume:
         ckpt = load_checkpoint(last_path)
@@ -332,7 +340,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         log.info("resuming %s from %s (epoch %d of %d done)", out, last_path, ckpt["epoch"], cfg.epochs)
     if cfg.arch not in ARCHS:
         raise ValueError(f"unknown --arch {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
-    device = resolve_device(cfg.device)
+    device = ddp.device if ddp.enabled else resolve_device(cfg.device)
     if cfg.threads > 0:
         # On a shared CPU, fewer threads than cores avoids OpenMP oversubscription (measured 3-10x slower steps).
         torch.set_num_threads(cfg.threads)
@@ -376,9 +384,18 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     loader = DataLoader(_EpochDataset(train_ds), batch_sampler=batches, num_workers=cfg.workers,
                         persistent_workers=cfg.workers > 0, pin_memory=device.startswith("cuda"),
                         generator=torch.Generator().manual_seed(cfg.seed))
-    val_loader = DataLoader(val_ds, batch_size=max(cfg.batch_size, 64), num_workers=0)
-    sampler.set(list(range(len(train_ds))), 0)
+    # DDP: each rank validates its shard; the logits are gathered, so every rank computes the same metrics.
+    val_idx = ddp.val_indices(len(val_ds)) if ddp.enabled else None
+    val_loader = DataLoader(val_ds if val_idx is None else Subset(val_ds, val_idx), batch_size=max(cfg.batch_size, 64),
+                            num_workers=0)
+    sampler.set(ddp.shard(list(range(len(train_ds))), 0, cfg.seed, shuffle=True), 0)
     steps_per_epoch = len(batches)
+    train_model = distributed.wrap(model, ddp)
+    if ddp.enabled:
+        log.info("DDP: %d processes (%s on %s), effective batch %d (%d per process), %d steps per epoch; lr %g "
+                 "(backbone) and %g (head) apply to the effective batch as given (not scaled by the process count)",
+                 ddp.world, ddp.backend, device, cfg.batch_size * ddp.world, cfg.batch_size, steps_per_epoch, cfg.lr,
+                 cfg.head_lr)
     groups = param_groups(model, cfg)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambdas(groups, cfg, steps_per_epoch))
@@ -410,6 +427,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             break
         log.info("epoch %d/%d started", epoch + 1, cfg.epochs)
         order = epoch_order(len(train_ds), epoch, cfg.seed, sample_w)
+        if ddp.enabled:  # this rank's shard: DistributedSampler reseeded by the epoch (train.distributed)
+            order = ddp.shard(order, epoch, cfg.seed, shuffle=sample_w is None)
         sampler.set(order, epoch)
         model.train()
         t_epoch = time.perf_counter()
@@ -424,7 +443,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
             with torch.autocast("cuda", enabled=use_amp):
-                logits = model(x)
+                logits = train_model(x)
                 loss = criterion(logits.float(), y)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -433,7 +452,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             scaler.step(opt)
             scaler.update()
             sched.step()
-            if pause is not None and sched.last_epoch == pause[0]:
+            if pause is not None and sched.last_epoch == pause[0] and ddp.pauses_here(pause[1]):
                 _pause(epoch + 1, sched.last_epoch, pause[1])
             if ema is not None:
                 ema.update(model)
@@ -445,9 +464,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             t_step += t0 - t1
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
         bar.close()
+        if ddp.enabled:  # train metrics over all ranks
+            loss_sum, correct, seen = ddp.sum(loss_sum, correct, seen)
         train_time = time.perf_counter() - t_epoch
         selected = ema.model if ema is not None else model
         val_logits, val_labels = predict_logits(selected, val_loader, device)
+        if ddp.enabled:
+            val_logits, val_labels = ddp.gather_rows(val_idx, val_logits, val_labels)
         val_pred = val_logits.argmax(1)
         val_loss = float(nn.functional.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(val_labels)))
         rec = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
@@ -459,6 +482,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
                "threads": torch.get_num_threads()}
         if ema is not None:
             raw_logits, _ = predict_logits(model, val_loader, device)
+            if ddp.enabled:
+                raw_logits, = ddp.gather_rows(val_idx, raw_logits)
             rec["val_macro_f1_raw"] = _macro_f1(val_labels, raw_logits.argmax(1))
         history.append(rec)
         log.info("epoch %d/%d: train loss %.3f acc %.3f | val loss %.3f acc %.3f macro-F1 %.3f | %.1f s "
@@ -466,6 +491,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
                  val_loss, rec["val_acc"], rec["val_macro_f1"], rec["epoch_s"], 100 * rec["data_frac"])
         state = {"epoch": epoch + 1, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                  "rng": get_rng_state(), "history": history, "args": args_dict}
+        if not ddp.is_main:  # DDP: only rank 0 writes
+            continue
         if rec["val_macro_f1"] > max((h["val_macro_f1"] for h in history[:-1]), default=-1.0):
             save_checkpoint(best_path, selected, meta, **state)
             log.info("new best val macro-F1 %.3f → %s", rec["val_macro_f1"], best_path)
@@ -476,6 +503,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
 
     if loader.num_workers:
         del loader  # stop persistent workers before the (single-process) finalisation
+    # --- DDP: rank 0 alone calibrates and writes the final model; the others are done
+    if ddp.enabled:
+        ddp.close()
+        if not ddp.is_main:
+            return {}
+    # --- end DDP
     return finalise(cfg, out, device, history)
 
 
