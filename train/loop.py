@@ -575,7 +575,11 @@ def finalise(cfg: TrainConfig, out: Path, device: str, history: list[dict[str, A
     # The thread count actually used (train_args keeps 0 for "torch's default"): it changes the numerics, so two runs
     # of one seed repeat exactly only with the same count.
     meta = meta.with_updates(extra={"train_args": asdict(cfg), "best_epoch": best_epoch, "val_metrics": slim,
-                                    "calibration": cal, "torch_threads": torch.get_num_threads()}
+                                    "calibration": cal, "torch_threads": torch.get_num_threads(),
+                                    VAL_STATS_KEY: val_stats_from_confusion(
+                                        val_metrics["confusion_matrix"], val_metrics["rejection_on"]["rejected"],
+                                        meta.labels),
+                                    REVIEW_KEY: review_imports(cfg.data)}
                              ).validate(str(best_path))
     ckpt["metadata"] = meta.to_dict()
     buf = io.BytesIO()
@@ -608,3 +612,9 @@ def finalise(cfg: TrainConfig, out: Path, device: str, history: list[dict[str, A
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     log.info("best epoch %d: val macro-F1 %.3f → %s", best_epoch, slim["rejection_off"]["macro_f1"], best_path)
     return summary
+    # The drift alarm's reference (runtime.drift: val rejection rate and final-label mix) and the review-queue
+    # batches in the data (train.review), so the model says what it learnt from.
+    from runtime.drift import VAL_STATS_KEY, val_stats_from_confusion
+    from train.review import METADATA_KEY as REVIEW_KEY
+    from train.review import review_imports
+

@@ -71,3 +71,25 @@ def test_a_folder_that_is_not_a_class_is_an_error(queue_and_data: tuple[Path, Pa
     assert "scratches" in err and "not classes" in err
     assert len(list((q / "cracks").glob("*.png"))) == 2  # nothing moved
     assert main(["--queue", str(q), "--data", str(data / "missing")]) == 2
+
+
+@pytest.mark.slow
+def test_next_model_metadata_names_the_review_batch_and_val_statistics(tiny_dataset: Path, tmp_path: Path) -> None:
+    """A (1-epoch, 32 px) training run on a dataset with an imported review batch: its metadata carries the batch
+    fingerprint and the validation statistics the drift alarm compares with."""
+    from runtime.contract import CLASSES
+    from runtime.drift import VAL_STATS_KEY
+    from train.checkpoint import load_checkpoint
+    from train.loop import TrainConfig, train
+
+    q = tmp_path / "queue"
+    _png(q / "cracks" / "r1.png", 200)
+    rep = import_queue(q, tiny_dataset)
+    summary = train(TrainConfig(data=str(tiny_dataset), out=str(tmp_path / "run"), img_size=32, batch_size=4,
+                                threads=1, progress=False, patience=0, epochs=1))
+    extra = load_checkpoint(tmp_path / "run" / "best.pt")["metadata"]["extra"]
+    assert extra["review_imports"][0]["fingerprint"] == rep.fingerprint == summary["metadata"]["extra"][
+        "review_imports"][0]["fingerprint"]
+    vs = extra[VAL_STATS_KEY]
+    assert vs["n"] == 3 * len(CLASSES) and 0 <= vs["rejection_rate"] <= 1 and set(vs["class_mix"]) == set(CLASSES)
+    assert abs(sum(vs["class_mix"].values()) - 1) < 1e-3
