@@ -572,6 +572,12 @@ def finalise(cfg: TrainConfig, out: Path, device: str, history: list[dict[str, A
     slim = {k: val_metrics[k] for k in ("accuracy", "macro_f1", "weighted_f1", "ece", "nll")}
     slim["rejection_off"] = {k: val_metrics["rejection_off"][k] for k in ("accuracy", "macro_f1")}
     slim["rejection_on"] = val_metrics["rejection_on"]
+    # The drift alarm's reference (runtime.drift: val rejection rate and final-label mix) and the review-queue
+    # batches in the data (train.review), so the model says what it learnt from.
+    from runtime.drift import VAL_STATS_KEY, val_stats_from_confusion
+    from train.review import METADATA_KEY as REVIEW_KEY
+    from train.review import review_imports
+
     # The thread count actually used (train_args keeps 0 for "torch's default"): it changes the numerics, so two runs
     # of one seed repeat exactly only with the same count.
     meta = meta.with_updates(extra={"train_args": asdict(cfg), "best_epoch": best_epoch, "val_metrics": slim,
@@ -612,9 +618,3 @@ def finalise(cfg: TrainConfig, out: Path, device: str, history: list[dict[str, A
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     log.info("best epoch %d: val macro-F1 %.3f → %s", best_epoch, slim["rejection_off"]["macro_f1"], best_path)
     return summary
-    # The drift alarm's reference (runtime.drift: val rejection rate and final-label mix) and the review-queue
-    # batches in the data (train.review), so the model says what it learnt from.
-    from runtime.drift import VAL_STATS_KEY, val_stats_from_confusion
-    from train.review import METADATA_KEY as REVIEW_KEY
-    from train.review import review_imports
-
