@@ -61,10 +61,13 @@ setup(
         # Archives on Ray Data (python -m runtime.archive, docs/scale.md): Ray with pyarrow and pandas; progress bar.
         "scale": ["ray[data]==2.60.*", "tqdm>=4.66"],
         # Station operations (docs/plant.md): --output mqtt://... publishes results with paho-mqtt.
-        "station": ["paho-mqtt>=2.0"],
+        # --metrics-port serves Prometheus metrics with prometheus-client (docs/station.md).
+        "station": ["paho-mqtt>=2.0", "prometheus-client>=0.17"],
         # cuda-bindings: the tests run the real cuda-python's argument checking (without a GPU: the driver error).
         # paho-mqtt: the MQTT tests talk to a real broker (mosquitto) as publisher and subscriber.
-        "dev": ["pytest>=8", "ruff>=0.5", "hypothesis>=6.100", "cuda-bindings>=12.6", "paho-mqtt>=2.0"],
+        # prometheus-client: the metrics tests scrape a real --metrics-port endpoint.
+        "dev": ["pytest>=8", "ruff>=0.5", "hypothesis>=6.100", "cuda-bindings>=12.6", "paho-mqtt>=2.0",
+                "prometheus-client>=0.17"],
     },
     entry_points={
         "console_scripts": [

@@ -29,7 +29,7 @@ import math
 import os
 import stat
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -69,11 +69,14 @@ class FrameResult:
     error: str | None = None
     latency_ms: float = 0.0
     fps: float = 0.0
+    #: Fields hooks add to the record before the outputs write it (``"drift"``: runtime.drift); JSON records and
+    #: MQTT messages carry them, CSV keeps its fixed columns.
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def record(self) -> dict[str, Any]:
         p = self.prediction
         ts = self.frame.timestamp
-        return {
+        rec = {
             "source": self.frame.source,
             "frame": self.frame.index,
             "timestamp": datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds"),
@@ -87,6 +90,9 @@ class FrameResult:
             "latency_ms": round(self.latency_ms, 3),
             "error": self.error,
         }
+        if self.extra:
+            rec.update(self.extra)
+        return rec
 
 
 def _num(v: float) -> float | None:
@@ -436,10 +442,16 @@ class DisplayOutput(Output):
         return "display"
 
 
-def open_output(uri: str | os.PathLike[str], *, fps: float | None = None, stream: TextIO | None = None) -> Output:
-    """Open one OUT (see module docstring). Raises :class:`OutputError` naming the URI when it cannot be used."""
+def open_output(uri: str | os.PathLike[str], *, fps: float | None = None, stream: TextIO | None = None,
+                http: dict[str, Any] | None = None) -> Output:
+    """Open one OUT (see module docstring). Raises :class:`OutputError` naming the URI when it cannot be used.
+    ``http``: ``host`` and ``token`` for an ``http://`` live view (runtime.liveview)."""
     text = str(uri).strip()
     low = text.lower()
+    if low.startswith("http://"):  # the live view in a browser (runtime/liveview.py; stdlib http.server)
+        from runtime.liveview import LiveViewOutput
+
+        return LiveViewOutput.from_uri(text, **(http or {}))
     if low.startswith("display://"):
         return DisplayOutput(text[len("display://"):] or "0")
     if low in ("-", "stdout", "stdout://", "console://"):

@@ -26,8 +26,9 @@ from typing import Any, TextIO
 import numpy as np
 
 from runtime.contract import INVALID_LABEL
+from runtime.liveview import LOCALHOST, TOKEN_ENV, is_loopback
 from runtime.outputs import RECORD_FIELDS, FrameResult, Output, OutputWriteError, VideoOutput, gui_problem, open_output
-from runtime.sources import Frame, Source, SourceSpec, open_source, parse_source, redact
+from runtime.sources import Frame, Source, SourceSpec, open_source, parse_source, prepare_frame, redact
 
 # Exit codes: the one home for them (the --help epilog and RunSummary.exit_code use these).
 EXIT_OK = 0  # every input was classified, or was an invalid frame the quality gate refused (also after a clean stop)
@@ -362,6 +363,14 @@ def _check_args(smoothing: int, max_frames: int | None, threads: int | None, on_
 STREAMS_SUFFIX = ".streams"
 
 
+def default_threads() -> int:
+    """ONNX Runtime threads for a run when ``--threads`` is not given: the physical cores (``benchmarks.latency
+    --pipeline-only`` compares it with one core left to decoding)."""
+    from runtime.ort_backend import physical_cores
+
+    return physical_cores()
+
+
 def expand_sources(sources: str | list[str] | tuple[str, ...]) -> list[str]:
     """The SRC list a run reads: each ``--source``, with a ``*.streams`` file replaced by its lines (one URI per
     line; blank lines and ``#`` comments skipped). A source given twice is an error (records could not tell the
@@ -394,9 +403,10 @@ def expand_sources(sources: str | list[str] | tuple[str, ...]) -> list[str]:
 
 
 class SourceFeed:
-    """One source inside the frame loop: its :class:`Source`, a feeder thread moving its frames into ``pending``
-    (live sources: the newest frame only, older ones dropped and counted; files: a short queue, so decode stays
-    ahead of inference), and its state for the status line, summary and metrics.
+    """One source inside the frame loop: its :class:`Source`, a feeder thread that prepares its frames
+    (``Classifier.prepare``: grey, resize, quality gate) and moves them into ``pending`` (live sources: the newest
+    frame only, older ones dropped and counted; files: a short queue, so decode stays ahead of inference), and its
+    state for the status line, summary and metrics. Decode, preparation and inference so run in three threads.
 
     ``state``: ``connecting`` (not opened yet), ``running``, ``reconnecting`` (a live source waiting out its
     backoff), ``ended`` (end of file), ``failed`` (a file source that broke, or a live one given up on at stop),
@@ -407,8 +417,10 @@ class SourceFeed:
 
     def __init__(self, uri: str, spec: SourceSpec, opener: Callable[[], Source], cond: threading.Condition,
                  stop: threading.Event, log: Callable[[str], None], backoff: tuple[float, float] = (0.5, 10.0),
-                 src: Source | None = None) -> None:
+                 src: Source | None = None, prepare: Callable[[Any], Any] | None = None,
+                 keep_image: bool = True) -> None:
         self.uri, self.spec = uri, spec
+        self.prepare, self.keep_image = prepare, keep_image
         self.name = redact(uri)
         self._opener = opener
         self._cond, self._stop, self._log = cond, stop, log
@@ -522,6 +534,8 @@ class SourceFeed:
                 try:
                     for frame in self.src:
                         delay = self.backoff[0]
+                        # Preprocessing here: a stage of its own between decode (the source's thread) and inference
+                        prepare_frame(frame, self.prepare, self.keep_image)
                         with self._cond:
                             if self.live:
                                 if self.pending:
@@ -569,10 +583,14 @@ class SourceFeed:
 
 class LoopHook:
     """Something that watches every result without being an output (metrics, alarms). All methods optional to
-    override: ``on_start(loop)``, ``on_result(loop, feed, result)`` after the outputs were written,
+    override: ``on_start(loop)``, ``before_write(loop, feed, result)`` before the outputs write it (may add
+    ``result.extra`` fields to its record), ``on_result(loop, feed, result)`` after the outputs were written,
     ``status(loop) -> str`` appended to the status line, ``on_close(loop, summary)`` before the summary prints."""
 
     def on_start(self, loop: FrameLoop) -> None:
+        pass
+
+    def before_write(self, loop: FrameLoop, feed: SourceFeed, result: FrameResult) -> None:
         pass
 
     def on_result(self, loop: FrameLoop, feed: SourceFeed, result: FrameResult) -> None:
@@ -712,6 +730,10 @@ class FrameLoop:
         self._recent.append(time.perf_counter())
         if len(self._recent) > 1 and self._recent[-1] > self._recent[0]:
             result.fps = (len(self._recent) - 1) / (self._recent[-1] - self._recent[0])
+        for h in self.hooks:  # e.g. the drift alarm, which marks the record (runtime.drift)
+            before = getattr(h, "before_write", None)
+            if before is not None:
+                before(self, feed, result)
         if self.console:
             self.status_line.clear()
         for i, o in enumerate(self.outputs):
@@ -736,6 +758,10 @@ class FrameLoop:
     def run(self) -> RunSummary:
         summary = self.summary
         self.started = time.perf_counter()
+        for o in self.outputs:
+            attach = getattr(o, "attach", None)  # outputs that show more than results (the live view)
+            if attach is not None:
+                attach(self)
         for h in self.hooks:
             h.on_start(self)
         for f in self.feeds:
@@ -809,7 +835,9 @@ def run(source: str | list[str], *, model: str | None = None, backend: str = "au
         capture_factory: Any = None, err: TextIO | None = None, out: TextIO | None = None, status: bool = True,
         on_output_error: str = "stop", self_check: bool | None = None, batch_timeout_ms: float = 5.0,
         max_batch: int | None = None, hooks: list[LoopHook] | None = None,
-        backoff: tuple[float, float] = (0.5, 10.0)) -> RunSummary:
+        backoff: tuple[float, float] = (0.5, 10.0), metrics_port: int | None = None, host: str = LOCALHOST,
+        http_token: str | None = None, review: str | None = None, review_budget_mb: float = 1024.0,
+        review_margin: float = 0.1, drift: str = "auto", drift_config: Any = None) -> RunSummary:
     """Classify every frame of ``source`` (one SRC, a list of them, or ``*.streams`` files) and write results to
     ``outputs``; returns the run's summary, whose ``exit_code`` says how it went (``EXIT_CODES``).
 
@@ -819,7 +847,9 @@ def run(source: str | list[str], *, model: str | None = None, backend: str = "au
     several sources, a live one that cannot be opened or fails is retried with ``backoff`` while the others go on.
     An unexpected error inside the loop ends it too: traceback on ``err``, outputs closed, summary returned with
     ``stopped_by="internal-error"``. ``self_check`` goes to :class:`~runtime.classifier.Classifier` (None: its
-    automatic choice). ``hooks`` (:class:`LoopHook`) see every result.
+    automatic choice). ``hooks`` (:class:`LoopHook`) see every result. ``metrics_port`` serves Prometheus
+    metrics (:mod:`runtime.metrics`; 0 = any free port); it and ``http://`` live views without a host bind to
+    ``host``; a live view reachable from other machines needs ``http_token`` (or ``SEM_HTTP_TOKEN``).
     """
     err = err or sys.stderr
     _check_args(smoothing, max_frames, threads, on_output_error, batch_timeout_ms)
@@ -840,11 +870,15 @@ def run(source: str | list[str], *, model: str | None = None, backend: str = "au
 
         extra = {} if self_check is None else {"self_check": self_check}
         # No spinning: idle ONNX Runtime workers would busy-wait on the cores the decode thread needs.
-        classifier = Classifier(model, backend, threshold, threads=threads, spin=False, **extra)
+        classifier = Classifier(model, backend, threshold, threads=threads or default_threads(), spin=False,
+                                **extra)
     clf = classifier
     status_line = StatusLine(err, enabled=status)
     opened: list[Output] = []
     feeds: list[SourceFeed] = []
+    hooks = list(hooks or [])
+    own_hooks: list[Any] = []
+    plant: list[Any] = []  # review queue, drift alarm, MQTT state (_plant_hooks)
     cond = threading.Condition()
 
     def log(m: str) -> None:
@@ -853,12 +887,20 @@ def run(source: str | list[str], *, model: str | None = None, backend: str = "au
 
     try:
         for uri in out_uris:
-            opened.append(open_output(uri, stream=out))
-        needs_image = any(getattr(o, "needs_image", False) for o in opened)
+            opened.append(open_output(uri, stream=out, http={"host": host, "token": http_token}))
+        if metrics_port is not None:
+            from runtime.metrics import MetricsHook
+
+            own_hooks.append(MetricsHook(metrics_port, host))
+            hooks.insert(0, own_hooks[-1])  # counted before other hooks look
+        plant += _plant_hooks(clf, opened, status_line, err, review=review, review_budget_mb=review_budget_mb,
+                              review_margin=review_margin, drift=drift, drift_config=drift_config)
+        hooks += plant
+        needs_image = any(getattr(o, "needs_image", False) for o in opened) or review is not None
         for uri, spec in zip(uris, specs, strict=True):
-            def opener(uri: str = uri) -> Source:
-                return open_source(uri, loop=loop, prepare=clf.prepare, keep_image=needs_image,
-                                   capture_factory=capture_factory, stop_event=stop, log=log, backoff=backoff)
+            def opener(uri: str = uri) -> Source:  # decode only: the feeder prepares (a pipeline stage of its own)
+                return open_source(uri, loop=loop, capture_factory=capture_factory, stop_event=stop, log=log,
+                                   backoff=backoff)
 
             try:
                 src: Source | None = opener()
@@ -868,8 +910,11 @@ def run(source: str | list[str], *, model: str | None = None, backend: str = "au
                 # One of several cameras down at start: the station runs with the others and keeps trying.
                 log(f"{redact(uri)}: cannot open ({e}); retrying in the background")
                 src = None
-            feeds.append(SourceFeed(uri, spec, opener, cond, stop, log, backoff=backoff, src=src))
+            feeds.append(SourceFeed(uri, spec, opener, cond, stop, log, backoff=backoff, src=src,
+                                    prepare=clf.prepare, keep_image=needs_image))
     except BaseException:
+        for h in own_hooks + plant:
+            h.close()
         for f in feeds:
             if f.src is not None:
                 f.src.close()
@@ -906,6 +951,13 @@ def run(source: str | list[str], *, model: str | None = None, backend: str = "au
                            on_output_error=on_output_error, max_frames=max_frames, batch_timeout_ms=batch_timeout_ms,
                            max_batch=max_batch, hooks=hooks)
     print(f"[run] {clf.describe()}", file=err)
+    for h in own_hooks:
+        print(f"[run] Prometheus metrics on {h.url}" + ("" if is_loopback(h.host) else
+              " (reachable from other machines, without authentication: firewall it)"), file=err)
+    for o in opened:
+        note = getattr(o, "startup_note", None)
+        if note:
+            print(f"[run] {note}", file=err)
     if len(feeds) == 1:
         f = feeds[0]
         live = ", live" if f.live else ""
@@ -923,6 +975,45 @@ def run(source: str | list[str], *, model: str | None = None, backend: str = "au
         status_line.finish()
         print(summary.format(), file=err, flush=True)
     return summary
+
+
+def _plant_hooks(clf: Any, opened: list[Output], status_line: StatusLine, err: TextIO, *, review: str | None,
+                 review_budget_mb: float, review_margin: float, drift: str, drift_config: Any) -> list[Any]:
+    """Station operations (docs/plant.md): MQTT state in the status line, the drift alarm (``drift``: ``auto`` =
+    on when the model carries validation statistics or ``drift_config.learn`` is set, ``on``, ``off``), the
+    review queue (``review``: its folder)."""
+    from runtime.mqtt import MqttOutput, MqttStatusHook
+
+    def logger(prefix: str) -> Any:
+        def log(m: str) -> None:
+            status_line.clear()
+            print(f"[{prefix}] {m}", file=err, flush=True)
+        return log
+
+    hooks: list[Any] = []
+    mqtt_outputs = [o for o in opened if isinstance(o, MqttOutput)]
+    if mqtt_outputs:
+        hooks.append(MqttStatusHook(mqtt_outputs))
+    if drift not in ("auto", "on", "off"):
+        raise ValueError(f"drift must be auto, on or off, got {drift!r}")
+    if drift != "off":
+        from runtime.drift import DriftConfig, DriftHook, DriftMonitor
+
+        config = (drift_config or DriftConfig()).validate()
+        try:
+            monitor = DriftMonitor.from_metadata(clf.meta, config)
+        except ValueError as e:
+            if drift == "on":
+                raise ValueError(f"--drift on: {e}") from None
+            logger("drift")(f"off: {e}")
+        else:
+            hooks.append(DriftHook(monitor, log=logger("drift")))
+    if review is not None:
+        from runtime.review import ReviewQueue
+
+        hooks.append(ReviewQueue(review, budget_mb=review_budget_mb, margin=review_margin, labels=clf.labels,
+                                 model=clf.describe(), threshold=clf.threshold, log=logger("review")))
+    return hooks
 
 
 def _classify(clf: Any, frame: Frame, smoother: ProbabilitySmoother | None, live: bool) -> FrameResult:
@@ -1003,12 +1094,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-status", action="store_true", help="no live status line")
     p.add_argument("--threads", type=_int_at_least(1, "ONNX Runtime threads"), metavar="N",
                    help="ONNX Runtime threads (default: physical cores)")
+    net = p.add_argument_group("listening ports (live view, metrics)")
+    net.add_argument("--metrics-port", type=_int_at_least(0, "0 = any free port"), metavar="N",
+                     help="serve Prometheus metrics on http://HOST:N/metrics (needs prometheus-client: the station "
+                     "extra)")
+    net.add_argument("--host", default=LOCALHOST, metavar="ADDR",
+                     help=f"address the metrics port and http:// live views without a host listen on (default "
+                     f"{LOCALHOST}: this machine only; 0.0.0.0 for every interface)")
+    net.add_argument("--http-token", metavar="TOKEN", default=None,
+                     help=f"token the live view asks for (?token= or Authorization: Bearer); required when it "
+                     f"listens beyond this machine; default: ${TOKEN_ENV}")
+    plant = p.add_argument_group("review queue and drift alarm (docs/plant.md)")
+    plant.add_argument("--review", metavar="DIR", help="save rejected, invalid and low-margin frames (PNG + JSON) "
+                       "to DIR/pending/ for a person to sort; python -m train.review adds sorted ones to a dataset")
+    plant.add_argument("--review-budget", type=float, default=1024.0, metavar="MB",
+                       help="disk budget of DIR/pending/; the oldest frames are dropped first (default 1024)")
+    plant.add_argument("--review-margin", type=float, default=0.1, metavar="M",
+                       help="also save frames whose top two class probabilities are closer than M (default 0.1; "
+                       "0 = off)")
+    plant.add_argument("--drift", choices=("auto", "on", "off"), default="auto",
+                       help="drift alarm on rejection rate and class mix against the model's validation data "
+                       "(auto: when the model has those statistics or --drift-learn is given)")
+    plant.add_argument("--drift-window", type=_int_at_least(10, "classified frames"), default=500, metavar="N",
+                       help="frames in the rolling window (default 500)")
+    plant.add_argument("--drift-learn", type=_int_at_least(0, "0 = use the validation data"), default=0,
+                       metavar="N", help="take the station's first N frames as normal instead of the validation "
+                       "data (a station whose mix differs from validation, or a model without its statistics)")
+    plant.add_argument("--drift-mix-limit", default="0.25", metavar="D",
+                       help="class-mix distance (0-1) that raises the alarm, or off (default 0.25)")
     p.add_argument("--batch-timeout", type=float, default=5.0, metavar="MS",
                    help="several sources: after the first frame, wait at most MS milliseconds for the other sources' "
                    "frames before running the batch (default 5)")
     p.add_argument("--max-batch", type=_int_at_least(1, "frames per inference call"), metavar="B",
                    help="several sources: at most B frames per inference call (default: the backend's limit)")
     return p
+
+
+def _drift_config(args: argparse.Namespace) -> Any:
+    from runtime.drift import DriftConfig
+
+    mix = None if args.drift_mix_limit.strip().lower() == "off" else float(args.drift_mix_limit)
+    return DriftConfig(window=args.drift_window, min_frames=min(200, args.drift_window), mix_limit=mix,
+                       mix_clear=0.6 * mix if mix else 0.15, learn=args.drift_learn)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1026,7 +1153,10 @@ def main(argv: list[str] | None = None) -> int:
                       smoothing=args.smoothing, outputs=args.output, headless=args.headless,
                       max_frames=args.max_frames, loop=args.loop, quiet=args.quiet, threads=args.threads,
                       stop_event=stop, status=not args.no_status, on_output_error=args.on_output_error,
-                      self_check=args.self_check, batch_timeout_ms=args.batch_timeout, max_batch=args.max_batch)
+                      self_check=args.self_check, batch_timeout_ms=args.batch_timeout, max_batch=args.max_batch,
+                      metrics_port=args.metrics_port, host=args.host, http_token=args.http_token,
+                      review=args.review, review_budget_mb=args.review_budget, review_margin=args.review_margin,
+                      drift=args.drift, drift_config=_drift_config(args))
     except KeyboardInterrupt:
         print("[run] interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -226,19 +226,7 @@ class _FileSource(Source):
 
     def _finish(self, frame: Frame) -> Frame:
         """Runs in the decode thread: the caller's prepare step, errors kept on the frame."""
-        if frame.error is None and self.prepare is not None and frame.image is not None:
-            t0 = time.perf_counter()
-            try:
-                frame.prepared = self.prepare(frame.image)
-            except (InputError, OSError) as e:
-                frame.error = _named(e, frame.source)
-            except Exception as e:  # noqa: BLE001 - a frame that breaks preprocessing must not stop the stream
-                frame.error = InputError(f"{frame.source}: cannot preprocess frame {frame.index}: "
-                                         f"{type(e).__name__}: {e}")
-            frame.prepare_ms = (time.perf_counter() - t0) * 1e3
-        if not self.keep_image and frame.prepared is not None:
-            frame.image = None
-        return frame
+        return prepare_frame(frame, self.prepare, self.keep_image)
 
     def _put(self, item: Any) -> bool:
         while not self._stop.is_set():
@@ -285,6 +273,24 @@ class _FileSource(Source):
                 except queue.Empty:
                     break
             self._thread.join(timeout=5)
+
+
+def prepare_frame(frame: Frame, prepare: Prepare | None, keep_image: bool = True) -> Frame:
+    """Run ``prepare`` on ``frame.image`` into ``frame.prepared`` (timed in ``prepare_ms``); an error stays on the
+    frame, naming it. Without ``keep_image`` the decoded image is let go once prepared. Any thread may call it."""
+    if frame.error is None and prepare is not None and frame.image is not None and frame.prepared is None:
+        t0 = time.perf_counter()
+        try:
+            frame.prepared = prepare(frame.image)
+        except (InputError, OSError) as e:
+            frame.error = _named(e, frame.source)
+        except Exception as e:  # noqa: BLE001 - a frame that breaks preprocessing must not stop the stream
+            frame.error = InputError(f"{frame.source}: cannot preprocess frame {frame.index}: "
+                                     f"{type(e).__name__}: {e}")
+        frame.prepare_ms = (time.perf_counter() - t0) * 1e3
+    if not keep_image and frame.prepared is not None:
+        frame.image = None
+    return frame
 
 
 def _named(e: Exception, name: str) -> Exception:
