@@ -240,6 +240,8 @@ class DriftHook:
         return self.monitor.state
 
     def on_start(self, loop: Any) -> None:
+        if loop is not None:
+            loop.drift_state = self.state  # the one object metrics read (updated in place)
         ref = self.monitor.state.reference
         if self.monitor.has_reference:
             ref += f": rejection rate {self.monitor.p0:.1%}"
@@ -273,6 +275,9 @@ class DriftHook:
 
     def status(self, loop: Any) -> str:
         return self.monitor.status_text()
+
+    def close(self) -> None:
+        pass
 
     def on_close(self, loop: Any, summary: Any) -> None:
         st = self.state

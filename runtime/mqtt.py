@@ -509,5 +509,34 @@ class MqttOutput(Output):
         return self.config.redacted()
 
 
-__all__ = ["MqttConfig", "MqttOutput", "Journal", "parse_mqtt_uri", "is_mqtt_uri", "ENV_USERNAME", "ENV_PASSWORD",
-           "ENV_CA", "ENV_SPOOL"]
+class MqttStatusHook:
+    """Frame-loop hook of ``runtime.run``: the MQTT outputs' state (up/DOWN, results waiting in the journal) in the
+    status line."""
+
+    def __init__(self, outputs: list[MqttOutput]) -> None:
+        self.outputs = outputs
+
+    def on_start(self, loop: Any) -> None:
+        pass
+
+    def before_write(self, loop: Any, feed: Any, result: Any) -> None:
+        pass
+
+    def on_result(self, loop: Any, feed: Any, result: Any) -> None:
+        pass
+
+    def on_batch(self, loop: Any, size: int, infer_ms: float) -> None:
+        pass
+
+    def status(self, loop: Any) -> str:
+        return "  ".join(o.status_text() for o in self.outputs)
+
+    def on_close(self, loop: Any, summary: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+__all__ = ["MqttConfig", "MqttOutput", "MqttStatusHook", "Journal", "parse_mqtt_uri", "is_mqtt_uri", "ENV_USERNAME",
+           "ENV_PASSWORD", "ENV_CA", "ENV_SPOOL"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -119,3 +120,48 @@ def test_hook_marks_records_and_publishes_changes() -> None:
     assert any(m.startswith("ALARM: rejection rate") for m in logs) and "DRIFT ALARM" in hook.status(loop)
     hook.on_close(loop, None)
     assert "1 alarm(s) raised" in logs[-1]
+
+
+def drift_video(tmp_path: Path) -> Path:
+    from conftest import write_video
+
+    # 200 confident frames (dark = clean, bright = bridges, as on validation), then 150 mid-grey ones the tiny
+    # model rejects: a new kind of image the model does not know.
+    return write_video(tmp_path / "drift.avi", [0.05, 0.95] * 100 + [0.5] * 150, size=32)
+
+
+def drift_model(make_model, rate: float = 0.0) -> Path:
+    from conftest import tiny_meta
+
+    ref = {"n": 400, "rejection_rate": rate, "class_mix": {"clean": 0.5, "bridges": 0.5}}
+    return make_model("drift.onnx", meta=tiny_meta(extra={VAL_STATS_KEY: ref}))
+
+
+def test_run_raises_the_alarm_in_status_records_and_summary(make_model, tmp_path: Path) -> None:
+    import io
+    import json
+
+    from runtime.run import run
+
+    err = io.StringIO()
+    jsonl = tmp_path / "res.jsonl"
+    run(str(drift_video(tmp_path)), model=str(drift_model(make_model)), outputs=[str(jsonl)], headless=True,
+        err=err, drift_config=DriftConfig(window=100, min_frames=50), threads=1)
+    recs = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert len(recs) == 350 and recs[10]["drift"] is None and recs[100]["drift"] == "ok"
+    first = next(i for i, r in enumerate(recs) if r["drift"] == "alarm")
+    assert 200 < first < 215  # a few rejected frames past the 3% floor of a 100-frame window
+    assert recs[-1]["drift"] == "alarm"
+    text = err.getvalue()
+    assert "[drift] ALARM: rejection rate" in text and "1 alarm(s) raised" in text
+
+
+def test_run_without_validation_statistics(tiny_model: Path, image_dir: Path, tmp_path: Path) -> None:
+    import io
+
+    from runtime.run import main, run
+
+    err = io.StringIO()
+    run(str(image_dir), model=str(tiny_model), outputs=[], quiet=True, headless=True, err=err)
+    assert "[drift] off: no reference" in err.getvalue()
+    assert main(["--source", str(image_dir), "--model", str(tiny_model), "--drift", "on", "--headless"]) == 2

@@ -4,6 +4,7 @@ SEM_MQTT_REQUIRED=1 (CI) turns that skip into a failure."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -297,3 +298,23 @@ def test_tls_with_ca_file_and_an_unknown_ca_refused(broker: Broker, creds: None,
     assert out.sent == 5 and sorted(m["frame"] for m in sub.messages) == list(range(5))
     with pytest.raises(OutputError, match="TLS|certificate"):  # the system CAs do not know our test CA
         open_output(f"mqtts://localhost:{broker.tls_port}/t/tls?spool={tmp_path / 's2'}")
+
+
+def test_drift_alarm_reaches_the_broker(broker: Broker, creds: None, make_model, tmp_path: Path) -> None:
+    """A run with the drift alarm: every result message says the drift state and the alarm itself arrives on
+    <topic>/drift."""
+    from test_drift import drift_model, drift_video
+
+    from runtime.drift import DriftConfig
+    from runtime.run import run
+
+    sub = Subscriber(broker, "t/dr/#", "sub-drift")
+    run(str(drift_video(tmp_path)), model=str(drift_model(make_model)), headless=True, threads=1,
+        outputs=[_uri(broker, "t/dr", tmp_path / "spool")], drift_config=DriftConfig(window=100, min_frames=50),
+        err=io.StringIO())
+    sub.wait_for(351)
+    sub.close()
+    events = [m for m in sub.messages if "event" in m]
+    results = [m for m in sub.messages if "event" not in m]
+    assert len(results) == 350 and results[-1]["drift"] == "alarm"
+    assert [e["event"] for e in events] == ["drift_raised"] and "rejection rate" in events[0]["reason"]

@@ -118,3 +118,35 @@ def test_a_full_disk_costs_review_frames_not_the_run(tmp_path: Path, monkeypatch
     q.close()
     assert q.failed == 3 and q.saved == 0 and len(logs) == 1 and "No space left" in logs[0]
     assert "could not be saved" in q.summary_text()
+
+
+def test_run_with_review_saves_the_rejected_and_invalid_frames(clf, image_dir: Path, tmp_path: Path) -> None:
+    """Through the CLI loop: the mid-grey image the tiny model rejects is saved with its JSON; confident ones are
+    not; the corrupt one (no image) is not; names stay inside DIR."""
+    import io
+
+    from runtime.run import run
+
+    err = io.StringIO()
+    rq = tmp_path / "rq"
+    summary = run(str(image_dir), classifier=clf, outputs=[], quiet=True, headless=True, err=err, review=str(rq),
+                  review_margin=0.0)
+    assert summary.frames == 6
+    docs = [json.loads(p.read_text()) for p in sorted((rq / PENDING).glob("*.json"))]
+    assert [d["why"] for d in docs] == ["rejected"] and docs[0]["source"].endswith("img3_mid.png")
+    assert docs[0]["top_k"][0]["prob"] < 0.5 and (rq / PENDING / docs[0]["image"]).is_file()
+    assert "[review] 1 frames saved" in err.getvalue()
+    # a second run numbers on after the first (nothing overwritten)
+    run(str(image_dir), classifier=clf, outputs=[], quiet=True, headless=True, err=err, review=str(rq),
+        review_margin=0.2)
+    assert len(list((rq / PENDING).glob("*.png"))) == 2
+
+
+def test_review_folder_that_cannot_be_used_is_a_setup_error(tiny_model: Path, image_dir: Path,
+                                                             tmp_path: Path) -> None:
+    from runtime.run import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["--source", str(image_dir), "--model", str(tiny_model), "--headless", "--review",
+                 str(blocker / "rq")]) == 2
