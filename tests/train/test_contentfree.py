@@ -110,3 +110,25 @@ def test_fit_quality_accepts_its_own_training_images(tmp_path: Path, make_class_
         assert gate(resize_grey(load_grey(f), (32, 32))) == "", f
     small = make_class_dataset(tmp_path / "s", per_class=1, size=32, splits=())
     assert fit_quality(small, meta) is None  # too few images: defaults at runtime, training goes on
+
+
+def test_batchnorm_statistics_are_re_estimated_on_real_images(tmp_path: Path,
+                                                              make_class_dataset: Callable[..., Path]):
+    import torch
+    from torch import nn
+
+    from train.loop import recompute_batchnorm
+
+    root = make_class_dataset(tmp_path / "d", per_class=4, size=32, splits=())
+    ds = ImageFolderDataset(root, (32, 32), MEAN, STD)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Flatten())
+    bn = model[1]
+    bn.running_mean.fill_(50.0)  # as if content-free frames had skewed them
+    bn.running_var.fill_(1e4)
+    n = recompute_batchnorm(model, ds, "cpu", seed=0, batches=2, batch_size=16)
+    assert n == 32 and not model.training and bn.momentum == 0.1
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad():
+        conv = model[0](x)
+    torch.testing.assert_close(bn.running_mean, conv.mean((0, 2, 3)), rtol=1e-3, atol=1e-4)
+    assert torch.allclose(bn.running_var, conv.var((0, 2, 3)), rtol=0.1)
