@@ -1,0 +1,64 @@
+"""``python -m benchmarks.archive`` end to end on a few small images: generated once, the single-process runner and
+the Ray job both give a row per image, and the table reports throughput, CPU and memory; the /proc sampler sees a
+process's real peak memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks.archive import Monitor, generate, main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_monitor_sees_peak_memory_and_cpu_of_a_child_tree() -> None:
+    code = ("import subprocess, sys, time\n"
+            "hold = 'b = bytearray(150 << 20); import time; time.sleep(1.5)'\n"
+            "child = subprocess.Popen([sys.executable, '-c', hold])\n"
+            "t = time.process_time()\nwhile time.process_time() - t < 0.6: pass\nchild.wait()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    mon = Monitor([proc.pid], interval=0.05)
+    mon.start()
+    proc.wait(timeout=60)
+    time.sleep(0.1)
+    res = mon.stop()
+    assert res["total_peak_mb"] >= 150, res  # the grandchild's 150 MB
+    assert res["driver_peak_mb"] < 150 <= res["total_peak_mb"]
+    assert res["cpu_s"] >= 0.5, res
+
+
+def test_generate_once_and_reuse(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    folder = generate(tmp_path / "images", 5, 64, pool=2, progress=False)
+    files = sorted(folder.rglob("*.png"))
+    assert len(files) == 5 and files[0].read_bytes() == files[2].read_bytes() != files[1].read_bytes()
+    stamp = files[0].stat().st_mtime_ns
+    generate(tmp_path / "images", 5, 64, pool=2, progress=False)
+    assert files[0].stat().st_mtime_ns == stamp  # kept, not rewritten
+
+
+@pytest.mark.slow
+def test_benchmark_single_process_and_ray(tmp_path: Path) -> None:
+    try:
+        import ray  # noqa: F401
+    except ModuleNotFoundError:
+        if os.environ.get("SEM_SCALE_REQUIRED") == "1":
+            raise
+        pytest.skip("ray not installed (pip install '.[scale]')")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    assert main(["--images", "12", "--size", "96", "--out", str(tmp_path), "--runs", "single", "ray2",
+                 "--batch-size", "4", "--no-progress"]) == 0
+    report = json.loads((tmp_path / "archive_bench.json").read_text())
+    single, ray2 = report["results"]
+    assert single["rows"] == ray2["rows"] == 12 and ray2["duplicates"] == 0
+    assert ray2["model_workers"] >= 2 and ray2["worker_peak_mb"] > 50 and ray2["driver_peak_mb"] > 50
+    assert single["wall_s"] > 0 and single["cpu_s"] > 0
+    md = (tmp_path / "archive_bench.md").read_text()
+    assert "runtime.run (1 process)" in md and "runtime.archive, local (2 workers)" in md
