@@ -8,7 +8,13 @@
 ``wafer.png``                       one image
 ``samples/``                        every image under a folder (recursive, natural sort order)
 ``'shots/*.tif'``, ``'d/**/*.png'`` a glob of images (sorted)
+``csi://0?width=1920&fps=30``       Jetson CSI camera through nvarguscamerasrc (live; GStreamer OpenCV only)
+``gst://<pipeline>``                a GStreamer pipeline ending in appsink (live; GStreamer OpenCV only)
 =================================  ===========================================================================
+
+``csi://`` and ``gst://`` need an OpenCV built with GStreamer (JetPack's ``python3-opencv`` is; the pip wheels are
+not): without it they fail before anything runs, naming this OpenCV's video I/O backends. A ``gst://`` pipeline
+without ``appsink`` gets ``! videoconvert ! video/x-raw,format=BGR ! appsink drop=1 max-buffers=1`` appended.
 
 Live sources run a capture thread that keeps only the newest frame: frames the classifier had no time for are
 dropped (and counted) rather than queued, so latency stays one frame. A live source that fails or stalls is reopened
@@ -81,17 +87,91 @@ class SourceSpec:
 
     @property
     def is_live(self) -> bool:
-        return self.kind in ("camera", "stream")
+        return self.kind in ("camera", "stream", "gst")
 
 
 # ------------------------------------------------------------------------------------------------ parsing
-_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")
+_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")
+_GST_SECRET = re.compile(r"\b(user-id|user-pw|password|passwd)=(\"[^\"]*\"|\S+)", re.IGNORECASE)
 
 
 def redact(uri: str) -> str:
     """``uri`` fit for logs, status lines and records about the source itself: ``rtsp://user:pass@host/x`` →
-    ``rtsp://***@host/x``; paths and URIs without credentials unchanged."""
-    return _USERINFO.sub(r"\1***@", str(uri))
+    ``rtsp://***@host/x`` (also inside a ``gst://`` pipeline, whose ``user-pw=`` and the like become ``***``);
+    paths and URIs without credentials unchanged."""
+    text = _USERINFO.sub(r"\1***@", str(uri))
+    return _GST_SECRET.sub(r"\1=***", text) if text.lower().startswith("gst://") else text
+
+
+# ------------------------------------------------------------------------------------------------ GStreamer
+GST_APPSINK = "videoconvert ! video/x-raw,format=BGR ! appsink drop=1 max-buffers=1"
+CSI_DEFAULTS = {"width": 1920, "height": 1080, "fps": 30, "flip": 0}
+
+
+def opencv_video_io(build_info: str | None = None) -> dict[str, str]:
+    """This OpenCV's video I/O backends and their status (``{"FFMPEG": "YES", "GStreamer": "NO", ...}``), from
+    ``cv2.getBuildInformation()``."""
+    info = cv2.getBuildInformation() if build_info is None else build_info
+    out: dict[str, str] = {}
+    in_video = False
+    for line in info.splitlines():
+        if line.strip() == "Video I/O:":
+            in_video = True
+            continue
+        if in_video:
+            if not line.strip():
+                break
+            if line.startswith("    ") and not line.startswith("      ") and ":" in line:
+                key, value = line.split(":", 1)
+                out[key.strip()] = value.strip()
+    return out
+
+
+def gstreamer_problem(build_info: str | None = None) -> str | None:
+    """Why this OpenCV cannot open GStreamer pipelines (naming its video I/O backends), or None when it can."""
+    backends = opencv_video_io(build_info)
+    if backends.get("GStreamer", "NO").upper().startswith("YES"):
+        return None
+    have = ", ".join(f"{k} {v.split()[0] if v else '?'}" for k, v in backends.items()) or "none listed"
+    return (f"this OpenCV ({cv2.__version__}) was built without GStreamer (video I/O: {have}); csi:// and gst:// "
+            "need one that has it: on Jetson, JetPack's python3-opencv (make the venv with "
+            "--system-site-packages and pip uninstall opencv-python-headless), elsewhere an OpenCV built with "
+            "-DWITH_GSTREAMER=ON. Without GStreamer use the V4L2 device (/dev/videoN) or an rtsp:// URL")
+
+
+def gst_pipeline(uri: str) -> str:
+    """The GStreamer pipeline for ``csi://N[?width=&height=&fps=&flip=]`` or ``gst://<pipeline>`` (ending in an
+    appsink OpenCV can read BGR frames from). Raises ``ValueError`` for a malformed URI."""
+    import urllib.parse
+
+    text = str(uri).strip()
+    low = text.lower()
+    if low.startswith("gst://"):
+        pipe = text[len("gst://"):].strip()
+        if not pipe:
+            raise ValueError("gst://: empty pipeline; e.g. gst://videotestsrc ! appsink")
+        if "appsink" not in pipe:
+            pipe = f"{pipe} ! {GST_APPSINK}"
+        return pipe
+    if not low.startswith("csi://"):
+        raise ValueError(f"{text}: not a csi:// or gst:// source")
+    parts = urllib.parse.urlsplit(text)
+    sensor = (parts.netloc + parts.path).strip("/") or "0"
+    if not sensor.isdigit():
+        raise ValueError(f"{text}: the CSI sensor must be a number (csi://0, csi://1)")
+    opts: dict[str, int] = dict(CSI_DEFAULTS)
+    for key, values in urllib.parse.parse_qs(parts.query, keep_blank_values=True).items():
+        if key not in opts:
+            raise ValueError(f"{text}: unknown option {key!r}; use {', '.join(CSI_DEFAULTS)}")
+        try:
+            opts[key] = int(values[-1])
+        except ValueError:
+            raise ValueError(f"{text}: {key} must be a whole number, got {values[-1]!r}") from None
+        if opts[key] < (0 if key == "flip" else 1) or (key == "flip" and opts[key] > 7):
+            raise ValueError(f"{text}: {key}={opts[key]} is out of range")
+    return (f"nvarguscamerasrc sensor-id={int(sensor)} ! video/x-raw(memory:NVMM),width={opts['width']},"
+            f"height={opts['height']},framerate={opts['fps']}/1 ! nvvidconv flip-method={opts['flip']} ! "
+            f"video/x-raw,format=BGRx ! {GST_APPSINK}")
 
 
 def _natural_key(path: str) -> list[Any]:
@@ -119,9 +199,12 @@ def parse_source(uri: str | os.PathLike[str] | int) -> SourceSpec:
     if low.startswith("v4l2://"):
         dev = text[len("v4l2://"):]
         return SourceSpec("camera", dev if dev.startswith("/") else "/" + dev, text)
-    if low.startswith("csi://"):
-        raise ValueError(f"{text}: CSI cameras need a GStreamer-enabled OpenCV (Jetson); pass the V4L2 device "
-                         "(/dev/videoN) or an rtsp:// stream instead")
+    if low.startswith(("csi://", "gst://")):
+        pipeline = gst_pipeline(text)  # a malformed URI is named first, whatever this OpenCV can do
+        problem = gstreamer_problem()
+        if problem:
+            raise ValueError(f"{redact(text)}: {problem}")
+        return SourceSpec("gst", pipeline, text)
     if low.startswith(STREAM_SCHEMES):
         return SourceSpec("stream", text, text)
     if "://" in text and not low.startswith("file://"):
@@ -192,7 +275,10 @@ class Source:
 
 
 def _default_capture(location: Any) -> Any:
-    """cv2.VideoCapture for a file, device path, camera index or URL, with timeouts where OpenCV supports them."""
+    """cv2.VideoCapture for a file, device path, camera index, URL or GStreamer pipeline, with timeouts where
+    OpenCV supports them."""
+    if isinstance(location, str) and "appsink" in location and "!" in location:
+        return cv2.VideoCapture(location, cv2.CAP_GSTREAMER)
     if isinstance(location, str) and location.lower().startswith(STREAM_SCHEMES):
         params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, 10000, cv2.CAP_PROP_READ_TIMEOUT_MSEC, 5000]
         return cv2.VideoCapture(location, cv2.CAP_FFMPEG, params)
@@ -389,6 +475,7 @@ class LiveSource(Source):
                  stall_timeout: float = 5.0, backoff: tuple[float, float] = (0.5, 10.0),
                  log: Callable[[str], None] | None = None, stop_event: threading.Event | None = None) -> None:
         super().__init__(spec, stop_event)
+        self.uri = redact(spec.uri)  # frames, records and logs name the stream without its login
         self._factory = capture_factory or _default_capture
         self.stall_timeout = stall_timeout
         self.backoff = backoff
@@ -404,7 +491,7 @@ class LiveSource(Source):
         if cap is None or not cap.isOpened():
             if cap is not None:
                 cap.release()
-            raise OSError(5, "cannot open camera or stream", str(spec.uri))
+            raise OSError(5, "cannot open camera or stream", self.uri)
         fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
         self.fps = fps if 0 < fps < 1000 else None
         self._start_capture(cap)
