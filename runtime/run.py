@@ -413,7 +413,7 @@ class SourceFeed:
     ``stopped``. A live source that fails is reopened with backoff for as long as the run lasts; the others go on.
     """
 
-    FILE_QUEUE = 2
+    FILE_QUEUE = 4  # prepared frames a file source may have waiting (also the most one batch takes from it)
 
     def __init__(self, uri: str, spec: SourceSpec, opener: Callable[[], Source], cond: threading.Condition,
                  stop: threading.Event, log: Callable[[str], None], backoff: tuple[float, float] = (0.5, 10.0),
@@ -626,8 +626,10 @@ class FrameLoop:
         self.batch_timeout = batch_timeout_ms / 1e3
         backend_max = getattr(getattr(clf, "backend", None), "max_batch", None) or getattr(clf, "max_batch", None)
         limit = max_batch or (backend_max if backend_max else getattr(clf, "batch_size", 8))
-        self.max_batch = max(1, min(int(limit), len(feeds)))
-        self.can_batch = self.max_batch > 1 and hasattr(clf, "predict_batch")
+        self.limit = max(1, int(limit))  # frames per inference call
+        self.max_batch = min(self.limit, len(feeds))  # a frame of each source: what a pass waits for
+        # Only a classifier whose class has predict_batch (a wrapper that overrides predict alone keeps its say).
+        self.can_batch = self.limit > 1 and any("predict_batch" in vars(k) for k in type(clf).__mro__)
         self.hooks: list[LoopHook] = list(hooks or [])
         self.broken: dict[int, str] = {}  # output index -> why it failed
         self.console = any(o.describe() == "stdout" for o in outputs)
@@ -641,7 +643,9 @@ class FrameLoop:
 
     # collecting a batch ------------------------------------------------------------------------------------------
     def _collect(self) -> list[tuple[SourceFeed, Frame]] | None:
-        """Up to one frame per source; None when every source is done and drained."""
+        """A frame of each source that has one (waiting up to the batch timeout for the others), topped up with
+        more frames already waiting from file sources (they are every frame, in order, so a backlog is classified
+        in fewer, larger calls); None when every source is done and drained."""
         with self._cond:
             deadline: float | None = None
             while not self.stop.is_set():
@@ -662,7 +666,11 @@ class FrameLoop:
             n = len(self.feeds)
             order = [self.feeds[(self._rr + i) % n] for i in range(n)]
             self._rr = (self._rr + 1) % n
-            batch = [(f, f.pending.popleft()) for f in order if f.pending][: self.max_batch]
+            limit = self.limit if self.can_batch else 1
+            batch = [(f, f.pending.popleft()) for f in order if f.pending][:limit]
+            for f in order:
+                while len(batch) < limit and f.pending and not f.live:
+                    batch.append((f, f.pending.popleft()))
             self._cond.notify_all()  # file feeders waiting for room
             return batch
 
