@@ -808,15 +808,24 @@ def importlib_util_find_spec(name: str) -> Any:
         return None
 
 
-def run_pipeline_checks(st: Settings, n_frames: int, out_dir: Path) -> dict[str, Any]:
+def run_pipeline_checks(st: Settings, n_frames: int, out_dir: Path, station: dict[str, Any] | None = None,
+                        only_station: bool = False) -> dict[str, Any]:
+    """The ``--pipeline`` measurements; ``only_station`` (``--pipeline-only``) runs just the overlap and station
+    checks (``station``: sources, fps list, seconds)."""
     threads = st.threads or envinfo.cores_available()
     precisions = [p for p in ("fp32", "int8") if p in st.precisions]
-    return {
-        "predict_vs_bare": predict_overhead(st.model, precisions, st.frame_size, st.iters, st.warmup, st.rounds,
-                                            threads),
-        "run_loop": pipeline_fps(st.model, precisions, st.frame_size, n_frames, out_dir, threads,
-                                 max(10, st.iters // 2), min(st.rounds, 3)),
-    }
+    out: dict[str, Any] = {}
+    if not only_station:
+        out["predict_vs_bare"] = predict_overhead(st.model, precisions, st.frame_size, st.iters, st.warmup,
+                                                  st.rounds, threads)
+        out["run_loop"] = pipeline_fps(st.model, precisions, st.frame_size, n_frames, out_dir, threads,
+                                       max(10, st.iters // 2), min(st.rounds, 3))
+    out["overlap"] = overlap_check(st.model, st.frame_size, n_frames, out_dir, min(st.rounds, 3))
+    if station and station.get("sources"):
+        out["station"] = station_check(st.model, station["sources"], station.get("frame_size", st.frame_size),
+                                       station.get("fps", (30.0, 0.0)), station.get("seconds", 15.0), out_dir,
+                                       station.get("rounds", 1))
+    return out
 
 
 def _verdict(meets: bool, conclusive: bool) -> str:
@@ -826,6 +835,12 @@ def _verdict(meets: bool, conclusive: bool) -> str:
 
 
 def format_pipeline(pl: dict[str, Any]) -> str:
+    if "predict_vs_bare" not in pl:
+        return format_station(pl)
+    return _format_pipeline(pl) + "\n\n" + format_station(pl)
+
+
+def _format_pipeline(pl: dict[str, Any]) -> str:
     lines = ["#### Classifier.predict on a decoded frame vs bare session.run (batch 1)", "",
              "| prec | bare session.run ms | predict ms | predict stages (median ms) | ratio (min–max) | "
              f"≤ {PREDICT_GOAL}×? |", "|---|---:|---:|---|---|---|"]
@@ -848,6 +863,283 @@ def format_pipeline(pl: dict[str, Any]) -> str:
         per = ", ".join(f"{f:.1f}" for f in r["fps_rounds"])
         lines.append(f"| {r['precision']} | {r['fps']:.1f} ({per}) | {r['bare_rate_ips']:.1f} | {r['ratio']:.2f}× "
                      f"({r['ratio_lo']:.2f}–{r['ratio_hi']:.2f}) | {_verdict(r['meets_goal'], r['conclusive'])} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ --pipeline: overlap
+OVERLAP_GOAL = 0.8  # runtime.run fps ≥ 0.8 × min(decode-only rate, Classifier.predict rate) on the same video
+
+
+def write_mjpg(path: Path, frames: Sequence[np.ndarray], count: int, fps: float = 30.0) -> Path:
+    """A grey MJPG ``.avi`` of ``count`` frames cycling through ``frames`` (what many USB/GigE cameras send)."""
+    import cv2
+
+    h, w = frames[0].shape[:2]
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h), isColor=False)
+    if not writer.isOpened():
+        raise RuntimeError(f"{tmp}: OpenCV cannot write MJPG video here")
+    try:
+        for i in range(count):
+            writer.write(frames[i % len(frames)])
+    finally:
+        writer.release()
+    os.replace(tmp, path)
+    return path
+
+
+def decode_rate(video: Path, keep: int = 30) -> tuple[float, list[np.ndarray]]:
+    """Frames per second of ``cv2.VideoCapture.read`` over the whole video, and its first ``keep`` frames."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(video))
+    kept: list[np.ndarray] = []
+    n = 0
+    t0 = time.perf_counter()
+    try:
+        while True:
+            ok, img = cap.read()
+            if not ok:
+                break
+            n += 1
+            if len(kept) < keep:
+                kept.append(img)
+    finally:
+        cap.release()
+    return n / (time.perf_counter() - t0), kept
+
+
+def predict_rate(clf: Any, frames: Sequence[np.ndarray], n: int) -> float:
+    """Frames per second of ``Classifier.predict`` on decoded frames (cycled), one at a time."""
+    for f in frames[:3]:
+        clf.predict(f)
+    t0 = time.perf_counter()
+    for i in range(n):
+        clf.predict(frames[i % len(frames)])
+    return n / (time.perf_counter() - t0)
+
+
+def _run_seconds(sources: Sequence[Path], model: str, out_dir: Path, max_frames: int | None,
+                 threads: int | None) -> float:
+    """Wall seconds of one ``python -m runtime.run`` over ``sources`` (to their end, or ``max_frames``)."""
+    import subprocess
+
+    jsonl = out_dir / "overlap-run.jsonl"
+    jsonl.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "runtime.run", "--model", model, "--output", str(jsonl), "--headless", "--quiet",
+           "--no-status"]
+    for s in sources:
+        cmd += ["--source", str(s)]
+    if max_frames:
+        cmd += ["--max-frames", str(max_frames)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
+    return wall
+
+
+def overlap_check(model: Path, frame_size: int, n_frames: int, out_dir: Path, rounds: int) -> dict[str, Any]:
+    """Does decoding overlap inference in ``runtime.run``? Per round, on one MJPG video: the decode-only rate,
+    ``Classifier.predict`` on its decoded frames (at the run's default threads, and with one core left over), and
+    ``runtime.run`` over the whole video (default threads, and ``--threads`` = cores − 1), start-up removed by
+    subtracting a run of ``n/5`` frames. The goal's ratio = run fps / min(decode, predict), both at the defaults."""
+    from runtime import Classifier
+    from runtime.ort_backend import physical_cores
+    from runtime.run import default_threads
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frames, content = sem_frames(6, frame_size)
+    video = write_mjpg(out_dir / f"overlap_{frame_size}.avi", frames, n_frames)
+    short = max(5, n_frames // 5)
+    cores, run_threads = physical_cores(), default_threads()
+    spare = max(1, cores - 1)
+    per: dict[str, list[float]] = {k: [] for k in ("decode", "predict", "predict_spare", "run", "run_spare")}
+    clfs = {k: Classifier(str(model), backend="ort", threads=t, spin=False)
+            for k, t in (("predict", run_threads), ("predict_spare", spare))}
+    try:
+        for _ in range(max(1, rounds)):
+            rate, kept = decode_rate(video)
+            per["decode"].append(rate)
+            for k, clf in clfs.items():
+                per[k].append(predict_rate(clf, kept, min(n_frames, 150)))
+            for k, t in (("run", None), ("run_spare", spare)):
+                t_short = _run_seconds([video], str(model), out_dir, short, t)
+                t_full = _run_seconds([video], str(model), out_dir, None, t)
+                per[k].append((n_frames - short) / max(t_full - t_short, 1e-9))
+    finally:
+        for clf in clfs.values():
+            clf.close()
+
+    def ratio_rounds(run_key: str, pred_key: str) -> list[float]:
+        return [r / min(d, p) for r, d, p in zip(per[run_key], per["decode"], per[pred_key], strict=True)]
+
+    ratios = {"run": ratio_rounds("run", "predict"), "run_spare": ratio_rounds("run_spare", "predict"),
+              "run_spare_vs_same_threads": ratio_rounds("run_spare", "predict_spare")}
+    main_r = ratios["run"]
+    return {"status": "ok", "video": str(video), "codec": "MJPG", "frames": n_frames, "short_run_frames": short,
+            "content": content, "frame_size": frame_size, "physical_cores": cores, "run_default_threads": run_threads,
+            "spare_threads": spare,
+            "rates_fps": per, "medians_fps": {k: float(np.median(v)) for k, v in per.items()},
+            "ratios": {k: {"median": float(np.median(v)), "min": min(v), "max": max(v)} for k, v in ratios.items()},
+            "goal": OVERLAP_GOAL, "meets_goal": float(np.median(main_r)) >= OVERLAP_GOAL,
+            "conclusive": not (min(main_r) <= OVERLAP_GOAL <= max(main_r))}
+
+
+# ------------------------------------------------------------------------------------------------ --pipeline: station
+class PacedCapture:
+    """A stand-in camera for the station measurement: decodes a video file at ``fps`` (0: as fast as it can),
+    looping, like a camera sending MJPG. ``cv2.VideoCapture``'s interface, as ``runtime.run`` uses it."""
+
+    def __init__(self, video: str, fps: float) -> None:
+        import cv2
+
+        self._cv2 = cv2
+        self.video, self.period = video, (1.0 / fps if fps else 0.0)
+        self.cap = cv2.VideoCapture(video)
+        self.next_t = time.perf_counter()
+
+    def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
+        return self.cap is not None and self.cap.isOpened()
+
+    def read(self) -> tuple[bool, Any]:
+        if self.period:
+            now = time.perf_counter()
+            if self.next_t > now:
+                time.sleep(self.next_t - now)
+            self.next_t = max(self.next_t + self.period, time.perf_counter() - self.period)
+        ok, img = self.cap.read()
+        if not ok:
+            self.cap.set(self._cv2.CAP_PROP_POS_FRAMES, 0)
+            ok, img = self.cap.read()
+        return ok, img
+
+    def get(self, prop: int) -> float:
+        return 1.0 / self.period if self.period and prop == self._cv2.CAP_PROP_FPS else 0.0
+
+    def release(self) -> None:
+        if self.cap is not None:
+            self.cap.release()
+
+
+def station_worker(spec_json: str) -> None:
+    """One measured ``runtime.run`` process: cameras ``/dev/video9N`` that play the given videos at ``fps``, for
+    ``seconds`` after the loop starts; prints the summary (with latency percentiles) as one JSON line."""
+    import threading
+
+    from runtime.run import LoopHook, run
+
+    spec = json.loads(spec_json)
+    videos: dict[str, str] = {f"/dev/video9{i}": v for i, v in enumerate(spec["videos"])}
+    stop = threading.Event()
+    lat: list[float] = []
+
+    class Timer(LoopHook):
+        def on_start(self, loop: Any) -> None:
+            threading.Timer(spec["seconds"], stop.set).start()
+
+        def on_result(self, loop: Any, feed: Any, result: Any) -> None:
+            if result.prediction is not None:
+                lat.append(result.latency_ms)
+
+    summary = run(list(videos), model=spec["model"], outputs=[], quiet=True, status=False, stop_event=stop,
+                  capture_factory=lambda loc: PacedCapture(videos[loc], spec["fps"]), hooks=[Timer()],
+                  threads=spec.get("threads"), err=open(os.devnull, "w"))  # noqa: SIM115
+    d = summary.to_dict()
+    d["latency_p50_ms"] = float(np.percentile(lat, 50)) if lat else None
+    d["latency_p90_ms"] = float(np.percentile(lat, 90)) if lat else None
+    print(json.dumps(d))
+
+
+def _station_processes(groups: Sequence[Sequence[str]], model: str, fps: float, seconds: float,
+                       threads: int | None) -> list[dict[str, Any]]:
+    """Run one :func:`station_worker` process per group of videos, all at once; their summaries."""
+    import subprocess
+
+    procs = []
+    for g in groups:
+        spec = json.dumps({"videos": list(g), "model": model, "fps": fps, "seconds": seconds, "threads": threads})
+        code = "import sys, benchmarks.latency as b; b.station_worker(sys.argv[1])"
+        procs.append(subprocess.Popen([sys.executable, "-c", code, spec], cwd=REPO, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    out = []
+    for p in procs:
+        so, se = p.communicate(timeout=seconds + 300)
+        if p.returncode != 0:
+            raise RuntimeError(f"station worker failed ({p.returncode}): {se.strip()[-800:]}")
+        out.append(json.loads(so.strip().splitlines()[-1]))
+    return out
+
+
+def station_check(model: Path, n_sources: int, frame_size: int, fps_list: Sequence[float], seconds: float,
+                  out_dir: Path, rounds: int) -> dict[str, Any]:
+    """``n_sources`` synthetic cameras (MJPG videos played at a camera's rate, or as fast as they decode with 0):
+    all in one ``runtime.run`` process (batched across sources) vs one process per camera, run alternately in
+    the same invocation. Throughput = frames classified per second of loop time, summed over processes; latency
+    = capture-to-result age of every classified frame (p50/p90, worst process); drops = frames a camera sent that
+    the classifier had no time for."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    videos = []
+    for i in range(n_sources):
+        frames, content = sem_frames(4, frame_size, seed=100 + i)
+        videos.append(str(write_mjpg(out_dir / f"station_{frame_size}_{i}.avi", frames, 60)))
+    rows = []
+    for fps in fps_list:
+        for _ in range(max(1, rounds)):
+            for mode, groups in (("one process", [videos]), (f"{n_sources} processes", [[v] for v in videos])):
+                res = _station_processes(groups, str(model), fps, seconds, None)
+                frames = sum(r["frames"] for r in res)
+                rows.append({
+                    "fps_per_camera": fps, "mode": mode, "processes": len(res),
+                    "throughput_fps": sum(r["frames"] / r["elapsed_s"] for r in res if r["elapsed_s"]),
+                    "frames": frames, "dropped": sum(r["dropped"] for r in res),
+                    "latency_p50_ms": max(r["latency_p50_ms"] or 0.0 for r in res),
+                    "latency_p90_ms": max(r["latency_p90_ms"] or 0.0 for r in res),
+                    "mean_batch": frames / max(1, sum(r["batches"] for r in res)),
+                })
+    return {"status": "ok", "sources": n_sources, "frame_size": frame_size, "seconds": seconds, "content": content,
+            "rows": rows}
+
+
+def format_station(pl: dict[str, Any]) -> str:
+    lines = []
+    ov = pl.get("overlap")
+    if ov:
+        lines += ["#### runtime.run: decode overlapping inference (one source)", ""]
+        if ov.get("status") != "ok":
+            lines.append(f"skipped: {ov.get('reason')}")
+        else:
+            m = ov["medians_fps"]
+            t, sp = ov["run_default_threads"], ov["spare_threads"]
+            lines += [f"{ov['frames']} frames of {ov['frame_size']}² MJPG ({ov['content']}); {ov['physical_cores']} "
+                      f"physical cores; ONNX Runtime threads {t} (default) or {sp}; medians over rounds (fps):", "",
+                      f"| decode only | predict ({t} thr) | predict ({sp} thr) | runtime.run ({t} thr) | "
+                      f"runtime.run ({sp} thr) |", "|---:|---:|---:|---:|---:|",
+                      f"| {m['decode']:.1f} | {m['predict']:.1f} | {m['predict_spare']:.1f} | "
+                      f"{m['run']:.1f} | {m['run_spare']:.1f} |", "",
+                      "| ratio | median (min–max) |", "|---|---|"]
+            names = {"run": f"runtime.run / min(decode, predict), {t} threads  ← the goal",
+                     "run_spare": f"runtime.run --threads {sp} / min(decode, predict at {t} threads)",
+                     "run_spare_vs_same_threads": f"runtime.run --threads {sp} / min(decode, predict at {sp})"}
+            for k, r in ov["ratios"].items():
+                lines.append(f"| {names[k]} | {r['median']:.2f}× ({r['min']:.2f}–{r['max']:.2f}) |")
+            lines += ["", f"≥ {ov['goal']}×? {_verdict(ov['meets_goal'], ov['conclusive'])}"]
+    stn = pl.get("station")
+    if stn:
+        lines += ["", f"#### {stn.get('sources')} cameras: one process (batched) vs one process each", ""]
+        if stn.get("status") != "ok":
+            lines.append(f"skipped: {stn.get('reason')}")
+        else:
+            lines += [f"synthetic MJPG cameras, {stn['frame_size']}² ({stn['content']}), {stn['seconds']:g} s per "
+                      "run; latency = capture to result; fps 0 = as fast as they decode", "",
+                      "| fps/camera | mode | classified fps (total) | dropped | latency p50 ms | p90 ms | mean batch |",
+                      "|---:|---|---:|---:|---:|---:|---:|"]
+            for r in stn["rows"]:
+                lines.append(f"| {r['fps_per_camera']:g} | {r['mode']} | {r['throughput_fps']:.1f} | {r['dropped']} | "
+                             f"{r['latency_p50_ms']:.1f} | {r['latency_p90_ms']:.1f} | {r['mean_batch']:.2f} |")
     return "\n".join(lines)
 
 
@@ -909,6 +1201,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--pipeline", action="store_true",
                     help="also: runtime.run fps on a generated video, and Classifier.predict vs bare session.run")
     ap.add_argument("--pipeline-frames", type=int, default=300, help="frames in the generated video (300)")
+    ap.add_argument("--pipeline-only", action="store_true",
+                    help="only the runtime.run checks: decode/inference overlap and the multi-camera station (no "
+                    "backend table)")
+    ap.add_argument("--station-sources", type=int, default=4,
+                    help="--pipeline: synthetic cameras, one process vs one process each (4; 0 skips)")
+    ap.add_argument("--station-fps", type=_csv(float), default=(30.0, 0.0),
+                    help="--pipeline: camera rates to measure the station at, 0 = as fast as they decode (30,0)")
+    ap.add_argument("--station-seconds", type=float, default=15.0, help="--pipeline: seconds per station run (15)")
+    ap.add_argument("--station-size", type=int, default=512, help="--pipeline: camera frame side (512)")
     ap.add_argument("--out", type=Path, default=Path("results"), help="folder for latency.json/.md (results/)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
@@ -936,19 +1237,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     import onnx  # noqa: F401
 
     model = resolve_model(args.model)
+    if args.pipeline_only:
+        args.pipeline = True
     st = Settings(model=model, backends=args.backends, precisions=args.precisions, batches=args.batch,
                   frame_size=args.frame_size, source=args.source, iters=args.iters, warmup=max(0, args.warmup),
                   rounds=args.rounds, threads=args.threads, checkpoint=args.checkpoint, gemm_size=args.gemm_size,
                   max_spread=args.max_spread, progress=not args.no_progress)
-    doc = run_latency(st)
-    md = format_tables(doc["records"], doc)
-    print(md)
+    if args.pipeline_only:
+        doc: dict[str, Any] = {"schema": SCHEMA, "records": [], "pipeline_only": True}
+        md = ""
+    else:
+        doc = run_latency(st)
+        md = format_tables(doc["records"], doc)
+        print(md)
     # Written now, so a failure in the --pipeline part below cannot cost the table.
     j, m = write_results(doc, md, args.out)
     rc = 0
     if args.pipeline:
+        station = {"sources": args.station_sources, "fps": args.station_fps, "seconds": args.station_seconds,
+                   "frame_size": args.station_size}
         try:
-            doc["pipeline"] = run_pipeline_checks(st, args.pipeline_frames, args.out)
+            doc["pipeline"] = run_pipeline_checks(st, args.pipeline_frames, args.out, station, args.pipeline_only)
             extra = format_pipeline(doc["pipeline"])
         except Exception as e:  # noqa: BLE001 - report, keep the latency table, exit non-zero
             doc["pipeline"] = {"status": "error", "reason": f"{type(e).__name__}: {e}"}
