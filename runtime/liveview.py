@@ -180,8 +180,9 @@ class LiveViewOutput(Output):
             given = auth[7:].strip()
         return hmac.compare_digest(given.encode(), self._token.encode())
 
-    def status(self) -> dict[str, Any]:
-        """The numbers the page shows (also ``/status.json``)."""
+    def status(self, pictures: bool = False) -> dict[str, Any]:
+        """The numbers the page shows (also ``/status.json``); ``pictures``: also encode each source's newest
+        frame now and say what it shows (``shown``), so the page opens with pictures and matching captions."""
         loop = self._loop
         feeds = {f.name: f for f in (loop.feeds if loop is not None else [])}
         with self._lock:
@@ -209,6 +210,10 @@ class LiveViewOutput(Output):
                 "rejected": bool(p.rejected) if p is not None else None, "reason": (p.reason or None) if p else None,
                 "error": r.error if r is not None else None, "seq": slot.seq,
             })
+            if pictures and r is not None:
+                data, seq, info = self.jpeg_with_info(i)
+                if data is not None:
+                    sources[-1]["shown"] = {**info, "seq": seq}
         doc["sources"] = sources
         return doc
 
@@ -217,15 +222,16 @@ class LiveViewOutput(Output):
         data, seq, _ = self.jpeg_with_info(index)
         return data, seq
 
-    def jpeg_with_info(self, index: int) -> tuple[bytes | None, int, dict[str, Any]]:
-        """:meth:`jpeg` and what the picture shows (label, confidence, rejected, reason, error)."""
+    def jpeg_with_info(self, index: int, seq: int | None = None) -> tuple[bytes | None, int, dict[str, Any]]:
+        """:meth:`jpeg` and what the picture shows (label, confidence, rejected, reason, error); ``seq``: that
+        picture if it is the one encoded last (the page's first picture), else the newest."""
         with self._lock:
             slots = list(self._slots.values())
         if not 0 <= index < len(slots):
             return None, -1, {}
         slot = slots[index]
         with self._encode_lock:
-            if slot.jpeg_seq == slot.seq or slot.result is None:
+            if slot.jpeg_seq in (slot.seq, seq) or slot.result is None:
                 return slot.jpeg, slot.jpeg_seq, slot.jpeg_info
             result, seq = slot.result, slot.seq
             img = result.frame.image
@@ -277,14 +283,16 @@ class _Handler(BaseHTTPRequestHandler):
         path = url.path
         try:
             if path in ("/", "/index.html"):
-                initial = json.dumps(live.status()).replace("</", "<\\/")
+                initial = json.dumps(live.status(pictures=True)).replace("</", "<\\/")
                 self._send(200, PAGE.replace("/*INITIAL*/null", initial).encode(), "text/html; charset=utf-8")
             elif path == "/status.json":
                 self._send(200, json.dumps(live.status()).encode(), "application/json")
             elif path == "/events":
                 self._events()
             elif path.startswith("/frame/") and path.endswith(".jpg"):
-                data, _, info = live.jpeg_with_info(_index(path, "/frame/", ".jpg"))
+                want = (query.get("n") or [""])[0]
+                data, _, info = live.jpeg_with_info(_index(path, "/frame/", ".jpg"),
+                                                    int(want) if want.isdigit() else None)
                 if data is None:
                     self._send(404, b"no frame yet\n", "text/plain; charset=utf-8")
                 else:
@@ -341,13 +349,13 @@ body{font:14px system-ui,sans-serif;margin:0;background:#111;color:#ddd}
 header{padding:8px 14px;background:#222;display:flex;gap:24px;flex-wrap:wrap;align-items:baseline}
 header b{color:#fff;font-size:18px}.num{font-size:18px;color:#fff}
 *{box-sizing:border-box}main{display:flex;gap:14px;padding:14px;align-items:flex-start}
-.card{background:#1c1c1c;border:1px solid #333;border-radius:6px;padding:8px;width:360px}
+.card{background:#1c1c1c;border:1px solid #333;border-radius:6px;padding:8px;width:300px}
 .card img{width:100%;aspect-ratio:1;object-fit:contain;background:#000;display:block}
 .state{padding:1px 6px;border-radius:4px;background:#444}.running{background:#185c2a}
 .reconnecting,.connecting{background:#7a5a00}
 .failed{background:#7a1a1a}.rej{color:#ffa500}.inv{color:#e040e0}.err{color:#ff5050}.ok{color:#5d5}
 table{border-collapse:collapse}td{padding:2px 8px}.bar{background:#3a6ea5;height:10px}
-#side{width:220px}#model{font-size:12px;color:#999;width:100%}
+#side{width:250px}.card img:not([src]){visibility:hidden}#model{font-size:12px;color:#999;width:100%}
 </style></head><body>
 <header><b>SEM classifier</b><span>frames <span class="num" id="frames">-</span></span>
 <span>rejection rate <span class="num" id="rej">-</span></span><span>invalid <span class="num" id="inv">-</span></span>
@@ -362,7 +370,7 @@ const cams = {};
 function esc(s){return String(s).replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));}
 function card(s){
   const d=document.createElement('div'); d.className='card';
-  d.innerHTML='<div class="name"></div><img alt="latest frame"><div class="info"></div>';
+  d.innerHTML='<div class="name"></div><img alt=""><div class="info">no frame yet</div>';
   document.getElementById('cams').appendChild(d);
   const c={el:d,img:d.querySelector('img'),seq:-1,busy:false,url:null}; cams[s.id]=c; return c;}
 function caption(s){
@@ -375,7 +383,9 @@ function fetchFrame(c,id,seq,s){  // one picture at a time per source: the page'
   c.busy=true; c.seq=seq;
   if(c.first===undefined){  // the first picture as a plain <img>: the page's load event waits for it
     c.first=true; c.img.onload=c.img.onerror=()=>{c.busy=false;};
-    c.el.querySelector('.info').innerHTML=caption(s); c.img.src=withTok('frame/'+id+'.jpg?n='+seq); return;}
+    if(s.shown){  // encoded when the page was made: this very picture, with what it shows
+      c.seq=s.shown.seq; c.el.querySelector('.info').innerHTML=caption(s.shown);
+      c.img.src=withTok('frame/'+id+'.jpg?n='+s.shown.seq); return;}}
   fetch(withTok('frame/'+id+'.jpg?n='+seq)).then(r=>{if(!r.ok) throw r.status;
     const info=JSON.parse(r.headers.get('X-Result')||'{}'); return r.blob().then(b=>[b,info]);})
   .then(([b,info])=>{const u=URL.createObjectURL(b); c.img.onload=()=>{if(c.url) URL.revokeObjectURL(c.url); c.url=u;
