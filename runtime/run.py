@@ -55,12 +55,15 @@ sources (--source):
   rtsp://user:pass@host:554/stream          network stream (also http(s)://); reconnects with backoff
   clip.mp4, file://clip.mp4                 video file, every frame (--loop to repeat)
   wafer.png, samples/, 'shots/*.tif'        an image, a folder (recursive), a glob
+  csi://0?width=1920&fps=30, gst://PIPELINE Jetson CSI camera / GStreamer pipeline (OpenCV with GStreamer only)
 outputs (--output, repeatable; default: a line per frame on stdout):
   display://0   window with label/confidence/fps (needs opencv-python, not -headless)
   out.mp4       video with the overlay (.avi, .mkv too)
   res.jsonl     one JSON record per frame (appended, each record written whole); res.csv likewise; - for stdout
   mqtt://host:1883/topic   one JSON message per result, QoS 1; journalled on disk while the broker is away, sent
                 when it is back (mqtts:// for TLS, ?ca=FILE; login from SEM_MQTT_USERNAME/SEM_MQTT_PASSWORD)
+  http://:8080  live view in a browser: latest frame per source with its overlay, class counts, rejection
+                rate, source states; listens on --host (127.0.0.1); beyond it a token is required (--http-token)
 records: {fields}.
   label is a class, "other" (rejected), "invalid" (no usable content; reason says why: blank, saturated, noise,
   defocus, out_of_range), or empty with error set (the input could not be read or classified). Record files are
@@ -77,6 +80,7 @@ examples:
   python -m runtime.run --source review.mp4 --model model.int8.onnx --output annotated.mp4 --output res.csv
   python -m runtime.run --source 'lot42/**/*.png' --threshold 0.6 --output lot42.jsonl --quiet
   python -m runtime.run --source rtsp://10.0.0.7/a --source rtsp://10.0.0.8/b --headless --output station.jsonl
+  python -m runtime.run --source cams.streams --output http://:8080 --metrics-port 9108 --headless -q
 """.replace("{fields}", ", ".join(RECORD_FIELDS))
 
 
