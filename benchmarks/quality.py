@@ -196,7 +196,7 @@ def _pct(x: float | None, digits: int = 1) -> str:
 def format_report(doc: dict[str, Any]) -> str:
     lines: list[str] = []
     for m in doc["models"]:
-        lines.append(f"## {m['model']}\n")
+        lines.append(f"## {m['model']}{'' if m.get('gate', True) else ' (gate off)'}\n")
         c = m.get("corpus")
         if c:
             lines.append(f"Content-free corpus: {c['frames']} frames ({c['per_cell']} per kind × size × bit depth, "
@@ -231,13 +231,13 @@ def format_report(doc: dict[str, Any]) -> str:
 
 def run(models: Sequence[Path], parts: Sequence[str], *, synthetic: Path, real: Path, per_cell: int,
         sizes: Sequence[int], seed: int, per_class: int | None, transforms: Sequence[str], threads: int | None,
-        progress: bool = True) -> dict[str, Any]:
+        progress: bool = True, gate: bool = True) -> dict[str, Any]:
     from runtime.classifier import Classifier
 
     doc: dict[str, Any] = {"schema": SCHEMA, "parts": list(parts), "models": []}
     for path in models:
-        clf = Classifier(path, backend="ort", threads=threads)
-        rec: dict[str, Any] = {"model": str(path), "intensity": clf.meta.intensity,
+        clf = Classifier(path, backend="ort", threads=threads, quality_gate=gate)
+        rec: dict[str, Any] = {"model": str(path), "intensity": clf.meta.intensity, "gate": gate,
                                "quality_fitted": clf.meta.quality is not None}
         if "corpus" in parts:
             rec["corpus"] = run_corpus(clf, per_cell, sizes, seed, progress)
@@ -279,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--transforms", default=",".join(TRANSFORMS),
                     help="robustness rows, comma-separated names (default all)")
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")
+    ap.add_argument("--no-gate", action="store_true", help="classify every frame (the runtime before the gate)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench_quality"))
     ap.add_argument("--quiet", action="store_true")
     return ap
@@ -305,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     doc = run(models, parts, synthetic=args.synthetic, real=args.real, per_cell=args.per_cell,
               sizes=[int(s) for s in args.sizes.split(",")], seed=args.corpus_seed, per_class=args.per_class,
-              transforms=names, threads=args.threads, progress=not args.quiet)
+              transforms=names, threads=args.threads, progress=not args.quiet, gate=not args.no_gate)
     text = format_report(doc)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
