@@ -5,9 +5,10 @@ the mix of final labels the finished model gave on its validation split (:func:`
 :class:`DriftMonitor` keeps the last ``window`` classified frames (invalid frames and unreadable ones do not count:
 they are about image quality, not about what is on the wafer) and compares:
 
-- the rejection rate with the validation rate: the alarm starts when it exceeds
-  ``p0 + max(min_excess, z * sqrt(p0 (1 - p0) / n))`` (a binomial upper limit, so a model that rejects little on
-  validation still gets a limit above its noise) and ends when it drops below ``p0 + off_fraction * excess``;
+- the rejection rate with the validation rate ``p0`` (measured on ``n0`` images): the alarm starts when it exceeds
+  ``p0 + max(min_excess, z * sqrt(p0 (1 - p0) (1/n + 1/n0)))`` (a two-sample binomial limit: the window's noise and
+  the reference's own; the floor keeps a model that rejects little on validation above its noise) and ends when it
+  drops below ``p0 + off_fraction * excess``;
 - the class mix with the validation mix, as the total-variation distance (half the L1 distance of the two label
   distributions; 0 = the same, 1 = disjoint): the alarm starts above ``mix_limit`` and ends below ``mix_clear``.
 
@@ -123,10 +124,12 @@ class DriftMonitor:
                              "use --drift-learn N to learn the station's normal from its first N frames")
         self.state = DriftState(mix_limit=self.config.mix_limit)
         self.p0 = 0.0
+        self.n0 = math.inf  # frames the reference was measured on
         self.mix0 = [0.0] * len(self.labels)
         if reference is not None and not self.config.learn:
             self._set_reference(float(reference["rejection_rate"]),
-                                [float(reference.get("class_mix", {}).get(lab, 0.0)) for lab in self.labels])
+                                [float(reference.get("class_mix", {}).get(lab, 0.0)) for lab in self.labels],
+                                float(reference.get("n") or math.inf))
         else:
             self.state.reference = f"learnt from the first {self.config.learn} frames"
         self._win: deque[tuple[int, bool]] = deque()
@@ -146,7 +149,8 @@ class DriftMonitor:
     def has_reference(self) -> bool:
         return not self._learning
 
-    def _set_reference(self, p0: float, mix: list[float]) -> None:
+    def _set_reference(self, p0: float, mix: list[float], n0: float) -> None:
+        self.n0 = n0 if n0 > 0 else math.inf
         total = sum(mix)
         self.p0 = min(max(p0, 0.0), 1.0)
         self.mix0 = [m / total for m in mix] if total > 0 else [1.0 / len(mix)] * len(mix)
@@ -168,7 +172,7 @@ class DriftMonitor:
         if self._learning:
             if len(self._win) >= cfg.learn:  # the first N frames become the reference; the window starts afresh
                 n = len(self._win)
-                self._set_reference(self._rej / n, [c / n for c in self._counts])
+                self._set_reference(self._rej / n, [c / n for c in self._counts], n)
                 self._learning = False
                 self._win.clear()
                 self._counts = [0] * len(self.labels)
@@ -182,7 +186,7 @@ class DriftMonitor:
         st.window_frames = n
         st.rejection_rate = self._rej / n
         st.mix_distance = 0.5 * sum(abs(c / n - m) for c, m in zip(self._counts, self.mix0, strict=True))
-        excess = max(cfg.min_excess, cfg.z * math.sqrt(self.p0 * (1 - self.p0) / n))
+        excess = max(cfg.min_excess, cfg.z * math.sqrt(self.p0 * (1 - self.p0) * (1 / n + 1 / self.n0)))
         st.rejection_limit = self.p0 + excess
         st.ready = n >= cfg.min_frames
         if not st.ready:

@@ -123,7 +123,7 @@ def test_hook_marks_records_and_publishes_changes() -> None:
 
 
 def drift_video(tmp_path: Path) -> Path:
-    from conftest import write_video
+    from tests.runtime.conftest import write_video
 
     # 200 confident frames (dark = clean, bright = bridges, as on validation), then 150 mid-grey ones the tiny
     # model rejects: a new kind of image the model does not know.
@@ -131,7 +131,7 @@ def drift_video(tmp_path: Path) -> Path:
 
 
 def drift_model(make_model, rate: float = 0.0) -> Path:
-    from conftest import tiny_meta
+    from tests.runtime.conftest import tiny_meta
 
     ref = {"n": 400, "rejection_rate": rate, "class_mix": {"clean": 0.5, "bridges": 0.5}}
     return make_model("drift.onnx", meta=tiny_meta(extra={VAL_STATS_KEY: ref}))
