@@ -550,6 +550,10 @@ class SourceFeed:
                                     self._cond.wait(0.1)
                             self.pending.append(frame)
                             self._cond.notify_all()
+                            # Live: take the next frame only once the loop has this one, so only frames that will
+                            # be classified are prepared (the capture thread keeps the newest, counting the rest).
+                            while self.live and self.pending and not self._stop.is_set():
+                                self._cond.wait(0.1)
                         if self._stop.is_set():
                             break
                 except Exception as e:  # noqa: BLE001 - this source broke; the others go on

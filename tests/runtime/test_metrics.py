@@ -54,7 +54,7 @@ def test_metrics_endpoint_during_a_two_source_run(clf, video_writer, fake_captur
     scraper = Scraper(at=24)
     err = io.StringIO()
     summary = run([str(video), "/dev/video7"], classifier=clf, outputs=[], quiet=True, err=err, metrics_port=0,
-                  hooks=[scraper], capture_factory=factory, backoff=(0.01, 0.02), max_frames=30)
+                  hooks=[scraper], capture_factory=factory, backoff=(0.01, 0.02), max_frames=30, loop=True)
     assert summary.frames == 30 and scraper.text, err.getvalue()
     assert scraper.url.startswith("http://127.0.0.1:")  # loopback unless --host says otherwise
     assert "Prometheus metrics on http://127.0.0.1:" in err.getvalue()
