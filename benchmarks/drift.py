@@ -29,7 +29,7 @@ import numpy as np
 
 import sem_extras
 from runtime.contract import CLASSES, INVALID_LABEL, REJECT_LABEL
-from runtime.drift import DriftConfig, DriftMonitor, val_stats
+from runtime.drift import VAL_STATS_KEY, DriftConfig, DriftMonitor, val_stats
 
 NOVEL = "scratch (new)"
 
@@ -174,7 +174,8 @@ def table(result: dict[str, Any]) -> str:
                  f"{cfg['mix_limit']}.")
     ref = result["reference"]
     nov = result["novel_outcomes"]
-    lines.append(f"Reference (validation stand-in, {ref['n']} images): rejection rate {ref['rejection_rate']:.1%}. "
+    lines.append(f"Reference ({result['reference_from']}, {ref['n']} images): rejection rate "
+                 f"{ref['rejection_rate']:.1%}. "
                  f"The new type: {nov['rejected']:.0%} rejected, the rest called "
                  + ", ".join(f"{k} {v:.0%}" for k, v in nov["labels"].items()) + ".")
     return "\n".join(lines)
@@ -217,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-excess", type=float, default=0.03, help="rejection-rate limit floor (DriftConfig.min_excess)")
     p.add_argument("--outcomes", metavar="JSON", help="reuse the model outcomes an earlier run saved (outcomes.json): "
                    "compare alarm settings without classifying again")
+    p.add_argument("--reference", choices=("sample", "model"), default="sample",
+                   help="the alarm's reference: the rendered validation stand-in (default), or the model's own "
+                   "extra.val_stats as runtime.run uses it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/drift", help="folder for result.json, table.md and delay.png")
     p.add_argument("--no-progress", action="store_true")
@@ -252,6 +256,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     valid = finals >= 0
     finals, rejected = finals[valid], rejected[valid]
     reference = val_stats(finals.tolist(), rejected.tolist(), clf.labels)
+    if args.reference == "model":
+        reference = (clf.meta.extra or {}).get(VAL_STATS_KEY)
+        if not reference:
+            print(f"{clf.describe()}: no extra.{VAL_STATS_KEY} in its metadata", file=sys.stderr)
+            return 2
     pool = _pool(stream_out, clf.labels)
     nov = stream_out[NOVEL]
     labels_nov = {clf.labels[int(i)] if i >= 0 else INVALID_LABEL: float(np.mean((nov[:, 0] == i) & (nov[:, 1] == 0)))
@@ -264,7 +273,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                           args.seed + k) for k, r in enumerate(rates)]
     fa = false_alarms(pool, reference, clf.labels, cfg, args.hours, args.fps, args.seed + 99, not args.no_progress)
     result = {"model": clf.describe(), "command": "python -m benchmarks.drift " + " ".join(argv or sys.argv[1:]),
-              "config": asdict(cfg), "reference": reference, "novel_outcomes": novel_outcomes,
+              "config": asdict(cfg), "reference": reference,
+              "reference_from": ("the model's extra.val_stats" if args.reference == "model"
+                                 else "validation stand-in"), "novel_outcomes": novel_outcomes,
               "pool_rejection_rate": float(np.mean([np.mean(stream_out[c][:, 1]) for c in CLASSES])),
               "invalid": {"reference": int((~valid).sum()),
                           "stream": {c: int((v[:, 0] < 0).sum()) for c, v in stream_out.items()}},
