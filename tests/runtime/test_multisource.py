@@ -183,3 +183,19 @@ def test_a_file_backlog_is_classified_in_batches_in_order(clf, video_writer, tmp
     assert [r["frame"] for r in recs] == list(range(30))
     assert [r["label"] for r in recs] == ["clean", "bridges"] * 15
     assert slow.batches and max(slow.batches) > 1 and summary.batches < 30
+
+
+def test_status_line_shows_each_sources_state_fps_and_drops(clf, fake_capture):
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    err = Tty()
+    station = Station(fake_capture, down=10**6, down_at_start=True)
+    run(["/dev/video0", "/dev/video1"], classifier=clf, outputs=[], quiet=True, max_frames=30,
+        capture_factory=station, err=err, backoff=(0.01, 0.02))
+    lines = [t for t in err.getvalue().split("\r\x1b[K") if t.startswith("[run] ") and " frames " in t]
+    assert lines, err.getvalue()
+    line = lines[-1]  # the last status line drawn
+    assert "| /dev/video0 running" in line and " fps drop " in line
+    assert "| /dev/video1 reconnecting 0.0 fps drop 0" in line
