@@ -118,3 +118,15 @@ def test_port_in_use_is_a_setup_error(clf, image_dir):
         port = s.getsockname()[1]
         with pytest.raises(OSError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
             run(str(image_dir), classifier=clf, outputs=[], quiet=True, err=io.StringIO(), metrics_port=port)
+
+
+def test_without_prometheus_client_the_cli_says_what_to_install(tiny_model, image_dir, monkeypatch, capsys):
+    import sys
+
+    from runtime.run import EXIT_USAGE, main
+
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # as if not installed
+    code = main(["--source", str(image_dir), "--model", str(tiny_model), "--headless", "--quiet",
+                 "--metrics-port", "0"])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE and "needs prometheus-client" in err and "[station]" in err and "Traceback" not in err
