@@ -61,6 +61,19 @@ def val_stats_from_confusion(confusion: Sequence[Sequence[int]], rejected: int,
             "class_mix": {lab: round(c / n, 6) for lab, c in zip(labels, cols, strict=True)}}
 
 
+def parse_mix_limit(text: str) -> float | None:
+    """``--drift-mix-limit``: a distance in (0, 1], or ``off`` (None)."""
+    if str(text).strip().lower() == "off":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a distance between 0 and 1, or off; got {text!r}") from None
+    if not 0 < value <= 1:
+        raise ValueError(f"expected a distance between 0 and 1, or off; got {text!r}")
+    return value
+
+
 @dataclass
 class DriftConfig:
     window: int = 500  # classified frames compared with the reference
@@ -289,5 +302,5 @@ class DriftHook:
         self._log(f"{st.alarms_raised} alarm(s) raised over {st.frames} classified frames; at the end: {now}")
 
 
-__all__ = ["VAL_STATS_KEY", "val_stats", "val_stats_from_confusion", "DriftConfig", "DriftState", "DriftMonitor",
-           "DriftHook"]
+__all__ = ["VAL_STATS_KEY", "parse_mix_limit", "val_stats", "val_stats_from_confusion", "DriftConfig", "DriftState",
+           "DriftMonitor", "DriftHook"]

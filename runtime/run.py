@@ -1136,7 +1136,7 @@ def build_parser() -> argparse.ArgumentParser:
     plant.add_argument("--drift-learn", type=_int_at_least(0, "0 = use the validation data"), default=0,
                        metavar="N", help="take the station's first N frames as normal instead of the validation "
                        "data (a station whose mix differs from validation, or a model without its statistics)")
-    plant.add_argument("--drift-mix-limit", default="0.25", metavar="D",
+    plant.add_argument("--drift-mix-limit", default=0.25, type=_mix_limit_arg, metavar="D",
                        help="class-mix distance (0-1) that raises the alarm, or off (default 0.25)")
     p.add_argument("--batch-timeout", type=float, default=5.0, metavar="MS",
                    help="several sources: after the first frame, wait at most MS milliseconds for the other sources' "
@@ -1146,10 +1146,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _mix_limit_arg(text: str) -> float | None:
+    from runtime.drift import parse_mix_limit
+
+    try:
+        return parse_mix_limit(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _drift_config(args: argparse.Namespace) -> Any:
     from runtime.drift import DriftConfig
 
-    mix = None if args.drift_mix_limit.strip().lower() == "off" else float(args.drift_mix_limit)
+    mix = args.drift_mix_limit
     return DriftConfig(window=args.drift_window, min_frames=min(200, args.drift_window), mix_limit=mix,
                        mix_clear=0.6 * mix if mix else 0.15, learn=args.drift_learn)
 

@@ -165,3 +165,17 @@ def test_run_without_validation_statistics(tiny_model: Path, image_dir: Path, tm
     run(str(image_dir), model=str(tiny_model), outputs=[], quiet=True, headless=True, err=err)
     assert "[drift] off: no reference" in err.getvalue()
     assert main(["--source", str(image_dir), "--model", str(tiny_model), "--drift", "on", "--headless"]) == 2
+
+
+def test_mix_limit_argument() -> None:
+    from runtime.drift import parse_mix_limit
+    from runtime.run import build_parser
+
+    assert parse_mix_limit("off") is None and parse_mix_limit("0.3") == 0.3
+    for bad in ("abc", "0", "1.5"):
+        with pytest.raises(ValueError, match="between 0 and 1"):
+            parse_mix_limit(bad)
+    args = build_parser().parse_args(["--source", "x", "--drift-mix-limit", "off"])
+    assert args.drift_mix_limit is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--source", "x", "--drift-mix-limit", "2"])
