@@ -286,8 +286,8 @@ def _run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Comp
 
 
 def test_tls_with_ca_file_and_an_unknown_ca_refused(broker: Broker, creds: None, tmp_path: Path) -> None:
-    if broker.ca is None:
-        _need("openssl is not installed: no test certificates")
+    if broker.ca is None:  # certificates come from the openssl command; the broker itself is required
+        pytest.skip("openssl is not installed: no test certificates")
     sub = Subscriber(broker, "t/tls", "sub-tls")
     out = open_output(f"mqtts://localhost:{broker.tls_port}/t/tls?ca={broker.ca}&spool={tmp_path / 's'}")
     for i in range(5):
