@@ -57,10 +57,9 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny(model_dir: Path) -> Path:
-    from conftest import build_tiny_onnx  # tests/runtime/conftest.py (no torch)
-
-    return build_tiny_onnx(model_dir / "archive_tiny.onnx")
+def tiny(tiny_model: Path) -> Path:
+    """tests/runtime/conftest.py's tiny ONNX model (no torch): dark frames → clean, bright → bridges."""
+    return tiny_model
 
 
 def _free_port() -> int:
@@ -246,6 +245,8 @@ def test_kill_the_driver_mid_job_then_rerun_loses_and_duplicates_nothing(cluster
     assert f"{len(before)} already" in r.stderr
     table = archive.read_results(out, latest=False)
     paths = table.column("path").to_pylist()
+    print(f"\nresume after a driver kill: {len(before)} rows before, {len(paths)} after, "
+          f"{len(paths) - len(set(paths))} duplicates")
     assert len(paths) == 41 and len(set(paths)) == 41, "every image exactly once"
     assert set(before) <= set(paths)
     rows = {row["path"]: row for row in table.to_pylist()}
