@@ -421,6 +421,12 @@ def _model_files(model: str | None) -> tuple[dict[str, bytes], str, str]:
     path = resolve_model(model)
     if not path.is_file():
         raise ArchiveError(f"--model {path}: no such file")
+    if path.suffix.lower() == ".onnx":
+        # Open it here once, so a bad model is one clear error before Ray starts, not a traceback from every actor.
+        # (An engine is left to the GPU nodes: this driver may have none.)
+        from runtime.classifier import Classifier
+
+        Classifier(path, "cpu", threads=1, warmup=False, self_check=False, quality_gate=False).close()
     files = {path.name: path.read_bytes()}
     sidecar = Path(str(path) + ".json")  # a TensorRT engine's sidecar (runtime.trt_backend)
     if sidecar.is_file():
@@ -544,8 +550,10 @@ def _classify(cfg: ArchiveConfig, listing: Listing, todo: list[int], files: dict
                 log.warning("interrupted: writing the %d rows received; rerun the same command to finish",
                             writer.buffered)
                 break
-        writer.flush()
     finally:
+        # Also when the Ray job fails (an actor cannot open the model, the cluster goes away): the rows received are
+        # good and are kept, so the rerun only does the rest.
+        writer.flush()
         for s, h in old.items():
             signal.signal(s, h)
         bar.close()

@@ -198,6 +198,15 @@ def test_another_model_is_refused_for_the_same_out(images: Path, tiny: Path, tmp
     assert not list(out.glob("part-*"))
 
 
+def test_a_bad_model_is_one_line_before_ray_starts(images: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    r = _run(["--source", str(images), "--out", str(tmp_path / "o"), "--model", str(bad)])
+    assert r.returncode == archive.EXIT_USAGE and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "bad.onnx" in r.stderr and "cannot load" in r.stderr
+    assert not list((tmp_path / "o").glob("part-*"))
+
+
 def test_missing_ray_is_one_line_and_nothing_runs(images: Path, tiny: Path, tmp_path: Path) -> None:
     site = tmp_path / "site"
     site.mkdir()
