@@ -247,6 +247,7 @@ def stop_cluster(procs: list[subprocess.Popen]) -> None:
             except ProcessLookupError:
                 pass
         p.wait(timeout=30)
+    shutil.rmtree(f"/tmp/ray_bench_{os.getpid()}", ignore_errors=True)  # start_cluster's --temp-dir
 
 
 def table(results: list[dict[str, Any]], n: int) -> str:
