@@ -18,15 +18,16 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from runtime.contract import ModelMetadata
-from train.checkpoint import save_checkpoint
-from train.models import build_model
+from sem_extras import cli
+
+if TYPE_CHECKING:  # torch comes with the train extra; imported where used so that --help works without it
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,11 @@ def _onnx_meta_and_params(path: Path) -> tuple[ModelMetadata, list[tuple[np.ndar
 
 def convert(onnx_path: str | Path) -> tuple[nn.Module, ModelMetadata]:
     """The torch model (``train.models`` layout) equivalent to the folded ONNX model, and its metadata."""
+    import torch
+    from torch import nn
+
+    from train.models import build_model
+
     path = Path(onnx_path)
     meta, convs, (fc_w, fc_b) = _onnx_meta_and_params(path)
     model = build_model(meta.arch, meta.num_classes, "none")
@@ -99,6 +105,9 @@ def convert(onnx_path: str | Path) -> tuple[nn.Module, ModelMetadata]:
 def unfold_batchnorm(model: nn.Module, batches: Sequence[torch.Tensor]) -> None:
     """Set every identity BatchNorm (from :func:`convert`) to the statistics of its conv's output on ``batches``,
     keeping the eval-mode function unchanged."""
+    import torch
+    from torch import nn
+
     modules = list(model.features.modules())
     pairs = [(m, modules[i + 1]) for i, m in enumerate(modules)
              if isinstance(m, nn.Conv2d) and isinstance(modules[i + 1], nn.BatchNorm2d)]
@@ -134,6 +143,8 @@ def unfold_batchnorm(model: nn.Module, batches: Sequence[torch.Tensor]) -> None:
 
 def data_batches(folder: str | Path, meta: ModelMetadata, n: int = 256, batch: int = 32) -> list[torch.Tensor]:
     """Up to ``n`` images from ``folder`` (``<class>/`` subfolders or flat), preprocessed as ``meta`` says."""
+    import torch
+
     from runtime.preprocess import Preprocessor
     from train.data import IMAGE_EXTENSIONS
 
@@ -150,6 +161,7 @@ def max_logit_difference(model: nn.Module, onnx_path: str | Path, meta: ModelMet
                          seed: int = 0) -> float:
     """Max |Δlogit| between ``model`` and ONNX Runtime on ``n`` random normalised inputs."""
     import onnxruntime as ort
+    import torch
 
     x = np.random.default_rng(seed).uniform(-1, 1, (n, meta.channels, *meta.input_size)).astype(np.float32)
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -173,8 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@cli("python -m train.from_onnx")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from train.checkpoint import save_checkpoint
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         model, meta = convert(args.onnx)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from runtime._atomic import atomic_write_bytes
 from runtime.contract import METADATA_KEY, ModelMetadata
-from train.data import fit_quality
+from sem_extras import cli
 
 log = logging.getLogger(__name__)
 _COMPATIBLE = {"full_scale", "bit_depth"}
@@ -34,6 +34,8 @@ def refit(model_path: str | Path, data: str | Path, out: str | Path, intensity: 
         raise ValueError(f"{model_path}: intensity {meta.intensity!r} -> {mode!r} changes what the network sees; "
                          "fine-tune with `python -m train --intensity ...` instead")
     meta = meta.with_updates(intensity=mode)
+    from train.data import fit_quality  # torch comes with the train extra; imported here so --help works without it
+
     q = fit_quality(data, meta)
     if q is None:
         raise ValueError(f"{data}: too few usable images to fit the frame-quality gate")
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@cli("python -m train.refit_quality")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
