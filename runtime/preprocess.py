@@ -83,8 +83,8 @@ def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
     return img
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read and decode an image file. Missing/unreadable files raise ``OSError``; bad content ``InputError``."""
+def read_image_bytes(path: str | os.PathLike[str]) -> bytes:
+    """An image file's bytes, size-checked before reading. Missing/unreadable files raise ``OSError`` naming them."""
     p = Path(path)
     try:
         n = p.stat().st_size
@@ -95,10 +95,14 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     if n > MAX_FILE_BYTES:
         raise InputError(f"{p}: file is {n / 2**20:.0f} MiB, over the {MAX_FILE_BYTES / 2**20:.0f} MiB limit")
     try:
-        data = p.read_bytes()
+        return p.read_bytes()
     except OSError as e:
         raise type(e)(e.errno, f"cannot read image: {e.strerror}", str(p)) from None
-    return decode_image(data, str(p))
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read and decode an image file. Missing/unreadable files raise ``OSError``; bad content ``InputError``."""
+    return decode_image(read_image_bytes(path), str(path))
 
 
 def to_grey(img: np.ndarray, name: str | None = None, color_order: str = "bgr") -> np.ndarray:

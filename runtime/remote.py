@@ -28,7 +28,6 @@ import random
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import fields
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -36,7 +35,7 @@ import numpy as np
 
 from runtime.contract import REJECT_LABEL, ModelMetadata
 from runtime.errors import InputError, MetadataError
-from runtime.preprocess import MAX_FILE_BYTES, describe
+from runtime.preprocess import describe, read_image_bytes
 
 #: URL schemes ``Classifier(...)`` hands to :class:`RemoteClassifier`.
 SCHEMES = ("grpc://",)
@@ -101,16 +100,7 @@ def encode_item(x: Any, color_order: str = "bgr") -> tuple[bytes, str]:
     if isinstance(x, (bytes, bytearray, memoryview)):
         return bytes(x), f"<{len(x)} bytes>"
     if isinstance(x, (str, os.PathLike)):
-        p = Path(x)
-        try:
-            n = p.stat().st_size
-        except OSError as e:
-            raise type(e)(e.errno, f"cannot read image: {e.strerror}", str(p)) from None
-        if p.is_dir():
-            raise IsADirectoryError(21, "cannot read image: is a directory", str(p))
-        if n > MAX_FILE_BYTES:
-            raise InputError(f"{p}: file is {n / 2**20:.0f} MiB, over the {MAX_FILE_BYTES / 2**20:.0f} MiB limit")
-        return p.read_bytes(), str(p)
+        return read_image_bytes(x), str(x)
     if isinstance(x, np.ndarray):
         if x.dtype.kind not in "uf" or x.dtype == np.bool_:
             raise InputError(f"{describe(x)}: unsupported pixel type {x.dtype}; use uint8, uint16 or float in [0, 1]")
