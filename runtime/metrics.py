@@ -160,6 +160,22 @@ class _SourceCollector:
             dropped.add_metric([f.name], float(f.total_dropped))
             reconnects.add_metric([f.name], float(f.total_reconnects))
         yield from (fps, up, state, dropped, reconnects)
+        drift = getattr(loop, "drift_state", None)  # runtime.drift.DriftState, present when the drift alarm is on
+        if drift is not None:
+            for name, text, value in (
+                    ("sem_drift_alarm", "1 while the drift alarm is raised", float(drift.alarm)),
+                    ("sem_drift_ready", "1 once the window holds enough frames for a verdict", float(drift.ready)),
+                    ("sem_drift_rejection_rate", "Rejection rate over the drift window", drift.rejection_rate),
+                    ("sem_drift_rejection_limit", "Rejection rate above which the alarm is raised",
+                     drift.rejection_limit),
+                    ("sem_drift_mix_distance", "Total-variation distance of the window's class mix from the reference",
+                     drift.mix_distance)):
+                g = G(name, text)
+                g.add_metric([], float(value))
+                yield g
+            raised = C("sem_drift_alarms", "Drift alarms raised")
+            raised.add_metric([], float(drift.alarms_raised))
+            yield raised
 
 
 __all__ = ["MetricsHook", "INSTALL_HINT"]

@@ -130,3 +130,18 @@ def test_without_prometheus_client_the_cli_says_what_to_install(tiny_model, imag
                  "--metrics-port", "0"])
     err = capsys.readouterr().err
     assert code == EXIT_USAGE and "needs prometheus-client" in err and "[station]" in err and "Traceback" not in err
+
+
+def test_drift_alarm_is_exported(make_model, tmp_path):
+    """The drift monitor's state reaches /metrics: alarm raised once the held-out class floods the window."""
+    from runtime.drift import DriftConfig
+    from tests.runtime.test_drift import drift_model, drift_video
+
+    scraper = Scraper(at=340)  # past the alarm (frame ~205 of 350, see test_drift)
+    run(str(drift_video(tmp_path)), model=str(drift_model(make_model)), outputs=[], quiet=True, headless=True,
+        err=io.StringIO(), drift_config=DriftConfig(window=100, min_frames=50), threads=1, metrics_port=0,
+        hooks=[scraper])
+    m = samples(scraper.text)
+    assert m[("sem_drift_ready", ())] == 1 and m[("sem_drift_alarm", ())] == 1
+    assert m[("sem_drift_alarms_total", ())] == 1
+    assert m[("sem_drift_rejection_rate", ())] > m[("sem_drift_rejection_limit", ())]
