@@ -5,10 +5,11 @@ Writes the standard layout NVIDIA's Triton Inference Server loads (``tritonserve
     repo/<name>/config.pbtxt         platform, max_batch_size, dims, dynamic batching, instance groups
     repo/<name>/labels.txt           class names in output order (Triton's classification extension)
     repo/<name>/1/model.onnx|.plan   the artifact, unchanged
-    repo/<name>/<name>.json          the model metadata (also in config.pbtxt ``parameters``)
+    repo/<name>/<name>.json          the model metadata (also in config.pbtxt ``parameters``, with its fingerprint)
 
 Stock Triton serves the bare network (float input in, logits out): preprocessing and the rejection rule travel in
-the metadata, and a client applies them (``runtime.serve`` is the alternative that runs them on the server).
+the metadata, and a client applies them (``runtime.remote.RemoteClassifier`` does, from the config's parameters;
+``runtime.serve`` is the alternative that runs them on the server).
 A TensorRT engine serves batched only when its optimisation profile starts at batch 1; ``max_batch_size`` is the
 profile's maximum, and the engine runs only on the GPU model and TensorRT version it was built with.
 """
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from runtime._atomic import atomic_write_text
 from runtime.contract import METADATA_KEY, ModelMetadata, read_sidecar
+from runtime.remote import FINGERPRINT_PARAMETER, model_fingerprint
 
 DEFAULT_MAX_BATCH = 16
 DEFAULT_QUEUE_DELAY_US = 2000
@@ -114,7 +116,10 @@ def render_config(info: ModelInfo, name: str, *, max_batch: int = DEFAULT_MAX_BA
                   f"  max_queue_delay_microseconds: {queue_delay_us}", "}"]
     lines += ["instance_group [", "  {", f"    count: {instances}", f"    kind: {kind}", "  }", "]",
               "parameters {", f"  key: {_pbtxt_string(METADATA_KEY)}",
-              f"  value {{ string_value: {_pbtxt_string(meta.to_json())} }}", "}"]
+              f"  value {{ string_value: {_pbtxt_string(meta.to_json())} }}", "}",
+              # The artifact's identity (as `runtime.serve` reports it), which a remote client can be pinned to.
+              "parameters {", f"  key: {_pbtxt_string(FINGERPRINT_PARAMETER)}",
+              f"  value {{ string_value: {_pbtxt_string(model_fingerprint(info.path))} }}", "}"]
     return "\n".join(lines) + "\n"
 
 

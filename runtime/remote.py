@@ -17,6 +17,12 @@ model answered) and ``metadata`` (its contract, JSON).
 
 A server that is down is retried with exponential backoff up to ``retry_timeout``; every response carries the
 model fingerprint, so a server restarted with another model is an error, never a silent change of answers.
+
+The client also works against the bare network in stock Triton (the repository ``python -m export.triton`` writes:
+one float32 ``(N, C, H, W)`` input, logits and an optional score output, the model metadata and fingerprint in the
+config's ``parameters``). It then runs the local classifier's own preprocessing, frame-quality gate, temperature
+and rejection rule here (a :class:`~runtime.classifier.Classifier` whose backend is the server) and sends float32
+batches; the fingerprint is checked when connecting, as the bare model's responses cannot carry it.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import hashlib
 import io
 import os
 import random
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import fields
@@ -33,9 +40,11 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from runtime.contract import REJECT_LABEL, ModelMetadata
+from runtime.classifier import Classifier
+from runtime.contract import METADATA_KEY, REJECT_LABEL, ModelMetadata
 from runtime.errors import InputError, MetadataError
-from runtime.preprocess import describe, read_image_bytes
+from runtime.preprocess import Preprocessor, describe, read_image_bytes
+from runtime.quality import QualityGate
 
 #: URL schemes ``Classifier(...)`` hands to :class:`RemoteClassifier`.
 SCHEMES = ("grpc://",)
@@ -55,6 +64,9 @@ OUTPUTS: tuple[tuple[str, Any, tuple[int, ...]], ...] = (
 #: What a prediction needs (``metadata`` is only asked for once, when connecting).
 _PREDICTION_OUTPUTS = tuple(name for name, _, _ in OUTPUTS if name != "metadata")
 NPY_MAGIC = b"\x93NUMPY"
+#: The ``config.pbtxt`` parameter (``export.triton``) holding :func:`model_fingerprint` of the served artifact; the
+#: metadata JSON is under :data:`runtime.contract.METADATA_KEY`.
+FINGERPRINT_PARAMETER = "sem_fingerprint"
 
 
 class ServerUnavailable(ConnectionError):
@@ -196,12 +208,15 @@ class RemoteClassifier:
         self._client = grpcclient.InferenceServerClient(self.address, ssl=ssl, root_certificates=root_certificates)
         self.model_path = url
         self._connected = False
+        self._raw: dict[str, Any] | None = None  # the bare network's layout, when the server has no runtime.serve
         self.fingerprint, self.meta = self._connect()
         self._connected = True
         self.labels: tuple[str, ...] = self.meta.labels
         self.reject_index = self.meta.reject_index
         self.threshold: float | None = self.meta.threshold if threshold is None else parse_threshold(threshold)
         self._has_reason = "reason" in _prediction_fields()
+        # Against a bare model the local classifier runs here, with the server as its backend.
+        self._local = _RawModelClassifier(self, self._raw) if self._raw is not None else None
 
     @classmethod
     def from_classifier_args(cls, url: str, backend: str = "auto", threshold: float | str | None = None, *,
@@ -240,8 +255,12 @@ class RemoteClassifier:
         names = {i["name"] for i in cfg.get("input", [])}
         self.max_batch = int(cfg.get("max_batch_size", 0)) or 1
         if INPUT_IMAGE not in names:
+            if METADATA_KEY in cfg.get("parameters", {}) and len(names) == 1:
+                return self._connect_raw(cfg)
             raise ModelMismatch(f"{self.url}: model {self.model_name!r} takes inputs {sorted(names)}, not the "
-                                f"{INPUT_IMAGE!r} input of `python -m runtime.serve`; serve the model with it")
+                                f"{INPUT_IMAGE!r} input of `python -m runtime.serve`, and its config has no model "
+                                f"metadata parameter {METADATA_KEY!r} (as `python -m export.triton` writes); serve "
+                                "the model with either")
         probe = np.full((16, 16), 128, np.uint8)
         outs = self._infer([encode_item(probe)[0]], ["<connection probe>"], ("fingerprint", "metadata"))
         fp = outs.as_numpy("fingerprint").reshape(-1)[0].decode()
@@ -249,6 +268,30 @@ class RemoteClassifier:
         if self.expected_fingerprint and fp != self.expected_fingerprint:
             raise ModelMismatch(f"{self.url}: the server serves model fingerprint {fp}, expected "
                                 f"{self.expected_fingerprint} (another model or version is being served)")
+        return fp, meta
+
+    def _connect_raw(self, cfg: dict[str, Any]) -> tuple[str, ModelMetadata]:
+        """The bare network (``export.triton``): metadata and fingerprint from the config, layout checked."""
+        params = cfg["parameters"]
+        meta = ModelMetadata.from_json(params[METADATA_KEY].get("string_value", ""),
+                                       f"{self.url} (config parameter {METADATA_KEY!r})")
+        fp = params.get(FINGERPRINT_PARAMETER, {}).get("string_value", "")
+        if self.expected_fingerprint and fp != self.expected_fingerprint:
+            raise ModelMismatch(f"{self.url}: the server serves model fingerprint {fp or '(none in its config)'}, "
+                                f"expected {self.expected_fingerprint} (another model or version is being served)")
+        (inp,) = cfg["input"]
+        batched = int(cfg.get("max_batch_size", 0)) > 0
+        dims = [int(d) for d in inp.get("dims", [])]
+        want = [meta.channels, *meta.input_size]
+        if inp.get("data_type") != "TYPE_FP32" or dims[-3:] != want or len(dims) != (3 if batched else 4):
+            raise ModelMismatch(f"{self.url}: model {self.model_name!r} input {inp['name']!r} is "
+                                f"{inp.get('data_type')} {dims}, not the float32 {want} its metadata describes")
+        outputs = {o["name"] for o in cfg.get("output", [])}
+        needed = [meta.output_name] + ([meta.score_output] if meta.score_output else [])
+        if missing := [n for n in needed if n not in outputs]:
+            raise ModelMismatch(f"{self.url}: model {self.model_name!r} has outputs {sorted(outputs)}, not "
+                                f"{missing} its metadata names")
+        self._raw = {"input": inp["name"], "outputs": tuple(needed), "batched": batched}
         return fp, meta
 
     def _model_ready(self) -> bool:
@@ -265,20 +308,23 @@ class RemoteClassifier:
         return sorted(m["name"] for m in index.get("models", []) if m.get("state", "READY") == "READY")
 
     def _infer(self, payloads: list[bytes], sources: list[str], outputs: Sequence[str]) -> Any:
-        """One request with retries: an unreachable server is retried with backoff until ``retry_timeout``."""
+        """One ``runtime.serve`` request (images and their names), with retries (see :meth:`_request`)."""
         g = self._grpc
         n = len(payloads)
         image = g.InferInput(INPUT_IMAGE, [n, 1], "BYTES")
         image.set_data_from_numpy(np.array(payloads, dtype=np.object_).reshape(n, 1))
         source = g.InferInput(INPUT_SOURCE, [n, 1], "BYTES")
         source.set_data_from_numpy(np.array([s.encode() for s in sources], dtype=np.object_).reshape(n, 1))
-        requested = [g.InferRequestedOutput(name) for name in outputs]
+        return self._request([image, source], outputs, n)
+
+    def _request(self, inputs: list[Any], outputs: Sequence[str], n: int) -> Any:
+        """One request with retries: an unreachable server is retried with backoff until ``retry_timeout``."""
+        requested = [self._grpc.InferRequestedOutput(name) for name in outputs]
         deadline = time.monotonic() + self.retry_timeout
         delay = 0.1
         while True:
             try:
-                return self._client.infer(self.model_name, [image, source], outputs=requested,
-                                          client_timeout=self.timeout)
+                return self._client.infer(self.model_name, inputs, outputs=requested, client_timeout=self.timeout)
             except self._exc as e:
                 status = _status_text(e)
                 if "DEADLINE_EXCEEDED" in status or "Deadline" in str(e):
@@ -329,6 +375,8 @@ class RemoteClassifier:
 
         if isinstance(x, PreparedFrame):
             return x
+        if self._local is not None:  # bare model: the whole local preparation, quality gate included
+            return self._local.prepare(x)
         name = describe(x) if not isinstance(x, (bytes, bytearray, memoryview)) else f"<{len(x)} bytes>"
         if isinstance(x, (bytes, bytearray, memoryview)):
             grey = load_grey(decode_image(bytes(x), name), self.color_order)
@@ -344,6 +392,8 @@ class RemoteClassifier:
 
     def predict(self, x: Any, source: str | None = None) -> Any:
         """Classify one image (path, encoded bytes or array) on the server; errors as the local runtime's."""
+        if self._local is not None:
+            return self._local.predict(x, source)
         out = self.predict_batch([x], on_error="raise", sources=None if source is None else [source])[0]
         return out
 
@@ -353,6 +403,8 @@ class RemoteClassifier:
     def predict_batch(self, items: Iterable[Any], batch_size: int | None = None, on_error: str = "raise",
                       sources: Sequence[str] | None = None) -> list[Any]:
         """Classify many images, ``batch_size`` per request; results in input order (see ``Classifier``)."""
+        if self._local is not None:
+            return self._local.predict_batch(items, batch_size, on_error, sources)
         if on_error not in ("raise", "keep"):
             raise ValueError(f"on_error must be 'raise' or 'keep', got {on_error!r}")
         items = list(items)
@@ -414,6 +466,67 @@ class RemoteClassifier:
         if self._has_reason:
             kw["reason"] = reason
         return Prediction(**kw)
+
+
+# --------------------------------------------------------------------------------------------- bare models
+class _TritonBackend:
+    """The backend protocol of :class:`~runtime.classifier.Classifier` (``input_buffer``/``infer``) answered by a
+    bare network on the server: each ``infer`` is one float32 request."""
+
+    def __init__(self, remote: RemoteClassifier, layout: dict[str, Any]) -> None:
+        self.remote, self.meta = remote, remote.meta
+        self.input_name, self.output_names = layout["input"], layout["outputs"]
+        self.batched = layout["batched"]
+        self.max_batch = remote.max_batch if self.batched else 1
+        self._buf = np.empty((0, remote.meta.channels, *remote.meta.input_size), np.float32)
+
+    def input_buffer(self, n: int) -> np.ndarray:
+        if len(self._buf) < n:
+            self._buf = np.empty((n, *self._buf.shape[1:]), np.float32)
+        return self._buf[:n]
+
+    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        g, n = self.remote._grpc, len(batch)
+        data = np.ascontiguousarray(batch, np.float32)
+        if not self.batched and n > 1:  # max_batch_size 0: the dims carry a batch dimension of 1
+            parts = [self.infer(data[i:i + 1]) for i in range(n)]
+            return {k: np.concatenate([p[k] for p in parts]) for k in self.output_names}
+        image = g.InferInput(self.input_name, list(data.shape), "FP32")
+        image.set_data_from_numpy(data)
+        result = self.remote._request([image], self.output_names, n)
+        return {name: result.as_numpy(name) for name in self.output_names}
+
+    def describe(self) -> str:
+        return f"Triton at {self.remote.address} (bare model {self.remote.model_name!r})"
+
+    def close(self) -> None:
+        pass
+
+
+class _RawModelClassifier(Classifier):
+    """The local :class:`~runtime.classifier.Classifier` (its preparation, quality gate, temperature and rejection,
+    unchanged) over :class:`_TritonBackend`: only the network runs on the server."""
+
+    def __init__(self, remote: RemoteClassifier, layout: dict[str, Any]) -> None:  # noqa: D107 - see class
+        self._remote = remote
+        self.model_path = remote.url
+        self.backend = _TritonBackend(remote, layout)
+        self.meta = remote.meta
+        self.labels, self.reject_index = remote.labels, remote.reject_index
+        self.batch_size, self.color_order = remote.batch_size, remote.color_order
+        self._pre = Preprocessor(self.meta, remote.color_order)
+        self.quality_gate = QualityGate.for_model(self.meta, remote.url)
+        self._lock = threading.RLock()
+        self._rows = np.arange(1024)
+        self.self_check_report = None
+
+    @property
+    def threshold(self) -> float | None:  # the remote client's, so changing it there applies here
+        return self._remote.threshold
+
+    @threshold.setter
+    def threshold(self, value: float | None) -> None:
+        self._remote.threshold = value
 
 
 def _rename(message: str, name: str) -> str:
