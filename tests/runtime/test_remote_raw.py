@@ -73,8 +73,9 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # The default frame-quality gate (no fitted statistics): flat frames are refused, textured ones classified.
-    return build_tiny_onnx(tmp_path_factory.mktemp("raw") / "gated.onnx", tiny_meta(quality=None))
+    # The default frame-quality gate (no fitted statistics): flat frames are refused, textured ones classified; a
+    # temperature other than 1, which the client must apply.
+    return build_tiny_onnx(tmp_path_factory.mktemp("raw") / "gated.onnx", tiny_meta(quality=None, temperature=0.7))
 
 
 @pytest.fixture(scope="module")
