@@ -17,6 +17,10 @@ What carries over from the model's metadata, and what cannot:
   ``classifier-threshold``; our network outputs logits, so that is our rule only for ``score="max_logit"`` with
   temperature 1. For every other score we write a threshold that keeps all labels and set ``output-tensor-meta=1``
   so a probe can apply the model's rule (the metadata JSON is written beside the config).
+* Intensity. nvinfer scales every frame by the same numbers, so a model trained with the per-frame percentile
+  stretch (``intensity="percentile"``) would see other inputs than it was trained on: such models are refused
+  (train or refit one with ``--intensity full_scale``/``bit_depth`` for DeepStream). The frame-quality gate does
+  not run inside nvinfer either; a probe has to apply it.
 """
 
 from __future__ import annotations
@@ -94,6 +98,10 @@ def write_config(model: str | Path, out: str | Path, name: str = "sem_classifier
                  batch_size: int | None = None) -> Path:
     """Copy the model into ``out`` and write its nvinfer config, labels and metadata; returns the config path."""
     info = inspect(model)
+    if info.meta.intensity == "percentile":
+        raise ValueError(f"{info.path}: the model stretches each frame to its own percentiles (intensity "
+                         "'percentile'), which nvinfer's fixed net-scale-factor/offsets cannot do; use a model "
+                         "trained with --intensity full_scale or bit_depth for DeepStream")
     if batch_size is None:
         batch_size = info.max_batch or 1
     if info.max_batch is not None and not info.min_batch <= batch_size <= info.max_batch:

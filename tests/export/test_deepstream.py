@@ -120,3 +120,12 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "relative error" in capsys.readouterr().out
     assert main(["--model", str(tmp_path / "missing.onnx"), "--out", str(tmp_path / "o")]) == 2
     assert "model file not found" in capsys.readouterr().err
+
+
+def test_a_per_frame_percentile_model_is_refused(tmp_path: Path) -> None:
+    """nvinfer scales every frame alike, so a model that stretches each frame itself cannot be expressed."""
+    model = tiny_onnx(tmp_path / "p.onnx", meta(intensity="percentile"))
+    with pytest.raises(ValueError, match="percentile"):
+        write_config(model, tmp_path / "ds")
+    assert not (tmp_path / "ds" / "config_infer_sem_classifier.txt").exists()
+    assert write_config(tiny_onnx(tmp_path / "b.onnx", meta(intensity="bit_depth")), tmp_path / "ds2").is_file()
