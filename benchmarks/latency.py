@@ -684,15 +684,17 @@ def sem_frames(n: int, size: int, seed: int = 0) -> tuple[list[np.ndarray], str]
     return frames, f"train.synthetic SEM frames rendered at {render} px" + ("" if render == size else ", enlarged")
 
 
-def write_video(path: Path, frames: Sequence[np.ndarray], count: int, fps: float = 30.0) -> Path:
-    """A grey mp4 (mp4v) of ``count`` frames cycling through ``frames``; written to a temp name, then renamed."""
+def write_video(path: Path, frames: Sequence[np.ndarray], count: int, fps: float = 30.0,
+                fourcc: str = "mp4v") -> Path:
+    """A grey video (``fourcc``, mp4v by default) of ``count`` frames cycling through ``frames``; written to a temp
+    name, then renamed."""
     import cv2
 
     h, w = frames[0].shape[:2]
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h), isColor=False)
+    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*fourcc), fps, (w, h), isColor=False)
     if not writer.isOpened():
-        raise RuntimeError(f"{tmp}: OpenCV cannot write mp4v video here")
+        raise RuntimeError(f"{tmp}: OpenCV cannot write {fourcc} video here")
     try:
         for i in range(count):
             writer.write(frames[i % len(frames)])
@@ -872,20 +874,7 @@ OVERLAP_GOAL = 0.8  # runtime.run fps ≥ 0.8 × min(decode-only rate, Classifie
 
 def write_mjpg(path: Path, frames: Sequence[np.ndarray], count: int, fps: float = 30.0) -> Path:
     """A grey MJPG ``.avi`` of ``count`` frames cycling through ``frames`` (what many USB/GigE cameras send)."""
-    import cv2
-
-    h, w = frames[0].shape[:2]
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h), isColor=False)
-    if not writer.isOpened():
-        raise RuntimeError(f"{tmp}: OpenCV cannot write MJPG video here")
-    try:
-        for i in range(count):
-            writer.write(frames[i % len(frames)])
-    finally:
-        writer.release()
-    os.replace(tmp, path)
-    return path
+    return write_video(path, frames, count, fps, fourcc="MJPG")
 
 
 def decode_rate(video: Path, keep: int = 30) -> tuple[float, list[np.ndarray]]:
