@@ -49,10 +49,19 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from export.onnx_export import set_metadata_props
 from runtime._atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
+
+
+def set_metadata_props(model: onnx.ModelProto, props: dict[str, str]) -> None:
+    """Set ONNX ``metadata_props`` entries, replacing existing keys (here because export builds on calibration)."""
+    existing = {p.key: p for p in model.metadata_props}
+    for k, v in props.items():
+        if k in existing:
+            existing[k].value = v
+        else:
+            model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_PERCENTILE = 99.999

@@ -154,7 +154,7 @@ def make_goldens(fp32_path: str | os.PathLike[str], data: str | os.PathLike[str]
 
 def embed_goldens(model: Any, goldens: Goldens) -> None:
     """Put ``goldens`` into an ``onnx.ModelProto``'s ``metadata_props``."""
-    from export.onnx_export import set_metadata_props
+    from calibration.quantize import set_metadata_props
     from runtime.check import GOLDEN_KEY
 
     set_metadata_props(model, {GOLDEN_KEY: goldens.to_json()})

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from calibration.quantize import set_metadata_props
 from runtime._atomic import atomic_write_bytes
 from runtime.contract import METADATA_KEY, ModelMetadata, project_version
 from runtime.errors import InputError
@@ -47,15 +48,6 @@ class ParityResult:
     def line(self) -> str:
         return (f"parity on {self.num_images} images ({self.source}): max |Δlogit| {self.max_abs_diff:.2e}, "
                 f"top-1 agreement {self.top1_agreement:.1%}")
-
-
-def set_metadata_props(model: onnx.ModelProto, props: dict[str, str]) -> None:
-    existing = {p.key: p for p in model.metadata_props}
-    for k, v in props.items():
-        if k in existing:
-            existing[k].value = v
-        else:
-            model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
 
 
 def embed_metadata(model: onnx.ModelProto, meta: ModelMetadata, extra_props: dict[str, str] | None = None) -> None:
