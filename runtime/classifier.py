@@ -35,7 +35,7 @@ from runtime.contract import INVALID_LABEL, REJECT_LABEL, ModelMetadata
 from runtime.errors import BackendUnavailable, InputError
 from runtime.preprocess import Preprocessor, decode_image, describe, load_grey, resize_grey
 from runtime.quality import QualityGate
-from runtime.scores import logit_score, softmax
+from runtime.scores import is_rejected, logit_score, softmax
 
 #: Bundled default models (repository ``models/``, installed as package ``runtime.models``).
 DEFAULT_MODEL = "sem_classifier.onnx"
@@ -369,12 +369,7 @@ class Classifier:
             score = probs[self._row_index(n), top]  # MSP is the calibrated top probability: no second softmax
         else:
             score = logit_score(meta.score, logits, meta.temperature)
-        if self.threshold is None:
-            rejected = np.zeros(n, bool)
-        else:
-            # `not (score >= t)` so a NaN score (a broken model output) is rejected, never trusted.
-            rejected = ~(score >= np.float32(self.threshold))
-        return logits, probs, top, score, rejected
+        return logits, probs, top, score, is_rejected(score, self.threshold)
 
     def _row_index(self, n: int) -> np.ndarray:
         if n > len(self._rows):

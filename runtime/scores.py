@@ -2,7 +2,8 @@
 
 Logit scores (MSP, max-logit, energy) are computed here from the logits of one forward pass; feature-space scores
 are computed inside the exported graph and arrive as an extra output (``ModelMetadata.score_output``). New logit
-scores register with :func:`register_score`, so the rule ``reject when score < threshold`` stays in one place.
+scores register with :func:`register_score`; the rule ``reject unless score >= threshold`` is :func:`is_rejected`,
+the one place it is written.
 """
 
 from __future__ import annotations
@@ -63,6 +64,19 @@ def logit_score(name: str, logits: np.ndarray, temperature: float = 1.0) -> np.n
 
 def available_scores() -> tuple[str, ...]:
     return tuple(sorted(_SCORES))
+
+
+def is_rejected(score: np.ndarray | float, threshold: float | None) -> np.ndarray:
+    """THE rejection rule: True where a prediction goes to ``other``, i.e. ``not (score >= threshold)``.
+
+    Written as a negated ``>=`` so a NaN score (a broken model output) is rejected, never trusted; the threshold is
+    compared as float32, the precision scores are computed in. ``threshold=None`` (rejection off) rejects nothing.
+    Returns a bool array of the score's shape (0-d for a scalar).
+    """
+    score = np.asarray(score)
+    if threshold is None:
+        return np.zeros(score.shape, bool)
+    return ~(score >= np.float32(threshold))
 
 
 # ------------------------------------------------------------------ feature-space scores (numpy references)

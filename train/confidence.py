@@ -23,7 +23,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 
 from runtime.contract import CLASSES, REJECT_LABEL
-from runtime.scores import logit_score
+from runtime.scores import is_rejected, logit_score
 
 T_MIN, T_MAX = 0.05, 20.0
 DEFAULT_TARGET_RECALL = 0.95
@@ -93,4 +93,4 @@ def reject_mask(logits: np.ndarray, temperature: float, score: str, threshold: f
     logits = np.asarray(logits, np.float32)
     if threshold is None:
         return np.zeros(len(logits), bool)
-    return ~(logit_score(score, logits, temperature) >= np.float32(threshold))
+    return is_rejected(logit_score(score, logits, temperature), threshold)

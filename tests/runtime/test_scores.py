@@ -114,3 +114,29 @@ def test_feature_score_dispatches_every_name_and_names_missing_statistics():
         assert s.shape == (5,) and s.dtype == np.float32 and np.isfinite(s).all(), name
     with pytest.raises(ValueError, match="maha_whiten"):
         mahalanobis_score(f, {"class_means": st["class_means"]})
+
+
+def test_is_rejected_is_not_score_at_least_threshold_and_rejects_nan():
+    from runtime.scores import is_rejected
+
+    scores = np.array([0.2, 0.5, 0.9, np.nan], np.float32)
+    assert is_rejected(scores, 0.5).tolist() == [True, False, False, True]
+    assert is_rejected(scores, 0.5).dtype == bool
+
+
+def test_is_rejected_compares_in_float32():
+    from runtime.scores import is_rejected
+
+    # 0.7 as float32 is below 0.7 as float64: a score equal to float32(0.7) is at the threshold, so it is kept.
+    assert not is_rejected(np.float32(0.7), 0.7)
+    assert is_rejected(np.float32(0.7) - np.float32(1e-7), 0.7)
+
+
+def test_is_rejected_without_threshold_rejects_nothing_and_keeps_shape():
+    from runtime.scores import is_rejected
+
+    out = is_rejected(np.full((2, 3), np.nan, np.float32), None)
+    assert out.shape == (2, 3) and out.dtype == bool and not out.any()
+    scalar = is_rejected(0.1, None)
+    assert scalar.shape == () and not bool(scalar)
+    assert is_rejected(0.1, 0.5).shape == () and bool(is_rejected(0.1, 0.5))
