@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from benchmarks import envinfo
-from runtime._atomic import atomic_write_text
 from runtime.classifier import bundled_model_path
+from runtime.files import atomic_write_text
 from sem_extras import cli
 
 SCHEMA = "sem-bench-accuracy/1"

@@ -35,10 +35,10 @@ import numpy as np
 from benchmarks import envinfo
 from benchmarks.compute_floor import count_macs, floor_ms, measure_gemm_gflops
 from benchmarks.timing import STAGES, TOTAL, Samples, Stopwatch, paired_ratio, run_interleaved, spread, summarize
-from runtime._atomic import atomic_write_text
 from runtime.classifier import DEFAULT_MODEL as BUNDLED_NAME
 from runtime.classifier import bundled_model_path
 from runtime.contract import ModelMetadata
+from runtime.files import atomic_write_text
 from sem_extras import cli
 
 SCHEMA = "sem-bench-latency/1"

@@ -56,8 +56,8 @@ from typing import Any
 
 import numpy as np
 
-from runtime._atomic import atomic_write_bytes, atomic_write_text
 from runtime.contract import CLASSES, REJECT_LABEL
+from runtime.files import atomic_write_bytes, atomic_write_text
 from runtime.scores import FEATURE_SCORES, feature_score
 from sem_extras import cli, help_note, import_for_help
 
@@ -372,7 +372,7 @@ class PartialCache:
         if cache_file is not None:
             import io
 
-            from runtime._atomic import atomic_write_bytes
+            from runtime.files import atomic_write_bytes
 
             buf = io.BytesIO()
             torch.save({"key": key, "acts": self.acts, "views": self.views,

@@ -32,8 +32,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from runtime._atomic import atomic_write_text
 from runtime.contract import CLASSES, INVALID_LABEL, REJECT_LABEL
+from runtime.files import atomic_write_text
 
 SCHEMA = "sem-bench-quality/1"
 DEFAULT_REAL = Path("../shared/datasets/sem-hackathon")

@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 
 from benchmarks.timing import summarize
-from runtime._atomic import atomic_write_text
+from runtime.files import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 

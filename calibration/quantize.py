@@ -49,7 +49,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from runtime._atomic import atomic_write_bytes
+from runtime.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

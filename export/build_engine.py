@@ -150,7 +150,7 @@ def update_onnx_metadata(path: str | os.PathLike[str], meta: ModelMetadata) -> N
     import onnx
 
     from export.onnx_export import embed_metadata
-    from runtime._atomic import atomic_write_bytes
+    from runtime.files import atomic_write_bytes
 
     model = onnx.load(str(path))
     embed_metadata(model, meta)
@@ -170,7 +170,7 @@ def build_tensorrt_engine(trt: Any, gpu: Any, onnx_path: Path, engine_path: Path
                           command: str) -> Path:
     """Build, write the engine and its sidecar; the timing cache lives beside the engine."""
     from export.tensorrt_build import build_serialized_engine
-    from runtime._atomic import atomic_write_bytes
+    from runtime.files import atomic_write_bytes
 
     profile = profile_shapes(meta, batches)
     key = timing_cache_key(trt.__version__, gpu.name, gpu.compute_capability,
@@ -443,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: C901 - a linear scr
 
             written.append(write_golden_sidecar(engine, goldens))
 
-    from runtime._atomic import atomic_write_text
+    from runtime.files import atomic_write_text
 
     report["artifacts"] = [str(p) for p in written]
     written.append(atomic_write_text(paths[f"{precision}_report"], json.dumps(report, indent=2, default=str) + "\n"))

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from export.triton import ModelInfo, inspect
-from runtime._atomic import atomic_write_text
+from runtime.files import atomic_write_text
 
 LABELS_FILE = "labels.txt"
 NETWORK_MODE = {"fp32": 0, "int8": 1, "fp16": 2}  # nvinfer network-mode

@@ -164,7 +164,7 @@ def add_goldens(onnx_path: str | os.PathLike[str], goldens: Goldens) -> Path:
     """Rewrite ``onnx_path`` with ``goldens`` inside (atomically)."""
     import onnx
 
-    from runtime._atomic import atomic_write_bytes
+    from runtime.files import atomic_write_bytes
 
     model = onnx.load(str(onnx_path))
     embed_goldens(model, goldens)

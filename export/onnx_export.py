@@ -20,9 +20,9 @@ import numpy as np
 import onnx
 
 from calibration.quantize import set_metadata_props
-from runtime._atomic import atomic_write_bytes
 from runtime.contract import METADATA_KEY, ModelMetadata, project_version
 from runtime.errors import InputError
+from runtime.files import atomic_write_bytes
 from runtime.preprocess import Preprocessor
 
 log = logging.getLogger(__name__)

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime._atomic import atomic_write_text
 from runtime.contract import METADATA_KEY, ModelMetadata, read_sidecar
+from runtime.files import atomic_write_text
 from runtime.remote import FINGERPRINT_PARAMETER, model_fingerprint
 
 DEFAULT_MAX_BATCH = 16

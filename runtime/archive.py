@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime._atomic import atomic_write_text
+from runtime.files import atomic_write_text
 from runtime.sources import IMAGE_SUFFIXES
 
 log = logging.getLogger("runtime.archive")

@@ -228,7 +228,7 @@ def golden_sidecar_path(artifact: str | os.PathLike[str]) -> Path:
 
 def write_golden_sidecar(artifact: str | os.PathLike[str], goldens: Goldens) -> Path:
     """Write ``<artifact>.golden.json`` atomically (for artifacts that cannot hold metadata: engines)."""
-    from runtime._atomic import atomic_write_text
+    from runtime.files import atomic_write_text
 
     return atomic_write_text(golden_sidecar_path(artifact), goldens.to_json() + "\n")
 

@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from runtime._atomic import atomic_write_text
 from runtime.errors import MetadataError
+from runtime.files import atomic_write_text
 
 #: The eight classes, in the order of the network's outputs. ``other`` is also where rejections go.
 CLASSES: tuple[str, ...] = ("clean", "bridges", "gaps", "cracks", "foreign_materials", "cmp", "ler", "other")

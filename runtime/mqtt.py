@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from runtime._atomic import atomic_write_text
+from runtime.files import atomic_write_text
 from runtime.outputs import FrameResult, Output, OutputError, OutputWriteError
 
 SCHEMES = {"mqtt": 1883, "mqtts": 8883}

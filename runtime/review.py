@@ -33,8 +33,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from runtime._atomic import atomic_write_bytes, atomic_write_text
 from runtime.contract import INVALID_LABEL
+from runtime.files import atomic_write_bytes, atomic_write_text
 
 PENDING = "pending"
 STATE_FILE = "queue.json"

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from runtime._atomic import atomic_write_bytes
+from runtime.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

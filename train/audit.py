@@ -27,8 +27,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from runtime._atomic import atomic_write_bytes, atomic_write_text
 from runtime.contract import CLASSES
+from runtime.files import atomic_write_bytes, atomic_write_text
 from runtime.preprocess import load_grey, resize_grey
 from sem_extras import cli
 

@@ -3,7 +3,7 @@
 A checkpoint is a plain dict holding only tensors, containers, numbers and strings (so the safe loader accepts it):
 ``model`` (state_dict), ``arch``, ``metadata`` (:meth:`ModelMetadata.to_dict`), and for resuming ``epoch``,
 ``optimizer``, ``scheduler``, ``rng``, ``history``, ``args``. Writes go through a memory buffer and
-:func:`runtime._atomic.atomic_write_bytes`, so a kill at any moment leaves the previous file intact.
+:func:`runtime.files.atomic_write_bytes`, so a kill at any moment leaves the previous file intact.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from runtime._atomic import atomic_write_bytes
 from runtime.contract import ModelMetadata
 from runtime.errors import MetadataError
+from runtime.files import atomic_write_bytes
 
 CHECKPOINT_KEYS = ("model", "arch", "metadata", "epoch", "optimizer", "scheduler", "rng", "history", "args")
 

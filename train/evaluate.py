@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from runtime._atomic import atomic_write_bytes, atomic_write_text
 from runtime.contract import REJECT_LABEL, ModelMetadata
+from runtime.files import atomic_write_bytes, atomic_write_text
 from sem_extras import cli, missing_extra
 
 log = logging.getLogger(__name__)

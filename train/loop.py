@@ -33,8 +33,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler, Subset
 from tqdm import tqdm
 
-from runtime._atomic import atomic_write_bytes, atomic_write_text
 from runtime.contract import CLASSES, INTENSITY_MODES, ModelMetadata
+from runtime.files import atomic_write_bytes, atomic_write_text
 from runtime.preprocess import Intensity
 from runtime.scores import softmax
 from train import distributed

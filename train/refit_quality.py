@@ -15,8 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from runtime._atomic import atomic_write_bytes
 from runtime.contract import METADATA_KEY, ModelMetadata
+from runtime.files import atomic_write_bytes
 from sem_extras import cli
 
 log = logging.getLogger(__name__)

@@ -1,12 +1,14 @@
-"""Artifacts are written whole or not at all, with the permissions a normal new file gets."""
+"""Artifacts are written whole or not at all, with the permissions a normal new file gets, and hashed one way."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
 
-from runtime._atomic import atomic_write_bytes
+import runtime.files as files
+from runtime.files import atomic_write_bytes, atomic_write_text, sha256_bytes, sha256_file
 
 
 def test_atomic_write_replaces_whole_and_honours_umask(tmp_path):
@@ -26,3 +28,40 @@ def test_failed_write_keeps_the_old_file(tmp_path):
     with pytest.raises(TypeError):
         atomic_write_bytes(target, "not bytes")  # type: ignore[arg-type]
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_atomic_write_text_is_utf8(tmp_path):
+    target = atomic_write_text(tmp_path / "labels.txt", "clean\ncmp µm\n")
+    assert target == tmp_path / "labels.txt"
+    assert target.read_bytes() == "clean\ncmp µm\n".encode()
+
+
+def test_atomic_write_flushes_the_file_and_its_folder(tmp_path, monkeypatch):
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else str(fd))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", spy)
+    atomic_write_bytes(tmp_path / "engine.json", b"{}")
+    assert len(synced) == 2
+    if os.path.exists("/proc/self/fd"):
+        assert synced[0].startswith(str(tmp_path / ".engine.json.")) and synced[1] == str(tmp_path)
+
+
+def test_sha256_of_file_and_bytes_agree_across_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr(files, "_BLOCK", 7)  # many blocks, one short last one
+    data = bytes(range(256)) * 3
+    path = tmp_path / "m.onnx"
+    path.write_bytes(data)
+    want = hashlib.sha256(data).hexdigest()
+    assert sha256_file(path) == sha256_bytes(data) == want
+    (tmp_path / "empty").write_bytes(b"")
+    assert sha256_file(tmp_path / "empty") == hashlib.sha256(b"").hexdigest()
+
+
+def test_sha256_file_names_a_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.engine"):
+        sha256_file(tmp_path / "missing.engine")
