@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.backend import Backend
 from runtime.contract import INVALID_LABEL, REJECT_LABEL, ModelMetadata
 from runtime.errors import BackendUnavailable, InputError
 from runtime.preprocess import Preprocessor, decode_image, describe, load_grey, resize_grey
@@ -169,8 +170,9 @@ def parse_threshold(value: float | str | None) -> float | None:
 
 
 def open_backend(path: Path, backend: str = "auto", *, providers: Any = None, threads: int | None = None,
-                 cuda_graphs: bool = False, max_batch: int | None = None, spin: bool = True) -> Any:
-    """The backend for ``path``: TensorRT for engines, ONNX Runtime for ONNX files (see :class:`Classifier`)."""
+                 cuda_graphs: bool = False, max_batch: int | None = None, spin: bool = True) -> Backend:
+    """The :class:`~runtime.backend.Backend` for ``path``: TensorRT for engines, ONNX Runtime for ONNX files (see
+    :class:`Classifier` for ``backend``); an engine where TensorRT cannot run falls back to its ONNX, with a warning."""
     from runtime import trt_backend
 
     key = (backend or "auto").lower()

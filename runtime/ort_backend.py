@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from runtime.backend import ClosingContext
 from runtime.contract import ModelMetadata
 from runtime.errors import BackendUnavailable, MetadataError
 
@@ -96,8 +97,9 @@ def _dim(d: Any) -> int | None:
     return d if isinstance(d, int) and d > 0 else None
 
 
-class OrtBackend:
-    """An ONNX model in an ONNX Runtime session, with its metadata checked against the graph.
+class OrtBackend(ClosingContext):
+    """An ONNX model in an ONNX Runtime session, with its metadata checked against the graph: a
+    :class:`~runtime.backend.Backend`.
 
     ``infer(batch)`` takes ``(N, C, H, W)`` float32 and returns ``{output name: array}``. Models with a fixed batch
     dimension are run in chunks of that size (the last chunk zero-padded), so any N works.

@@ -40,6 +40,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
+from runtime.backend import ClosingContext
 from runtime.classifier import Classifier
 from runtime.contract import METADATA_KEY, REJECT_LABEL, ModelMetadata
 from runtime.errors import InputError, MetadataError
@@ -469,9 +470,9 @@ class RemoteClassifier:
 
 
 # --------------------------------------------------------------------------------------------- bare models
-class _TritonBackend:
-    """The backend protocol of :class:`~runtime.classifier.Classifier` (``input_buffer``/``infer``) answered by a
-    bare network on the server: each ``infer`` is one float32 request."""
+class _TritonBackend(ClosingContext):
+    """A :class:`~runtime.backend.Backend` answered by a bare network on the server: each ``infer`` is one float32
+    request; the connection belongs to the :class:`RemoteClassifier`, which closes it."""
 
     def __init__(self, remote: RemoteClassifier, layout: dict[str, Any]) -> None:
         self.remote, self.meta = remote, remote.meta

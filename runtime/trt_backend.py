@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.backend import ClosingContext
 from runtime.contract import read_sidecar
 from runtime.errors import BackendUnavailable, InputError, MetadataError
 
@@ -250,8 +251,9 @@ def fallback_onnx(engine: str | os.PathLike[str]) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------------------ the backend
-class TrtBackend:
-    """A TensorRT engine with its sidecar metadata, pinned I/O buffers and one CUDA stream.
+class TrtBackend(ClosingContext):
+    """A TensorRT engine with its sidecar metadata, pinned I/O buffers and one CUDA stream: a
+    :class:`~runtime.backend.Backend`.
 
     ``infer(batch)`` takes ``(N, C, H, W)`` float32 and returns ``{output name: array}``. ``cuda_graphs=True``
     captures ``execute_async_v3`` once per batch size and replays it (lower launch overhead at batch 1).
