@@ -121,7 +121,8 @@ def make_goldens(fp32_path: str | os.PathLike[str], data: str | os.PathLike[str]
     ``meta`` (default: the FP32 model's own) gives preprocessing and the rejection score; its temperature is the one
     the reference score uses.
     """
-    from export.build_engine import read_onnx_metadata, sha256_file
+    from export.build_engine import read_onnx_metadata
+    from runtime.files import sha256_file
     from runtime.scores import logit_score
 
     meta = meta or read_onnx_metadata(fp32_path)

@@ -27,7 +27,6 @@ by ``python -m export.build_engine``) is checked before deserializing. Sidecar f
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import warnings
@@ -40,6 +39,7 @@ import numpy as np
 from runtime.backend import ClosingContext
 from runtime.contract import read_sidecar
 from runtime.errors import BackendUnavailable, InputError, MetadataError
+from runtime.files import sha256_bytes, sha256_file
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 
@@ -162,16 +162,6 @@ def rebuild_command(engine: str | os.PathLike[str], sidecar: Mapping[str, Any]) 
     return f"python -m export.build_engine --onnx {onnx}{flag} --out {Path(engine).parent}"
 
 
-def file_sha256(path: str | os.PathLike[str], data: bytes | None = None) -> str:
-    if data is not None:
-        return hashlib.sha256(data).hexdigest()
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_engine_compat(engine: str | os.PathLike[str], sidecar: Mapping[str, Any], *, trt_version: str,
                         gpu_name: str, compute_capability: tuple[int, int], engine_bytes: bytes | None = None,
                         ) -> list[str]:
@@ -215,7 +205,7 @@ def check_engine_compat(engine: str | os.PathLike[str], sidecar: Mapping[str, An
                      "were tuned for the other GPU; rebuild for best speed")
 
     want_engine = _first(sidecar, "engine_sha256")
-    if want_engine and engine_bytes is not None and file_sha256(engine, engine_bytes) != want_engine:
+    if want_engine and engine_bytes is not None and sha256_bytes(engine_bytes) != want_engine:
         problems.append("the engine file's sha256 does not match the sidecar (corrupt or replaced file)")
 
     onnx = _first(sidecar, "onnx", "onnx_path", "source_onnx")
@@ -224,7 +214,7 @@ def check_engine_compat(engine: str | os.PathLike[str], sidecar: Mapping[str, An
         candidates = [Path(onnx)] if Path(onnx).is_absolute() else [engine.parent / onnx, Path(onnx)]
         for cand in candidates:
             if cand.is_file():
-                if file_sha256(cand) != want_onnx:
+                if sha256_file(cand) != want_onnx:
                     problems.append(f"the ONNX model it was built from ({cand}) has changed since (sha256 differs): "
                                     "the engine is stale")
                 break

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.contract import CLASSES
+from runtime.files import sha256_file
 from runtime.review import PENDING
 from runtime.sources import IMAGE_SUFFIXES
 
@@ -48,14 +49,6 @@ class ImportReport:
     @property
     def total(self) -> int:
         return sum(self.counts.values())
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def sorted_images(queue: Path, classes: Sequence[str] = CLASSES) -> dict[str, list[Path]]:
@@ -100,7 +93,7 @@ def import_queue(queue: str | os.PathLike[str], data: str | os.PathLike[str], sp
     plan = []
     for cls, paths in images.items():
         for p in paths:
-            digest = _sha256(p)
+            digest = sha256_file(p)
             dest = data / split / cls / f"review-{digest[:16]}{p.suffix.lower()}"
             plan.append((cls, p, digest, dest))
     rep.fingerprint = batch_fingerprint([(c, d) for c, _, d, _ in plan]) if plan else ""

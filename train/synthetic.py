@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import multiprocessing as mp
-import os
 import sys
 import time
 import zlib
@@ -38,6 +37,7 @@ import cv2
 import numpy as np
 
 from runtime.contract import CLASSES
+from runtime.files import atomic_write_bytes, atomic_write_text
 from sem_extras import cli
 from train import _sem_render as sr
 
@@ -605,18 +605,6 @@ def _split_of(index: int, counts: Sequence[int]) -> str:
     raise IndexError(index)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder + os.replace, so readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _encode_png(img: np.ndarray) -> bytes:
     ok, buf = cv2.imencode(".png", img)
     if not ok:
@@ -633,8 +621,8 @@ def _make_one(task: tuple[str, str, int, str, int, int, float]) -> tuple[str, st
     folder = Path(out) / split / cls
     stem = f"{cls}_{index:06d}"
     meta["file"] = f"{split}/{cls}/{stem}.png"
-    atomic_write(folder / f"{stem}.png", _encode_png(img))
-    atomic_write(folder / f"{stem}.json", (json.dumps(meta, indent=1) + "\n").encode("utf-8"))
+    atomic_write_bytes(folder / f"{stem}.png", _encode_png(img))
+    atomic_write_text(folder / f"{stem}.json", json.dumps(meta, indent=1) + "\n")
     return cls, split, index
 
 
@@ -701,7 +689,7 @@ def generate_dataset(
         "classes": list(classes),
         "n_images": len(tasks),
     }
-    atomic_write(out / "summary.json", (json.dumps(summary, indent=1) + "\n").encode("utf-8"))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     if montage:
         summary["montages"] = [str(p) for p in write_montages(out, classes)]
     summary["seconds"] = elapsed
@@ -746,7 +734,7 @@ def write_montages(
             grid[y : y + h, x : x + w] = t
         cv2.putText(grid, f"{cls} ({len(tiles)})", (6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, 0, 1, cv2.LINE_AA)
         path = out / "montage" / f"{cls}.png"
-        atomic_write(path, _encode_png(grid))
+        atomic_write_bytes(path, _encode_png(grid))
         written.append(path)
     return written
 
