@@ -15,6 +15,7 @@ from export import build_engine as be
 from export.onnx_export import export_onnx
 from export.tensorrt_build import GpuInfo, build_serialized_engine
 from runtime.contract import read_sidecar
+from runtime.files import sha256_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fake_gpu import FakeCudart, cudaError_t, fake_tensorrt, install_cudart, unpack_engine  # noqa: E402
@@ -80,7 +81,7 @@ def test_engine_and_sidecar_written_with_fake_tensorrt(tiny_onnx: Path, tmp_path
     be.build_tensorrt_engine(trt, gpu, tiny_onnx, engine, meta, "fp16", (1, 4, 8), 1.0, "CMD")
     assert unpack_engine(engine.read_bytes())[0]["onnx_path"] == str(tiny_onnx)
     smeta, extra = read_sidecar(engine)
-    assert smeta.precision == "fp16" and extra["model_sha256"] == be.sha256_file(tiny_onnx)
+    assert smeta.precision == "fp16" and extra["model_sha256"] == sha256_file(tiny_onnx)
     assert extra["tensorrt_version"] == "10.3.0" and extra["gpu_name"] == "Orin"
     assert extra["profile"]["max"] == [8, 3, 32, 32] and extra["build_command"] == "CMD"
     assert extra["engine_sha256"] == hashlib.sha256(engine.read_bytes()).hexdigest()  # the corrupt-copy check
@@ -139,7 +140,7 @@ def test_cli_int8_builds_the_engine_from_the_qdq_file(tiny_onnx: Path, tmp_path:
     assert_fp16_outside_qdq(onnx.load(str(out / "tiny.int8.qdq.onnx")))  # non-quantised layers run in FP16
     meta, extra = read_sidecar(engine)
     assert meta.precision == "int8" and extra["precision"] == "int8" and extra["onnx"] == "tiny.int8.qdq.onnx"
-    assert extra["model_sha256"] == be.sha256_file(out / "tiny.int8.qdq.onnx")
+    assert extra["model_sha256"] == sha256_file(out / "tiny.int8.qdq.onnx")
     assert extra["engine_sha256"] == hashlib.sha256(engine.read_bytes()).hexdigest()
     assert extra["profile"]["min"][0] == 1 and extra["profile"]["max"][0] == 8
     report = json.loads((out / "tiny.int8.build-report.json").read_text())

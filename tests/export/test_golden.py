@@ -16,6 +16,7 @@ from export import golden
 from export.onnx_export import export_onnx
 from runtime.check import EXIT_PASS, GOLDEN_KEY, golden_sidecar_path, read_goldens, self_check
 from runtime.check import main as check_main
+from runtime.files import sha256_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fake_gpu import FakeCudart, fake_tensorrt, install_cudart  # noqa: E402
@@ -32,7 +33,7 @@ def test_goldens_cover_every_class_and_reproduce_the_fp32_outputs(model: tuple[P
     src, data = model
     g = golden.make_goldens(src, data, n=16, build_command="CMD")
     assert len(g) == 16 and set(g.classes) == set(tiny_meta().labels) and g.build_command == "CMD"
-    assert g.reference["sha256"] == be.sha256_file(src) and g.built["isa"] is not None
+    assert g.reference["sha256"] == sha256_file(src) and g.built["isa"] is not None
     import onnxruntime as ort
 
     out = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"images": g.inputs()})[0]
