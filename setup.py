@@ -13,7 +13,7 @@ VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "runtime" / "contract.py
 setup(
     name="sem-defect-classifier",
     version=VERSION,
-    description="Edge classifier for SEM wafer-defect images: EfficientNet-Lite0 (B0 by flag), ONNX Runtime and TensorRT",
+    description="Edge classifier for SEM wafer-defect images: EfficientNet-Lite0 (or B0), ONNX Runtime and TensorRT",
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
