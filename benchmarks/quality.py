@@ -34,6 +34,7 @@ import numpy as np
 
 from runtime.contract import CLASSES, INVALID_LABEL, REJECT_LABEL
 from runtime.files import atomic_write_text
+from runtime.folders import list_images
 
 SCHEMA = "sem-bench-quality/1"
 DEFAULT_REAL = Path("../shared/datasets/sem-hackathon")
@@ -43,7 +44,6 @@ SYNTHETIC_HINT = ("generate it: python -m train.synthetic --out data/synth2_test
 #: Far from the tests' seeds (0-99) so the gate is never tuned on this corpus.
 DEFAULT_CORPUS_SEED = 20261207
 DEFAULT_SIZES = (64, 256, 1024, 4096)
-EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
 #: name → (kind, parameter); applied to 8-bit images as floats in [0, 1].
 TRANSFORMS: dict[str, tuple[str, float]] = {
@@ -129,7 +129,7 @@ def run_corpus(clf: Any, per_cell: int, sizes: Sequence[int], seed: int, progres
 
 # ------------------------------------------------------------------------------------------ 2. false invalid
 def images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTS and p.is_file())
+    return list_images(folder, recursive=True)
 
 
 def run_false_invalid(clf: Any, folder: Path, batch: int = 32) -> dict[str, Any]:

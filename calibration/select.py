@@ -19,11 +19,12 @@ import numpy as np
 
 from runtime.contract import ModelMetadata
 from runtime.errors import InputError
+from runtime.folders import list_images, scan_class_folders
 from runtime.preprocess import Preprocessor
+from runtime.sources import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".pgm", ".ppm"})
 DEFAULT_SIZE = 512
 #: Below this many images INT8 ranges get noisy (a single odd image moves a min/max range).
 SMALL_SET = 128
@@ -51,11 +52,6 @@ class CalibrationSet:
         return f"calibration set: {len(self)} images from {self.source} ({counts})"
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                  and not p.name.startswith("."))
-
-
 def find_strata(data_dir: str | os.PathLike[str]) -> tuple[Path, dict[str, list[Path]]]:
     """Return (the folder used, {class: sorted image paths}). Raises ``FileNotFoundError``/``ValueError``."""
     root = Path(data_dir)
@@ -63,11 +59,9 @@ def find_strata(data_dir: str | os.PathLike[str]) -> tuple[Path, dict[str, list[
         raise FileNotFoundError(f"{root}: calibration data folder does not exist")
     base = root / "train" if (root / "train").is_dir() else root
     strata: dict[str, list[Path]] = {}
-    for sub in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        imgs = _images_in(sub)
-        if imgs:
-            strata[sub.name] = imgs
-    flat = _images_in(base)
+    for path, name in scan_class_folders(base, allow_empty=True):
+        strata.setdefault(name, []).append(path)
+    flat = list_images(base)
     if flat:
         strata[UNLABELLED if not strata else f"{UNLABELLED}({base.name})"] = flat
     if not strata:

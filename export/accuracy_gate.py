@@ -19,6 +19,7 @@ import numpy as np
 
 from runtime.contract import ModelMetadata
 from runtime.errors import InputError
+from runtime.folders import scan_class_folders
 from runtime.preprocess import Preprocessor
 
 log = logging.getLogger(__name__)
@@ -32,22 +33,14 @@ class AccuracyGateError(RuntimeError):
 
 def labelled_images(folder: str | os.PathLike[str], labels: Sequence[str]) -> tuple[list[Path], np.ndarray]:
     """``folder/<class>/*`` for the model's classes → (paths, label indices). Unknown folders are ignored."""
-    from calibration.select import IMAGE_SUFFIXES
-
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: validation folder does not exist")
-    paths: list[Path] = []
-    ys: list[int] = []
-    for i, c in enumerate(labels):
-        d = root / c
-        if d.is_dir():
-            files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-            paths += files
-            ys += [i] * len(files)
-    if not paths:
+    found = scan_class_folders(root, labels, allow_empty=True)
+    if not found:
         raise ValueError(f"{root}: no images in class folders named after the model's labels ({', '.join(labels)})")
-    return paths, np.asarray(ys, np.int64)
+    index = {c: i for i, c in enumerate(labels)}
+    return [p for p, _ in found], np.asarray([index[c] for _, c in found], np.int64)
 
 
 def load_inputs(paths: Sequence[Path], labels: np.ndarray, meta: ModelMetadata) -> tuple[np.ndarray, np.ndarray]:

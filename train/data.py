@@ -30,12 +30,12 @@ from torch.utils.data import Dataset
 
 from runtime.contract import CLASSES
 from runtime.errors import InputError
+from runtime.folders import class_folder_names, is_image_file, scan_class_folders, visible_files
 from runtime.preprocess import Intensity, Normalizer, load_grey, resize_grey
 from train import contentfree
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".pgm", ".ppm", ".pbm"})
 SPLITS = ("train", "val", "test")
 #: Non-image files named one by one per class folder before the rest are summarised in one line.
 MAX_LISTED = 3
@@ -54,15 +54,17 @@ class ScanReport:
     counts: dict[str, int]
 
 
-def _is_hidden(p: Path) -> bool:
-    return p.name.startswith(".")
+def _description(f: Path) -> bool:
+    """A JSON beside an image of the same name describes it (train.synthetic writes one per image): not stray."""
+    return f.suffix.lower() == ".json" and any(f.with_suffix(e).exists() for e in (".png", ".tif"))
 
 
 def scan_folder(root: str | os.PathLike[str], classes: Sequence[str] = CLASSES,
                 verify: bool = True) -> ScanReport:
-    """List ``(path, class index)`` under ``root/<class>/``; report and skip anything unusable.
+    """List ``(path, class index)`` under ``root/<class>/`` (and its subfolders); report and skip anything unusable.
 
-    With ``verify`` every image is decoded once (corrupt files are found here, not mid-epoch).
+    Images are found by :func:`runtime.folders.scan_class_folders`. With ``verify`` every image is decoded once
+    (corrupt files are found here, not mid-epoch).
     """
     root = Path(root)
     if not root.is_dir():
@@ -76,13 +78,14 @@ def scan_folder(root: str | os.PathLike[str], classes: Sequence[str] = CLASSES,
         problems.append(msg)
         log.warning(msg)
 
-    for entry in sorted(root.iterdir()):
-        if _is_hidden(entry):
-            continue
-        if entry.is_dir() and entry.name not in classes:
-            problem(f"{entry}: unknown class folder (classes are {', '.join(classes)}); skipped")
-        elif not entry.is_dir():
-            problem(f"{entry}: stray file outside the class folders; skipped")
+    for name in class_folder_names(root):
+        if name not in classes:
+            problem(f"{root / name}: unknown class folder (classes are {', '.join(classes)}); skipped")
+    for f in visible_files(root):
+        problem(f"{f}: stray file outside the class folders; skipped")
+    images: dict[str, list[Path]] = {}
+    for f, name in scan_class_folders(root, classes, recursive=True, allow_empty=True):
+        images.setdefault(name, []).append(f)
     for idx, name in enumerate(classes):
         folder = root / name
         if not folder.is_dir():
@@ -90,16 +93,8 @@ def scan_folder(root: str | os.PathLike[str], classes: Sequence[str] = CLASSES,
             counts[name] = 0
             continue
         n = 0
-        non_images: list[Path] = []
-        for f in sorted(folder.rglob("*")):
-            if f.is_dir() or any(part.startswith(".") for part in f.relative_to(folder).parts):
-                continue
-            if f.suffix.lower() not in IMAGE_EXTENSIONS:
-                # A JSON beside an image of the same name is its description (train.synthetic writes one per
-                # image), not a stray file.
-                if not (f.suffix.lower() == ".json" and any(f.with_suffix(e).exists() for e in (".png", ".tif"))):
-                    non_images.append(f)
-                continue
+        non_images = [f for f in visible_files(folder, recursive=True) if not is_image_file(f) and not _description(f)]
+        for f in images.get(name, []):
             if verify:
                 try:
                     load_grey(f)

@@ -145,10 +145,10 @@ def data_batches(folder: str | Path, meta: ModelMetadata, n: int = 256, batch: i
     """Up to ``n`` images from ``folder`` (``<class>/`` subfolders or flat), preprocessed as ``meta`` says."""
     import torch
 
+    from runtime.folders import list_images
     from runtime.preprocess import Preprocessor
-    from train.data import IMAGE_EXTENSIONS
 
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = list_images(folder, recursive=True)
     if not files:
         raise ConversionError(f"{folder}: no images")
     files = files[::max(1, len(files) // n)][:n]

@@ -25,8 +25,8 @@ from typing import Any
 
 from runtime.contract import CLASSES
 from runtime.files import sha256_file
+from runtime.folders import list_images, scan_class_folders
 from runtime.review import PENDING
-from runtime.sources import IMAGE_SUFFIXES
 
 MANIFEST = "review_imports.jsonl"
 IMPORTED = "imported"
@@ -56,18 +56,10 @@ def sorted_images(queue: Path, classes: Sequence[str] = CLASSES) -> dict[str, li
     if not queue.is_dir():
         raise ReviewImportError(f"--queue {queue}: not a folder")
     found: dict[str, list[Path]] = {}
-    unknown = []
-    for d in sorted(p for p in queue.iterdir() if p.is_dir()):
-        if d.name in (PENDING, IMPORTED) or d.name.startswith("."):
-            continue
-        imgs = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                      and not p.name.startswith("."))
-        if not imgs:
-            continue
-        if d.name not in classes:
-            unknown.append(d.name)
-            continue
-        found[d.name] = imgs
+    for p, name in scan_class_folders(queue, allow_empty=True):
+        if name not in (PENDING, IMPORTED):
+            found.setdefault(name, []).append(p)
+    unknown = [name for name in found if name not in classes]
     if unknown:
         raise ReviewImportError(f"--queue {queue}: folder(s) {', '.join(unknown)} are not classes of the model "
                                 f"({', '.join(classes)}); a new defect type goes to 'other' until the class list "
@@ -88,8 +80,7 @@ def import_queue(queue: str | os.PathLike[str], data: str | os.PathLike[str], sp
     if not data.is_dir():
         raise ReviewImportError(f"--data {data}: dataset folder does not exist")
     images = sorted_images(queue)
-    rep = ImportReport(left_pending=sum(1 for p in (queue / PENDING).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-                       if (queue / PENDING).is_dir() else 0)
+    rep = ImportReport(left_pending=len(list_images(queue / PENDING)) if (queue / PENDING).is_dir() else 0)
     plan = []
     for cls, paths in images.items():
         for p in paths:
