@@ -16,7 +16,9 @@ Record files are appended to, never truncated, and each record goes to the file 
 descriptor: it is there whole or not at all. A failed write (disk full, permission, I/O error) cuts the file back to
 its last complete record and raises :class:`OutputWriteError` naming the file. A CSV whose header differs from ours
 (another program's, or an older version with other columns) is left alone and a new file is started next to it.
-Videos are written to a temporary name and renamed when complete.
+Videos are written to a temporary name and renamed when complete. A run with several sources writes a video per
+source (``out.mp4`` → ``out.<source>.mp4``, the name part built by :func:`source_slugs`) and opens a window per
+source, so frames of different sources never mix; records, MQTT and the live view name each result's source.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import io
 import json
 import math
 import os
+import re
 import stat
 import sys
 from dataclasses import dataclass, field
@@ -37,7 +40,7 @@ from typing import Any, TextIO
 import cv2
 import numpy as np
 
-from runtime.sources import Frame
+from runtime.sources import Frame, redact
 
 VIDEO_SUFFIXES = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
 RECORD_FIELDS = ("source", "frame", "timestamp", "unix_time", "label", "confidence", "rejected", "reason",
@@ -106,6 +109,9 @@ class Output:
 
     path: Path | None = None
     stop_requested: bool = False
+    #: The SRC whose results alone this output gets (a video or window per source, :func:`open_outputs`); None:
+    #: every source's results.
+    for_source: str | None = None
 
     def write(self, result: FrameResult) -> None:
         raise NotImplementedError
@@ -409,11 +415,12 @@ class DisplayOutput(Output):
 
     needs_image = True
 
-    def __init__(self, name: str = "0") -> None:
+    def __init__(self, name: str = "0", slug: str | None = None) -> None:
         problem = gui_problem()
         if problem:
             raise OutputError(f"display://{name}: {problem}")
-        self.window = f"SEM classifier ({name})"
+        self.slug = slug  # one source of several: its own window
+        self.window = f"SEM classifier ({name})" + (f" {slug}" if slug else "")
         try:
             cv2.namedWindow(self.window, cv2.WINDOW_NORMAL)
         except cv2.error as e:
@@ -439,43 +446,116 @@ class DisplayOutput(Output):
             pass
 
     def describe(self) -> str:
-        return "display"
+        return f"display ({self.slug})" if self.slug else "display"
 
 
-def open_output(uri: str | os.PathLike[str], *, fps: float | None = None, stream: TextIO | None = None,
-                http: dict[str, Any] | None = None) -> Output:
-    """Open one OUT (see module docstring). Raises :class:`OutputError` naming the URI when it cannot be used.
-    ``http``: ``host`` and ``token`` for an ``http://`` live view (runtime.liveview)."""
+def _parse(uri: str | os.PathLike[str]) -> tuple[str, str]:
+    """``(kind, target)`` of one OUT: kind is http, display, console, mqtt, jsonl, csv or video; target the rest
+    (a file path without ``file://``, a window name, the URI itself). Raises :class:`OutputError` naming it."""
     text = str(uri).strip()
     low = text.lower()
-    if low.startswith("http://"):  # the live view in a browser (runtime/liveview.py; stdlib http.server)
-        from runtime.liveview import LiveViewOutput
-
-        return LiveViewOutput.from_uri(text, **(http or {}))
+    if low.startswith("http://"):
+        return "http", text
     if low.startswith("display://"):
-        return DisplayOutput(text[len("display://"):] or "0")
+        return "display", text[len("display://"):] or "0"
     if low in ("-", "stdout", "stdout://", "console://"):
-        return ConsoleOutput(stream)
-    if low.startswith(("mqtt://", "mqtts://")):  # results to an MQTT broker (runtime/mqtt.py; paho-mqtt)
-        from runtime.mqtt import MqttOutput
-
-        return MqttOutput(text)
+        return "console", text
+    if low.startswith(("mqtt://", "mqtts://")):
+        return "mqtt", text
     if low.startswith("file://"):
         text = text[len("file://"):]
     elif "://" in low:
         raise OutputError(f"{text.split('://', 1)[0]}://...: unknown output; use display://0, mqtt://host/topic, "
                           "a .mp4/.avi file, a .jsonl or .csv file, or -")
     suffix = Path(text).suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        return JsonlOutput(text)
-    if suffix == ".csv":
-        return CsvOutput(text)
-    if suffix in VIDEO_SUFFIXES:
-        return VideoOutput(text, fps)
-    raise OutputError(f"{text}: unknown output type {suffix or '(no extension)'}; use display://0, "
-                      ".mp4/.avi/.mkv, .jsonl or .csv, or - for stdout")
+    kind = ({".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"} | dict.fromkeys(VIDEO_SUFFIXES, "video")).get(suffix)
+    if not kind:
+        raise OutputError(f"{text}: unknown output type {suffix or '(no extension)'}; use display://0, "
+                          ".mp4/.avi/.mkv, .jsonl or .csv, or - for stdout")
+    return kind, text
+
+
+def open_output(uri: str | os.PathLike[str], *, fps: float | None = None, stream: TextIO | None = None,
+                http: dict[str, Any] | None = None, slug: str | None = None) -> Output:
+    """Open one OUT (see module docstring). Raises :class:`OutputError` naming the URI when it cannot be used.
+    ``http``: ``host`` and ``token`` for an ``http://`` live view (runtime.liveview). ``slug``: the output is for
+    one source of several (:func:`source_slugs`): a video is written to ``NAME.<slug>.mp4``, a window is its own."""
+    kind, target = _parse(uri)
+    if kind == "http":  # the live view in a browser (runtime/liveview.py; stdlib http.server)
+        from runtime.liveview import LiveViewOutput
+
+        return LiveViewOutput.from_uri(target, **(http or {}))
+    if kind == "mqtt":  # results to an MQTT broker (runtime/mqtt.py; paho-mqtt)
+        from runtime.mqtt import MqttOutput
+
+        return MqttOutput(target)
+    if kind == "display":
+        return DisplayOutput(target, slug)
+    if kind == "console":
+        return ConsoleOutput(stream)
+    if kind == "jsonl":
+        return JsonlOutput(target)
+    if kind == "csv":
+        return CsvOutput(target)
+    path = Path(target)
+    return VideoOutput(path.with_name(f"{path.stem}.{slug}{path.suffix}") if slug else path, fps)
+
+
+def open_outputs(uris: list[str], sources: list[str], *, stream: TextIO | None = None,
+                 http: dict[str, Any] | None = None) -> list[Output]:
+    """Every OUT of a run over ``sources`` (their SRC strings), in order. With several sources a video or a
+    display is opened once per source (``out.mp4`` → ``out.<slug>.mp4``, a window each, ``for_source`` set), so
+    frames of different sources never share a file or a window; the other outputs get every source's results
+    (each record names its source). On an error, what was opened is closed again and the error raised."""
+    slugs = source_slugs(sources) if len(sources) > 1 else []
+    opened: list[Output] = []
+    try:
+        for uri in uris:
+            if not slugs or _parse(uri)[0] not in ("video", "display"):
+                opened.append(open_output(uri, stream=stream, http=http))
+                continue
+            for src, slug in zip(sources, slugs, strict=True):
+                opened.append(open_output(uri, stream=stream, http=http, slug=slug))
+                opened[-1].for_source = src
+    except BaseException:
+        for o in opened:
+            try:
+                o.close()
+            except Exception:  # noqa: BLE001 - the opening error is the one to report
+                pass
+        raise
+    return opened
+
+
+_SLUG_BAD = re.compile(r"[^A-Za-z0-9_-]+")
+_SUFFIX = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,4}$")  # .mp4, .png: dropped from a file name (not from 10.0.0.7)
+
+
+def _slug(uri: str) -> str:
+    """The last meaningful part of a source's redacted name, as letters, digits, ``-`` and ``_`` only."""
+    text = redact(uri).split("://", 1)[-1].split("?", 1)[0].rsplit("@", 1)[-1]
+    for part in reversed(re.split(r"[/\\]", text)):
+        slug = _SLUG_BAD.sub("-", _SUFFIX.sub("", part)).strip("-_")[:32].strip("-_")
+        if slug:
+            return slug
+    return "source"
+
+
+def source_slugs(sources: list[str]) -> list[str]:
+    """A short file-name part per source, for what a run with several sources writes per source: built by the
+    runtime from the end of each redacted SRC (``rtsp://user:pw@10.0.0.7/cam1`` → ``cam1``, ``/data/lot7.mp4`` →
+    ``lot7``) with letters, digits, ``-`` and ``_`` only, so no source name can make a path or carry a password;
+    numbered (``lot7-2``) where two would be the same."""
+    slugs: list[str] = []
+    for uri in sources:
+        base = slug = _slug(uri)
+        n = 2
+        while slug in slugs:
+            slug, n = f"{base}-{n}", n + 1
+        slugs.append(slug)
+    return slugs
 
 
 __all__ = ["FrameResult", "Output", "OutputError", "OutputWriteError", "JsonlOutput", "CsvOutput", "ConsoleOutput",
-           "VideoOutput", "DisplayOutput", "open_output", "draw_overlay", "gui_available", "gui_problem",
-           "RECORD_FIELDS"]
+           "VideoOutput", "DisplayOutput", "open_output", "open_outputs", "source_slugs", "draw_overlay",
+           "gui_available", "gui_problem", "RECORD_FIELDS"]

@@ -199,3 +199,64 @@ def test_status_line_shows_each_sources_state_fps_and_drops(clf, fake_capture):
     line = lines[-1]  # the last status line drawn
     assert "| /dev/video0 running" in line and " fps drop " in line
     assert "| /dev/video1 reconnecting 0.0 fps drop 0" in line
+
+
+def _brightness(path: Path) -> list[float]:
+    """The median grey level of every frame of a video (the overlay text leaves the median alone)."""
+    import cv2
+    import numpy as np
+
+    cap = cv2.VideoCapture(str(path))
+    levels = []
+    while True:
+        ok, img = cap.read()
+        if not ok:
+            break
+        levels.append(float(np.median(img)) / 255)
+    cap.release()
+    return levels
+
+
+def test_several_sources_get_a_video_each(clf, video_writer, tmp_path):
+    """A video output with several sources: one file per source, each holding that source's frames alone."""
+    (tmp_path / "cams").mkdir()
+    a = video_writer(tmp_path / "cams" / "a.avi", [0.05] * 12)
+    b = video_writer(tmp_path / "b.avi", [0.95] * 8)
+    out = tmp_path / "out" / "annotated.avi"
+    err = io.StringIO()
+    summary = run([str(a), str(b)], classifier=clf, outputs=[str(out)], quiet=True, err=err, batch_timeout_ms=200)
+    assert summary.exit_code == EXIT_OK and summary.frames == 20
+    per_source = {p.name: _brightness(p) for p in out.parent.iterdir()}
+    assert set(per_source) == {"annotated.a.avi", "annotated.b.avi"}  # nothing else, no mixed annotated.avi
+    assert len(per_source["annotated.a.avi"]) == 12 and max(per_source["annotated.a.avi"]) < 0.3
+    assert len(per_source["annotated.b.avi"]) == 8 and min(per_source["annotated.b.avi"]) > 0.7
+    assert summary.outputs == [str(out.parent / "annotated.a.avi"), str(out.parent / "annotated.b.avi")]
+    assert "annotated.a.avi" in err.getvalue()  # the summary names each file
+
+
+def test_several_sources_get_a_window_each(clf, video_writer, tmp_path, monkeypatch):
+    """display://0 with several sources: a window per source (OpenCV's window calls recorded here, as this
+    OpenCV has no GUI), each showing its own source's frames only."""
+    import cv2
+    import numpy as np
+
+    shown: dict[str, list[float]] = {}
+    monkeypatch.setattr("runtime.outputs.gui_problem", lambda: None)
+    monkeypatch.setattr(cv2, "namedWindow", lambda name, flags=0: shown.setdefault(name, []))
+    monkeypatch.setattr(cv2, "imshow", lambda name, img: shown[name].append(float(np.median(img)) / 255))
+    monkeypatch.setattr(cv2, "waitKey", lambda delay=0: -1)
+    monkeypatch.setattr(cv2, "getWindowProperty", lambda name, prop: 1.0)
+    monkeypatch.setattr(cv2, "destroyWindow", lambda name: None)
+    a = video_writer(tmp_path / "left.avi", [0.05] * 10)
+    b = video_writer(tmp_path / "right.avi", [0.95] * 6)
+    summary = run([str(a), str(b)], classifier=clf, outputs=["display://0"], quiet=True, err=io.StringIO())
+    assert summary.exit_code == EXIT_OK and summary.outputs == ["display (left)", "display (right)"]
+    assert set(shown) == {"SEM classifier (0) left", "SEM classifier (0) right"}
+    assert len(shown["SEM classifier (0) left"]) == 10 and max(shown["SEM classifier (0) left"]) < 0.3
+    assert len(shown["SEM classifier (0) right"]) == 6 and min(shown["SEM classifier (0) right"]) > 0.7
+
+
+def test_one_source_keeps_its_video_name(clf, video_file, tmp_path):
+    out = tmp_path / "annotated.avi"
+    summary = run(str(video_file), classifier=clf, outputs=[str(out)], quiet=True, err=io.StringIO())
+    assert summary.exit_code == EXIT_OK and [p.name for p in tmp_path.glob("annotated*")] == ["annotated.avi"]

@@ -250,3 +250,34 @@ def test_broken_stdout_is_an_output_error_naming_stdout():
 
     with pytest.raises(OutputWriteError, match="stdout: cannot write: Broken pipe"):
         ConsoleOutput(Broken()).write(make_result(0))
+
+
+@pytest.mark.parametrize(("sources", "expected"), [
+    (["rtsp://user:secret@10.0.0.7/cam1", "rtsp://user:secret@10.0.0.8/cam1"], ["cam1", "cam1-2"]),
+    (["/data/lot7.mp4", "/dev/video0", "0"], ["lot7", "video0", "0"]),
+    (["../../etc/passwd", "shots/*.tif", "rtsp://10.0.0.9:554/", ".."], ["passwd", "shots", "10-0-0-9-554", "source"]),
+    (["gst://v4l2src device=/dev/video1 ! videoconvert ! appsink", "csi://0?width=1920&fps=30"],
+     ["video1-videoconvert-appsink", "0"]),
+])
+def test_source_slugs_are_safe_file_name_parts(sources, expected):
+    from runtime.outputs import source_slugs
+
+    slugs = source_slugs(sources)
+    assert slugs == expected
+    for slug in slugs:
+        assert slug and all(c.isalnum() or c in "-_" for c in slug) and "secret" not in slug and len(slug) <= 40
+
+
+def test_per_source_outputs_stay_next_to_the_output_asked_for(tmp_path):
+    from runtime.outputs import open_outputs
+
+    out = tmp_path / "v.avi"
+    opened = open_outputs([str(out), str(tmp_path / "r.jsonl")], ["../../x/evil.mp4", "rtsp://u:pw@h/../../cam"])
+    try:
+        videos = [o for o in opened if isinstance(o, VideoOutput)]
+        assert [o.path for o in videos] == [tmp_path / "v.evil.avi", tmp_path / "v.cam.avi"]
+        assert [o.for_source for o in videos] == ["../../x/evil.mp4", "rtsp://u:pw@h/../../cam"]
+        assert isinstance(opened[-1], JsonlOutput) and opened[-1].for_source is None  # records: every source
+    finally:
+        for o in opened:
+            o.close()
