@@ -7,5 +7,5 @@
 * ``python -m benchmarks.accuracy`` — accuracy, macro-F1, top-1 agreement with FP32, ECE and coverage at the stored
   rejection threshold for each deployed artifact, run through ``runtime.Classifier``.
 
-Results are logged, dated and with their machine, in ``benchmarks/RESULTS.md``.
+Current numbers, each with its command and machine, are in ``benchmarks/RESULTS.md``; research in ``docs/``.
 """

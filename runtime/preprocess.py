@@ -170,8 +170,8 @@ def resize_grey(grey: np.ndarray, size: tuple[int, int], method: str = "area") -
 def _area_shrink(grey: np.ndarray, h: int, w: int) -> np.ndarray:
     """Area averaging in two steps: an integer-factor block average (OpenCV's fast path), then the small rest.
 
-    One non-integer INTER_AREA from 1024² to 224² costs ~3.5× the two steps on this CPU, and it sits on the
-    per-frame path; the result is still an area average. Rows/columns that do not fill a block (fewer than
+    A single non-integer INTER_AREA is several times slower than the two steps, and it sits on the per-frame
+    path; the result is still an area average. Rows/columns that do not fill a block (fewer than
     the factor) are cropped evenly from both sides.
     """
     H, W = grey.shape[:2]

@@ -5,7 +5,7 @@ final ``nn.Linear(1280, C)``), so the rest of the project (export, calibration, 
 same way; penultimate features are ``torch.flatten(model.avgpool(model.features(x)), 1)`` (1280-d).
 
 Lite0 is B0 with SiLU → ReLU6 and squeeze-excitation removed (same channels, kernels and repeats): the variant that
-survives INT8 post-training quantisation (ImageNet PTQ loses ~0.7 pt for Lite0 against ~5 pt for B0).
+survives INT8 post-training quantisation (B0's SiLU and squeeze-excitation lose far more accuracy in INT8).
 
 Starting weights (``weights=``):
 

@@ -12,7 +12,7 @@ penultimate features, all from the same single forward pass:
 
 Higher = more like the known classes; the rule everywhere is *reject when score < threshold*.
 
-How it is used (see ``wiring`` in the report / README):
+How it is used:
 
 1. End of training: :func:`fit_openset_from_loader` → a ``dict[str, Tensor]`` stored in the checkpoint under
    ``"openset"`` (plain tensors, so ``torch.load(..., weights_only=True)`` reads it).
@@ -29,8 +29,7 @@ default the feature statistics are fitted on the named classes only (``include_r
 that looks like the heterogeneous ``other`` class gets a low feature score and is rejected — to ``other``, the
 answer it should get anyway — while the named-class statistics stay tight. ``benchmarks.openset`` measures both
 choices (``<score>`` vs ``<score>+other``); including ``other`` lowered mean AUROC for every feature score
-(leave-one-class-out on synthetic data: KNN 0.62 → 0.57, Mahalanobis 0.58 → 0.54, ViM 0.65 → 0.61; relative
-Mahalanobis, once its shrinkage was fixed, 0.859 → 0.815 on the 128-px folds).
+(docs/openset.md).
 """
 
 from __future__ import annotations
@@ -58,10 +57,8 @@ SCORE_OUTPUT = "score"
 #: Checkpoint key under which the fitted statistics are stored.
 CHECKPOINT_KEY = "openset"
 #: Default score (``python -m train --score``), from the leave-one-class-out benchmark (benchmarks/openset.py, system
-#: view): energy led on the sem-hackathon folds (224 px, 20 epochs: energy 0.757, MSP 0.745, ViM 0.660), where fold
-#: classifiers are as weak as real-data models are. On 128-px synthetic folds with ~93% known accuracy KNN (0.876) and
-#: ViM (0.873) beat energy (0.829) (150 test images per class): models that accurate may prefer ``--score knn``
-#: (README, "Rejection and unknown defects").
+#: view): energy led on real-image folds, where classifiers are as weak as real-data models are; on more accurate
+#: synthetic folds KNN and ViM led, so models that accurate may prefer ``--score knn`` (docs/openset.md).
 DEFAULT_SCORE = "energy"
 
 #: Statistics each score needs inside the graph (everything else stays out of the exported file).
@@ -176,9 +173,9 @@ def fit_openset_stats(features: np.ndarray, labels: np.ndarray, weight: np.ndarr
     whiten = _shrunk_whitener(centred, shrinkage)
     bg_mean = x.mean(0)
     # The background Gaussian takes the class Gaussian's shrinkage, not its own Ledoit-Wolf estimate. Its between-class
-    # spread makes Ledoit-Wolf shrink it ~4x less (0.018 vs 0.078 on the 128-px synthetic folds), so off the training
-    # manifold d0 grew ~1.8x faster than the class distance and d0 - d2 ranked unknown images *above* known ones
-    # (mean AUROC 0.16). With one intensity the two distances cancel as Ren et al. intend (0.859, Mahalanobis 0.851).
+    # spread makes Ledoit-Wolf shrink it much less, so off the training manifold d0 grew faster than the class
+    # distance and d0 - d2 ranked unknown images *above* known ones. With one intensity the two distances cancel as
+    # Ren et al. intend (docs/openset.md).
     bg_whiten = _shrunk_whitener(x - bg_mean, shrinkage)
 
     # KNN bank: normalised training features, stratified if there are more than we want to carry in the model.

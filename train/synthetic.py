@@ -48,8 +48,8 @@ DEFAULT_SPLIT: tuple[float, float, float] = (0.7, 0.15, 0.15)
 # images are exactly version 1's.
 GENERATOR_VERSION = 2
 # Contrast to clutter below which a defect is redrawn.  Version 1 drew ~1/3 of CMP chatter/dishing and ~1/6 of cracks
-# below 1, where a person comparing with the defect-free twin could hardly see them and a trained model got 88% right
-# (98% above): labels a model cannot learn, and a test set that cannot reach its goal.
+# below 1, where a person comparing with the defect-free twin could hardly see them and trained models often erred
+# (docs/synthetic.md): labels a model cannot learn, and a test set that cannot reach its goal.
 DEFAULT_MIN_VISIBILITY = 1.0
 # Edits of a regular pattern (and LER, which roughens every edge) are exempt: the score counts the pattern around
 # them as clutter, yet a missing hole or a bridged line is plain to see because the pattern predicts what should be
