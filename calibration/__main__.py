@@ -5,70 +5,21 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from calibration.select import DEFAULT_SIZE, load_calibration_array, select_calibration_set
-from runtime.contract import METADATA_KEY, ModelMetadata
+from calibration.run import run_calibration
+from calibration.select import DEFAULT_SIZE
+from runtime.artifacts import BY_KEY, artifact_paths
 from sem_extras import cli, help_note, import_for_help
 
-log = logging.getLogger("calibration")
+__all__ = ["build_parser", "main", "run_calibration"]  # run_calibration lives in calibration.run
 
 EPILOG = """examples:
   python -m calibration --onnx models/sem.onnx --data data/ --out models/
   python -m calibration --onnx models/sem.onnx --data data/ --size 256 --method minmax
-writes <out>/<stem>.int8.qdq.onnx (TensorRT) and <out>/<stem>.int8.cpu.onnx (ONNX Runtime on the CPU).
-"""
-
-
-def run_calibration(onnx_path: Path, data: Path, trt_out: Path, cpu_out: Path, size: int = DEFAULT_SIZE,
-                    method: str = "percentile", seed: int = 0, cpu_keep_float: Sequence[str] = (),
-                    progress: bool = True, cpu_target: str = "portable", verbose: bool = False) -> dict[str, Any]:
-    """Select, preprocess, compute ranges once, write both files; returns a summary for reports.
-
-    ``cpu_target`` picks the CPU file's weights (:data:`calibration.quantize.CPU_TARGETS`); it and the building
-    machine's instruction set are recorded in the metadata (``extra.calibration``)."""
-    import onnx
-
-    from calibration.quantize import (
-        CPU_TARGETS,
-        compute_ranges,
-        cpu_target_ok,
-        prepare_for_quantization,
-        ranges_as_dict,
-        write_cpu_int8,
-        write_tensorrt_qdq,
-    )
-    from runtime.check import cpu_info
-
-    if cpu_target not in CPU_TARGETS:
-        raise ValueError(f"unknown CPU target {cpu_target!r}; choose one of {', '.join(CPU_TARGETS)}")
-    machine = cpu_info()
-    if not cpu_target_ok(cpu_target, machine["isa"]):
-        log.warning("CPU target %r: this machine (%s) lacks VNNI/AMX, so its integer kernels saturate on that file "
-                    "and the self-check here fails; use that file only on VNNI/AMX CPUs", cpu_target, machine["cpu"])
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    props = {p.key: p.value for p in model.metadata_props}
-    meta = ModelMetadata.from_props(props, str(onnx_path))
-    cset = select_calibration_set(data, size=size, seed=seed, classes=meta.labels)
-    print(cset.summary())
-    skipped: list[str] = []
-    x = load_calibration_array(cset, meta, skipped)
-    int8_meta = meta.with_updates(precision="int8", extra={**meta.extra, "calibration": {
-        "images": int(len(x)), "per_class": cset.per_class, "method": method, "seed": seed,
-        "source": str(cset.source), "cpu_target": cpu_target, "built_on": machine}})
-    out_props = {METADATA_KEY: int8_meta.to_json()}
-    with tempfile.TemporaryDirectory(prefix="calibration.") as tmp:
-        prepared = prepare_for_quantization(onnx_path, Path(tmp) / "prepared.onnx")
-        ranges = compute_ranges(prepared, x, method, progress=progress, quiet=not verbose)
-        placement = write_tensorrt_qdq(prepared, ranges_as_dict(ranges), trt_out, metadata_props=out_props)
-        write_cpu_int8(prepared, ranges, cpu_out, nodes_to_exclude=cpu_keep_float, metadata_props=out_props,
-                       target=cpu_target)
-    return {"images": int(len(x)), "per_class": cset.per_class, "available": cset.available, "method": method,
-            "warnings": list(cset.warnings), "skipped": skipped, "tensorrt_placement": placement,
-            "tensorrt_onnx": str(trt_out), "cpu_onnx": str(cpu_out), "cpu_target": cpu_target, "built_on": machine}
+writes <out>/<stem>{qdq} (TensorRT) and <out>/<stem>{cpu} (ONNX Runtime on the CPU).
+""".format(qdq=BY_KEY["int8_qdq_onnx"].suffix, cpu=BY_KEY["int8_cpu_onnx"].suffix)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,10 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("calibration").setLevel(logging.INFO)
     src = Path(args.onnx)
-    out = Path(args.out) if args.out else src.parent
-    stem = src.name[:-5] if src.name.endswith(".onnx") else src.name
+    paths = artifact_paths(src, args.out)
     try:
-        summary = run_calibration(src, Path(args.data), out / f"{stem}.int8.qdq.onnx", out / f"{stem}.int8.cpu.onnx",
+        summary = run_calibration(src, Path(args.data), paths["int8_qdq_onnx"], paths["int8_cpu_onnx"],
                                   args.size, args.method, args.seed,
                                   [s for s in args.cpu_keep_float.split(",") if s], cpu_target=args.cpu_target,
                                   verbose=args.verbose)

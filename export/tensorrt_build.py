@@ -6,15 +6,8 @@ The builder calls live in the runtime package because an engine is built on the 
 
 from __future__ import annotations
 
-from runtime.trt_build import (
-    EngineBuildError,
-    GpuInfo,
-    build_serialized_engine,
-    gpu_problem,
-    import_tensorrt,
-    parser_errors,
-    query_gpu,
-)
+from runtime.artifacts import import_tensorrt
+from runtime.trt_build import EngineBuildError, GpuInfo, build_serialized_engine, gpu_problem, parser_errors, query_gpu
 
 __all__ = ["EngineBuildError", "GpuInfo", "build_serialized_engine", "gpu_problem", "import_tensorrt",
            "parser_errors", "query_gpu"]
