@@ -99,6 +99,11 @@ SIDECAR_KEYS = (SIDECAR_MODEL_SHA256, SIDECAR_TENSORRT_VERSION, SIDECAR_GPU_NAME
 
 
 # ------------------------------------------------------------------ names
+def is_engine(path: str | os.PathLike[str]) -> bool:
+    """A file the TensorRT backend opens (by its suffix, :data:`ENGINE_SUFFIXES`)."""
+    return Path(path).suffix.lower() in ENGINE_SUFFIXES
+
+
 def format_of(path: str | os.PathLike[str]) -> ArtifactFormat | None:
     """The row whose suffix ends ``path``'s name (the longest such suffix), or None."""
     name = Path(path).name

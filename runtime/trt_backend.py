@@ -5,24 +5,13 @@ Written against the TensorRT 10.x/11.x tensor-name API (``num_io_tensors``, ``ge
 Per call: copy the batch into pinned memory → async H2D → ``execute_async_v3`` (or a CUDA-graph replay captured for
 that batch size) → async D2H → one stream synchronize. Buffers are allocated once for the profile's largest batch.
 
-An engine only runs on the TensorRT version and GPU it was built for, so the sidecar (``model.engine.json``, written
-by ``python -m export.build_engine``) is checked before deserializing. Sidecar fields read here, besides
-``metadata``::
-
-    tensorrt_version     "10.3.0.30"           must equal the running TensorRT (major.minor.patch), unless
-    version_compatible   true                  (engine built with VERSION_COMPATIBLE: same major, runtime >= built)
-    gpu_name             "Orin"                a different name with the same compute capability only warns
-    compute_capability   "8.7" | [8, 7]        must match, unless
-    hardware_compatibility_level "ampere_plus" (then any GPU with compute capability >= 8.0)
-    precision            "fp16" | "int8" | "fp32"
-    onnx                 "sem_classifier.onnx" the ONNX it was built from (relative to the sidecar's folder or cwd)
-    onnx_sha256          "ab12..."             if that ONNX still exists and its hash differs, the engine is stale
-    engine_sha256        "cd34..."             optional: checked against the engine file (corrupt copies)
-    profile_shapes       {"images": {"min": [1,3,224,224], "opt": [...], "max": [...]}}  (informational; the
-                                               engine's own profile is what is used)
-
-``model_sha256``/``trt_version``/``gpu`` are accepted as aliases. Everything that touches TensorRT is inside
-:class:`TrtBackend`; the checks and shape logic are plain functions so they are tested without a GPU.
+An engine only runs on the TensorRT version and GPU it was built for, so its sidecar (``model.engine.json``,
+written by ``python -m export.build_engine``; keys in :mod:`runtime.artifacts`) is checked before deserializing:
+the TensorRT version (major.minor.patch) and the compute capability must match; another GPU name with the same
+compute capability only warns; ``engine_sha256`` must match the engine file; if the source ONNX (``onnx``,
+relative to the engine's folder) is still there, its hash must equal ``model_sha256`` or the engine is stale. A
+mismatch prints ``build_command``. Everything that touches TensorRT is inside :class:`TrtBackend`; the checks and
+shape logic are plain functions so they are tested without a GPU.
 """
 
 from __future__ import annotations
@@ -36,34 +25,18 @@ from typing import Any
 
 import numpy as np
 
+from runtime import artifacts as art
+from runtime.artifacts import ENGINE_SUFFIXES, import_tensorrt, is_engine  # noqa: F401 - importable from here too
 from runtime.backend import ClosingContext
 from runtime.contract import read_sidecar
 from runtime.errors import BackendUnavailable, InputError, MetadataError
 from runtime.files import sha256_bytes, sha256_file
-
-ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 
 #: TensorRT ``DataType`` member name → numpy dtype. BF16/FP8/INT4/FP4 have no numpy type: I/O must not use them.
 TRT_TO_NUMPY: dict[str, Any] = {
     "FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32, "INT64": np.int64,
     "BOOL": np.bool_, "UINT8": np.uint8,
 }
-
-
-def is_engine(path: str | os.PathLike[str]) -> bool:
-    return Path(path).suffix.lower() in ENGINE_SUFFIXES
-
-
-def import_tensorrt() -> Any:
-    """``import tensorrt`` or a :class:`BackendUnavailable` that says what to do instead."""
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise BackendUnavailable(
-            f"TensorRT is not installed here ({e}). Install it on a machine with an NVIDIA GPU "
-            "(pip install 'sem-defect-classifier[tensorrt]', or JetPack on Jetson), or run the ONNX model with "
-            "ONNX Runtime instead (backend='ort', model=...onnx)") from None
-    return trt
 
 
 def tensorrt_available() -> bool:
@@ -146,20 +119,61 @@ def _cc_tuple(v: Any) -> tuple[int, int] | None:
     return None
 
 
-def _first(d: Mapping[str, Any], *keys: str) -> Any:
-    for k in keys:
-        if d.get(k) not in (None, ""):
-            return d[k]
-    return None
+def _field(sidecar: Mapping[str, Any], key: str) -> Any:
+    """A sidecar field, None when absent or empty."""
+    value = sidecar.get(key)
+    return None if value in (None, "") else value
 
 
 def rebuild_command(engine: str | os.PathLike[str], sidecar: Mapping[str, Any]) -> str:
-    if _first(sidecar, "build_command"):
-        return str(sidecar["build_command"])
-    onnx = _first(sidecar, "onnx", "onnx_path", "source_onnx") or "<model.onnx>"
-    precision = str(_first(sidecar, "precision") or "fp16").lower()
-    flag = f" --{precision}" if precision in ("fp16", "int8") else ""
+    """The command the sidecar records, else one rebuilt from its source ONNX and precision."""
+    if _field(sidecar, art.SIDECAR_BUILD_COMMAND):
+        return str(sidecar[art.SIDECAR_BUILD_COMMAND])
+    onnx = _field(sidecar, art.SIDECAR_ONNX) or "<model.onnx>"
+    precision = str(_field(sidecar, art.SIDECAR_PRECISION) or "fp16").lower()
+    flag = f" --{precision}" if precision in art.BUILD_PRECISIONS else ""
     return f"python -m export.build_engine --onnx {onnx}{flag} --out {Path(engine).parent}"
+
+
+def _version_problem(sidecar: Mapping[str, Any], trt_version: str) -> str | None:
+    built = _field(sidecar, art.SIDECAR_TENSORRT_VERSION)
+    if built is None:
+        return "the sidecar does not record the TensorRT version it was built with"
+    if _version_tuple(built)[:3] != _version_tuple(trt_version)[:3]:
+        return f"built with TensorRT {built}, running TensorRT {trt_version}"
+    return None
+
+
+def _gpu_check(engine: Path, sidecar: Mapping[str, Any], gpu_name: str, compute_capability: tuple[int, int],
+               ) -> tuple[str | None, str | None]:
+    """(problem, note): another compute capability is refused; another GPU name with the same one only warns."""
+    built_cc = _cc_tuple(_field(sidecar, art.SIDECAR_COMPUTE_CAPABILITY))
+    built_gpu = _field(sidecar, art.SIDECAR_GPU_NAME)
+    running = f"{compute_capability[0]}.{compute_capability[1]}"
+    if built_cc is None:
+        return "the sidecar does not record the GPU compute capability it was built for", None
+    if built_cc != tuple(compute_capability):
+        return (f"built for compute capability {built_cc[0]}.{built_cc[1]} ({built_gpu or 'unknown GPU'}), this GPU "
+                f"{gpu_name!r} is {running}"), None
+    if built_gpu and str(built_gpu).strip() != gpu_name.strip():
+        return None, (f"{engine}: built on {built_gpu!r}, running on {gpu_name!r} (same compute capability): it runs, "
+                      "but its kernels were tuned for the other GPU; rebuild for best speed")
+    return None, None
+
+
+def _source_onnx_candidates(engine: Path, onnx: str) -> list[Path]:
+    """Where the sidecar's ``onnx`` may be: relative to the engine's folder, then to the working directory."""
+    return [Path(onnx)] if Path(onnx).is_absolute() else [engine.parent / onnx, Path(onnx)]
+
+
+def _stale_problem(engine: Path, sidecar: Mapping[str, Any]) -> str | None:
+    onnx, want = _field(sidecar, art.SIDECAR_ONNX), _field(sidecar, art.SIDECAR_MODEL_SHA256)
+    if not onnx or not want:
+        return None
+    src = next((c for c in _source_onnx_candidates(engine, str(onnx)) if c.is_file()), None)
+    if src is not None and sha256_file(src) != want:
+        return f"the ONNX model it was built from ({src}) has changed since (sha256 differs): the engine is stale"
+    return None
 
 
 def check_engine_compat(engine: str | os.PathLike[str], sidecar: Mapping[str, Any], *, trt_version: str,
@@ -171,72 +185,32 @@ def check_engine_compat(engine: str | os.PathLike[str], sidecar: Mapping[str, An
     compute capability but a different GPU model, where the engine runs but its tactics were tuned elsewhere).
     """
     engine = Path(engine)
-    problems: list[str] = []
-    notes: list[str] = []
-
-    built_v = _first(sidecar, "tensorrt_version", "trt_version")
-    if built_v is None:
-        problems.append("the sidecar does not record the TensorRT version it was built with")
-    else:
-        b, r = _version_tuple(built_v), _version_tuple(trt_version)
-        if sidecar.get("version_compatible"):
-            if not b or not r or b[0] != r[0] or r < b:
-                problems.append(f"built with TensorRT {built_v} (version-compatible), running {trt_version}: needs "
-                                f"the same major version and a runtime at least as new")
-        elif b[:3] != r[:3]:
-            problems.append(f"built with TensorRT {built_v}, running TensorRT {trt_version}")
-
-    built_cc = _cc_tuple(_first(sidecar, "compute_capability", "sm"))
-    level = str(_first(sidecar, "hardware_compatibility_level") or "none").lower()
-    if built_cc is None:
-        problems.append("the sidecar does not record the GPU compute capability it was built for")
-    elif level in ("ampere_plus", "ampere+", "hardwarecompatibilitylevel.ampere_plus"):
-        if compute_capability < (8, 0):
-            problems.append(f"built for Ampere-or-newer GPUs, this GPU {gpu_name!r} has compute capability "
-                            f"{compute_capability[0]}.{compute_capability[1]}")
-    elif built_cc != tuple(compute_capability):
-        problems.append(f"built for compute capability {built_cc[0]}.{built_cc[1]} "
-                        f"({_first(sidecar, 'gpu_name', 'gpu') or 'unknown GPU'}), this GPU {gpu_name!r} is "
-                        f"{compute_capability[0]}.{compute_capability[1]}")
-    built_gpu = _first(sidecar, "gpu_name", "gpu")
-    if built_gpu and str(built_gpu).strip() != gpu_name.strip() and not problems:
-        why = "same compute capability" if built_cc == tuple(compute_capability) else "hardware-compatible engine"
-        notes.append(f"{engine}: built on {built_gpu!r}, running on {gpu_name!r} ({why}): it runs, but its kernels "
-                     "were tuned for the other GPU; rebuild for best speed")
-
-    want_engine = _first(sidecar, "engine_sha256")
+    gpu_problem, note = _gpu_check(engine, sidecar, gpu_name, compute_capability)
+    want_engine = _field(sidecar, art.SIDECAR_ENGINE_SHA256)
+    corrupt = None
     if want_engine and engine_bytes is not None and sha256_bytes(engine_bytes) != want_engine:
-        problems.append("the engine file's sha256 does not match the sidecar (corrupt or replaced file)")
-
-    onnx = _first(sidecar, "onnx", "onnx_path", "source_onnx")
-    want_onnx = _first(sidecar, "onnx_sha256", "model_sha256")
-    if onnx and want_onnx:
-        candidates = [Path(onnx)] if Path(onnx).is_absolute() else [engine.parent / onnx, Path(onnx)]
-        for cand in candidates:
-            if cand.is_file():
-                if sha256_file(cand) != want_onnx:
-                    problems.append(f"the ONNX model it was built from ({cand}) has changed since (sha256 differs): "
-                                    "the engine is stale")
-                break
-
+        corrupt = "the engine file's sha256 does not match the sidecar (corrupt or replaced file)"
+    problems = [p for p in (_version_problem(sidecar, trt_version), gpu_problem, corrupt,
+                            _stale_problem(engine, sidecar)) if p]
     if problems:
         raise MetadataError(f"{engine}: this TensorRT engine cannot be used here: " + "; ".join(problems)
                             + f". Rebuild it on this machine: {rebuild_command(engine, sidecar)}")
-    return notes
+    return [note] if note else []
 
 
 def fallback_onnx(engine: str | os.PathLike[str]) -> Path | None:
-    """The ONNX model an engine was built from, if it is still around (for backend='auto' without TensorRT)."""
+    """The ONNX model an engine was built from, if it is still around (for backend='auto' without TensorRT): the
+    sidecar's ``onnx``, else the table's source file beside the engine, else the engine's name with ``.onnx``."""
     engine = Path(engine)
     cands: list[Path] = []
     try:
         _, side = read_sidecar(engine)
-        onnx = _first(side, "onnx", "onnx_path", "source_onnx")
+        onnx = _field(side, art.SIDECAR_ONNX)
         if onnx:
-            cands += [Path(onnx)] if Path(onnx).is_absolute() else [engine.parent / onnx, Path(onnx)]
+            cands += _source_onnx_candidates(engine, str(onnx))
     except (MetadataError, OSError):
         pass
-    cands.append(engine.with_suffix(".onnx"))
+    cands += [p for p in (art.source_onnx(engine), engine.with_suffix(".onnx")) if p is not None]
     return next((c for c in cands if c.is_file()), None)
 
 
@@ -295,9 +269,6 @@ class TrtBackend(ClosingContext):
 
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        if sidecar.get("version_compatible"):
-            # A version-compatible engine embeds its lean runtime (host code); TensorRT refuses it by default.
-            self._runtime.engine_host_code_allowed = True
         self._engine = self._runtime.deserialize_cuda_engine(blob)
         del blob
         if self._engine is None:

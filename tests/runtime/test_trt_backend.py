@@ -61,20 +61,6 @@ def test_mismatch_is_refused_with_the_rebuild_command(running, expect):
     assert "python -m export.build_engine --onnx models/sem_classifier.onnx --fp16" in msg
 
 
-def test_version_compatible_and_hardware_compatible_engines():
-    vc = {**SIDECAR, "version_compatible": True}
-    assert check(vc, trt_version="10.8.0") == []
-    with pytest.raises(MetadataError, match="same major"):
-        check(vc, trt_version="10.1.0")
-    with pytest.raises(MetadataError, match="same major"):
-        check(vc, trt_version="11.0.0")
-    hw = {**SIDECAR, "hardware_compatibility_level": "AMPERE_PLUS"}
-    notes = check(hw, compute_capability=(8, 9), gpu_name="L4")
-    assert len(notes) == 1 and "hardware-compatible" in notes[0]
-    with pytest.raises(MetadataError, match="Ampere-or-newer"):
-        check(hw, compute_capability=(7, 5), gpu_name="T4")
-
-
 def test_same_compute_capability_other_gpu_only_warns():
     notes = check({**SIDECAR, "compute_capability": "8.6", "gpu_name": "RTX 3090"}, compute_capability=(8, 6),
                   gpu_name="RTX A6000")
@@ -89,7 +75,7 @@ def test_incomplete_sidecar_is_refused():
 def test_stale_engine_and_corrupt_engine_are_detected(tmp_path):
     onnx = tmp_path / "m.onnx"
     onnx.write_bytes(b"model v1")
-    side = {**SIDECAR, "onnx": "m.onnx", "onnx_sha256": hashlib.sha256(b"model v1").hexdigest(),
+    side = {**SIDECAR, "onnx": "m.onnx", "model_sha256": hashlib.sha256(b"model v1").hexdigest(),
             "engine_sha256": hashlib.sha256(b"engine").hexdigest()}
     kw = dict(trt_version="10.3.0", gpu_name="Orin", compute_capability=(8, 7))
     assert check_engine_compat(tmp_path / "m.engine", side, engine_bytes=b"engine", **kw) == []

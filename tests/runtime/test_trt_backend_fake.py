@@ -4,8 +4,7 @@ Fake device memory is numpy arrays keyed by pointer; copies, engine runs and eve
 only on synchronize, as on a GPU. The fake engine computes ``x.reshape(N, -1) @ WEIGHTS`` from the bytes copied to its
 bound input address, for the shape the context had when ``execute_async_v3`` was last called — so a CUDA graph replayed
 after ``set_input_shape`` moved the context to another size computes with the stale size, as on a GPU
-(NVIDIA/TensorRT#3798). User-managed contexts need their device memory set; version-compatible engines deserialize
-only with ``engine_host_code_allowed``; a release can be made to fail. This checks TrtBackend's own logic (tensor
+(NVIDIA/TensorRT#3798). User-managed contexts need their device memory set; a release can be made to fail. This checks TrtBackend's own logic (tensor
 discovery, profile batch range, binding, chunking, padding, fp16 staging, output copies, timing, CUDA graphs,
 freeing), not TensorRT or CUDA: that is the ``gpu`` test in test_trt_backend.py.
 """
@@ -236,15 +235,12 @@ class Context:
 
 class Runtime:
     def __init__(self, logger: Any) -> None:
-        self.engine_host_code_allowed = False  # TensorRT's default (NvInferRuntime.h)
+        pass
 
     def deserialize_cuda_engine(self, blob: bytes) -> SimpleNamespace | None:
         if blob == b"corrupt":
             return None
-        spec = json.loads(blob)
-        if spec.get("version_compatible") and not self.engine_host_code_allowed:
-            return None  # a version-compatible engine carries host code (its lean runtime)
-        return fake_engine(spec)
+        return fake_engine(json.loads(blob))
 
 
 FAKE_TRT = types.ModuleType("tensorrt")
@@ -275,15 +271,12 @@ def gpu(monkeypatch: pytest.MonkeyPatch) -> Gpu:
 def make_engine(tmp_path, meta_factory):
     """``make_engine(dtype=, out_dtype=, min=, max=, outputs=, blob=, sha=)`` → engine file + sidecar."""
     def make(dtype: str = "FLOAT", out_dtype: str = "FLOAT", min: int = 2, max: int = 4,  # noqa: A002
-             outputs: tuple[str, ...] = ("logits",), blob: bytes | None = None, sha: str | None = None,
-             version_compatible: bool = False):
+             outputs: tuple[str, ...] = ("logits",), blob: bytes | None = None, sha: str | None = None):
         path = tmp_path / f"m{len(list(tmp_path.glob('*.engine')))}.engine"
-        blob = blob or json.dumps(dict(dtype=dtype, out_dtype=out_dtype, min=min, max=max, outputs=outputs,
-                                       version_compatible=version_compatible)).encode()
+        blob = blob or json.dumps(dict(dtype=dtype, out_dtype=out_dtype, min=min, max=max, outputs=outputs)).encode()
         path.write_bytes(blob)
         write_sidecar(path, meta_factory(input_size=(H, W)),
-                      {**SIDECAR, "engine_sha256": sha or hashlib.sha256(blob).hexdigest(),
-                       "version_compatible": version_compatible})
+                      {**SIDECAR, "engine_sha256": sha or hashlib.sha256(blob).hexdigest()})
         return path
 
     return make
@@ -363,14 +356,6 @@ def test_a_failed_capture_runs_that_batch_without_graphs(gpu, make_engine, monke
     np.testing.assert_allclose(out, reference(x), rtol=1e-5, atol=1e-5)
     assert not be.cuda_graphs and not be._graphs
     np.testing.assert_allclose(be.infer(images(4))["logits"], reference(images(4)), rtol=1e-5, atol=1e-5)
-
-
-def test_version_compatible_engine_is_allowed_its_host_code(gpu, make_engine):
-    be = TrtBackend(make_engine(version_compatible=True))  # today: deserialize returned None
-    assert be._runtime.engine_host_code_allowed
-    np.testing.assert_allclose(be.infer(images(2))["logits"], reference(images(2)), rtol=1e-5, atol=1e-5)
-    plain = TrtBackend(make_engine())
-    assert not plain._runtime.engine_host_code_allowed  # only engines that need it
 
 
 def test_close_frees_the_rest_when_one_free_fails(gpu, make_engine):
