@@ -4,7 +4,12 @@ Decoding runs in its own thread (files: a bounded prefetch queue; cameras: newes
 main thread, results go to every ``--output`` (records flushed per frame). A status line on stderr shows fps,
 latency and dropped frames; Ctrl-C or SIGTERM stops cleanly (outputs flushed and closed, summary printed).
 A bad image or frame becomes an error record and the run goes on; a frame the frame-quality gate refuses is an
-``invalid`` record with its reason. The exit code tells a supervisor what happened (``EXIT_*`` below, one home).
+``invalid`` record with its reason. The exit code tells a supervisor what happened (``EXIT_*``, whose one home is
+:mod:`runtime.summary`).
+
+Layers: :func:`main` parses the flags into a :class:`RunConfig` and calls :func:`run_command`; :func:`run` is the
+same for a program or a notebook; :func:`open_loop` opens model, outputs, hooks and sources and returns the
+:class:`~runtime.frameloop.FrameLoop` that runs them.
 """
 
 from __future__ import annotations

@@ -49,8 +49,12 @@ class StatusLine:
         self._shown = False
 
     def clear(self) -> None:
+        """Wipe the line so a log line can take its place (it is redrawn by the next update)."""
+        self._end("\r\x1b[K")
+
+    def _end(self, text: str) -> None:
         if self.tty and self._shown:
-            self.stream.write("\r\x1b[K")
+            self.stream.write(text)
             self.stream.flush()
             self._shown = False
 
@@ -70,10 +74,8 @@ class StatusLine:
             self._last = now
 
     def finish(self) -> None:
-        if self.tty and self._shown:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._shown = False
+        """Leave the last status on its own line (the summary follows)."""
+        self._end("\n")
 
 
 def is_invalid(pred: Any) -> bool:
