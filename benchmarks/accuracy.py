@@ -31,8 +31,6 @@ from sem_extras import cli
 SCHEMA = "sem-bench-accuracy/1"
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = Path("data/synth/test")
-#: The real-image test set, relative to the repository root; optional (never in the repo, never in CI).
-REAL_DATA = Path("../shared/datasets/sem-hackathon/test")
 GENERATE_HINT = ("generate it: python -m train.synthetic --out data/synth --per-class 300 --size 256 --seed 0 "
                  "(writes data/synth/{train,val,test}/<class>/)")
 

@@ -27,10 +27,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_DROP = 1.0  # percentage points
 
 
-class AccuracyGateError(RuntimeError):
-    """A reduced-precision artifact lost more accuracy than allowed."""
-
-
 def labelled_images(folder: str | os.PathLike[str], labels: Sequence[str]) -> tuple[list[Path], np.ndarray]:
     """``folder/<class>/*`` for the model's classes → (paths, label indices). Unknown folders are ignored."""
     root = Path(folder)

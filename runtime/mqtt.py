@@ -322,7 +322,6 @@ class MqttOutput(Output):
         self.sent = 0  # acknowledged by the broker in this run
         self.refused: str | None = None  # the broker's reason when it refuses the login
         self.connected = False
-        self._ever_connected = False
         self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._by_mid: dict[int, int] = {}
         self._done: set[int] = set()
@@ -387,7 +386,7 @@ class MqttOutput(Output):
             self.connected = False
         else:
             self.refused = None
-            self.connected = self._ever_connected = True
+            self.connected = True
         self._connack.set()
         self._wake.set()
 

@@ -22,8 +22,6 @@ from runtime.contract import ModelMetadata
 from runtime.errors import MetadataError
 from runtime.files import atomic_write_bytes
 
-CHECKPOINT_KEYS = ("model", "arch", "metadata", "epoch", "optimizer", "scheduler", "rng", "history", "args")
-
 
 class CheckpointError(ValueError):
     """A file that is not (or no longer) a checkpoint written by this project."""

@@ -36,11 +36,6 @@ def env_rank() -> tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def is_main_process() -> bool:
-    """Rank 0 (or no torchrun): the process that writes logs and files. Usable before :func:`setup`."""
-    return env_rank()[0] == 0
-
-
 @dataclass
 class DistContext:
     rank: int = 0

