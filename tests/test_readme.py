@@ -5,7 +5,8 @@ handled) must be either in ``RUN`` (run from a temporary working directory holdi
 exit code and output checked) or in ``SKIP`` (with the reason it is too expensive or needs hardware). A command in
 neither, or an entry that is no longer in the README, fails. Fenced ``python`` blocks are executed. Every
 ``python -m MODULE --flag`` the README names, fenced or inline, must have that flag in ``MODULE --help``; the
-README's record fields and exit-code table must match ``runtime.run``; the files it links must exist.
+README's record fields and exit-code table must match what ``runtime.run`` writes and returns; the files it links
+must exist.
 """
 
 from __future__ import annotations
@@ -222,7 +223,7 @@ def test_every_flag_the_readme_names_exists() -> None:
 
 
 def test_exit_code_table_matches_runtime_run() -> None:
-    from runtime.run import EXIT_CODES
+    from runtime.summary import EXIT_CODES  # the one home of runtime.run's exit codes
 
     section = README.read_text(encoding="utf-8").split("## `python -m runtime.run`", 1)[1].split("\n## ", 1)[0]
     codes = {int(c) for c in re.findall(r"^\| (\d+) \|", section, re.M)}
