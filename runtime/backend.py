@@ -13,7 +13,7 @@ checks each one), opened by ``open_backend``.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Self, runtime_checkable
 
 import numpy as np
 
@@ -51,7 +51,7 @@ class Backend(Protocol):
         """Free the session, engine, buffers or connection; closing twice is harmless."""
         ...
 
-    def __enter__(self) -> Backend:
+    def __enter__(self) -> Self:
         ...
 
     def __exit__(self, *exc: object) -> None:
@@ -62,7 +62,7 @@ class ClosingContext:
     """``with backend: ...`` closes it on the way out: the context-manager half of :class:`Backend`, for backends to
     inherit. It defines no ``close`` of its own, so a backend without one still fails the protocol check."""
 
-    def __enter__(self) -> ClosingContext:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.backend import Backend
+from runtime.backend import Backend, ClosingContext
 from runtime.contract import INVALID_LABEL, REJECT_LABEL, ModelMetadata
 from runtime.errors import BackendUnavailable, InputError
 from runtime.preprocess import Preprocessor, decode_image, describe, load_grey, resize_grey
@@ -206,7 +206,65 @@ def open_backend(path: Path, backend: str = "auto", *, providers: Any = None, th
 
 
 # ------------------------------------------------------------------------------------------------ the classifier
-class Classifier:
+class ClassifierBase(ClosingContext):
+    """What the local :class:`Classifier` and the Triton client (:class:`runtime.remote.RemoteClassifier`) share:
+    the model's contract and threshold, reading an input into an image, the arguments of ``predict_batch``, the call
+    and ``with`` forms. Each defines ``prepare``, ``predict``, ``predict_batch``, ``describe`` and ``close``."""
+
+    meta: ModelMetadata
+    labels: tuple[str, ...]
+    threshold: float | None
+    color_order: str
+
+    def _set_model(self, meta: ModelMetadata, threshold: float | str | None) -> None:
+        """Adopt ``meta``; ``threshold`` ``None`` is the model's own, else :func:`parse_threshold`."""
+        self.meta = meta
+        self.labels = meta.labels
+        self.reject_index = meta.reject_index
+        self.threshold = meta.threshold if threshold is None else parse_threshold(threshold)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) the model takes."""
+        return (self.meta.channels, *self.meta.input_size)
+
+    def _reject_rule(self) -> str:
+        return "off" if self.threshold is None else f"{self.meta.score} < {self.threshold:.4g}"
+
+    @staticmethod
+    def _check_color_order(color_order: str) -> str:
+        if color_order not in ("bgr", "rgb"):
+            raise ValueError(f"color_order must be 'bgr' or 'rgb', got {color_order!r}")
+        return color_order
+
+    @staticmethod
+    def _input_name(x: Any) -> str:
+        return describe(x) if not isinstance(x, (bytes, bytearray, memoryview)) else f"<{len(x)} bytes>"
+
+    def _load_grey(self, x: Any, name: str) -> np.ndarray:
+        """``x`` (path, encoded bytes or array) decoded and validated as a grey image; errors name ``name``."""
+        if isinstance(x, (bytes, bytearray, memoryview)):
+            return load_grey(decode_image(bytes(x), name), self.color_order)
+        if isinstance(x, (str, os.PathLike, np.ndarray)):
+            return load_grey(x, self.color_order)
+        raise InputError(f"{name}: expected an image path, encoded image bytes or a numpy array, got "
+                         f"{type(x).__name__}")
+
+    @staticmethod
+    def _batch_items(items: Iterable[Any], on_error: str, sources: Sequence[str] | None) -> list[Any]:
+        """``predict_batch``'s arguments checked: the items as a list."""
+        if on_error not in ("raise", "keep"):
+            raise ValueError(f"on_error must be 'raise' or 'keep', got {on_error!r}")
+        items = list(items)
+        if sources is not None and len(sources) != len(items):
+            raise ValueError(f"sources has {len(sources)} names for {len(items)} items")
+        return items
+
+    def __call__(self, x: Any) -> Prediction:
+        return self.predict(x)  # type: ignore[attr-defined]
+
+
+class Classifier(ClassifierBase):
     """Classify SEM images with a model and its metadata (labels, preprocessing, temperature, rejection rule).
 
     Args:
@@ -244,15 +302,11 @@ class Classifier:
                  providers: Any = None, threads: int | None = None, cuda_graphs: bool = False,
                  warmup: bool = True, spin: bool = True, self_check: bool | None = None,
                  quality_gate: bool = True) -> None:
-        if color_order not in ("bgr", "rgb"):
-            raise ValueError(f"color_order must be 'bgr' or 'rgb', got {color_order!r}")
+        self._check_color_order(color_order)
         self.model_path = resolve_model(model)
         self.backend = open_backend(self.model_path, backend, providers=providers, threads=threads,
                                     cuda_graphs=cuda_graphs, spin=spin)
-        self.meta: ModelMetadata = self.backend.meta
-        self.labels: tuple[str, ...] = self.meta.labels
-        self.reject_index = self.meta.reject_index
-        self.threshold: float | None = self.meta.threshold if threshold is None else parse_threshold(threshold)
+        self._set_model(self.backend.meta, threshold)
         self.batch_size = max(1, int(batch_size))
         self.color_order = color_order
         self._pre = Preprocessor(self.meta, color_order)
@@ -271,28 +325,16 @@ class Classifier:
             self.infer(np.zeros((1, *self.input_shape), np.float32))
 
     # ---------------------------------------------------------------------------------------------------- info
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) the model takes."""
-        return (self.meta.channels, *self.meta.input_size)
-
     def describe(self) -> str:
-        thr = "off" if self.threshold is None else f"{self.meta.score} < {self.threshold:.4g}"
         return (f"{self.model_path.name} ({self.meta.arch}, {self.meta.precision}, input "
-                f"{self.meta.input_size[0]}x{self.meta.input_size[1]}, {len(self.labels)} classes, reject: {thr}) "
-                f"on {self.backend.describe()}")
+                f"{self.meta.input_size[0]}x{self.meta.input_size[1]}, {len(self.labels)} classes, reject: "
+                f"{self._reject_rule()}) on {self.backend.describe()}")
 
     def __repr__(self) -> str:
         return f"Classifier({self.describe()})"
 
     def close(self) -> None:
         self.backend.close()
-
-    def __enter__(self) -> Classifier:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # ---------------------------------------------------------------------------------------------------- input
     def prepare(self, x: Any) -> PreparedFrame:
@@ -303,15 +345,9 @@ class Classifier:
         ``x``."""
         if isinstance(x, PreparedFrame):
             return x
-        name = describe(x) if not isinstance(x, (bytes, bytearray, memoryview)) else f"<{len(x)} bytes>"
+        name = self._input_name(x)
         try:
-            if isinstance(x, (bytes, bytearray, memoryview)):
-                grey = load_grey(decode_image(bytes(x), name), self.color_order)
-            elif isinstance(x, (str, os.PathLike, np.ndarray)):
-                grey = load_grey(x, self.color_order)
-            else:
-                raise InputError(f"{name}: expected an image path, encoded image bytes or a numpy array, got "
-                                 f"{type(x).__name__}")
+            grey = self._load_grey(x, name)
             small = grey.shape[0] <= self.meta.input_size[0] and grey.shape[1] <= self.meta.input_size[1]
             resized = resize_grey(grey, self.meta.input_size, self.meta.resize)
             out = np.asarray(resized).view(PreparedFrame)
@@ -406,9 +442,6 @@ class Classifier:
                    "total": (t3 - t0) * 1e3}
         return self._prediction(0, *decided, timings, source if source is not None else describe(x))
 
-    def __call__(self, x: Any) -> Prediction:
-        return self.predict(x)
-
     def predict_batch(self, items: Iterable[Any], batch_size: int | None = None, on_error: str = "raise",
                       sources: Sequence[str] | None = None) -> list[Prediction | Exception]:
         """Classify many images, ``batch_size`` at a time; results are in input order.
@@ -417,11 +450,7 @@ class Classifier:
         (indices stay aligned) and classifies the rest. Frames the quality gate refuses get their ``invalid``
         prediction in their own slot and take no place in the network's batch.
         """
-        if on_error not in ("raise", "keep"):
-            raise ValueError(f"on_error must be 'raise' or 'keep', got {on_error!r}")
-        items = list(items)
-        if sources is not None and len(sources) != len(items):
-            raise ValueError(f"sources has {len(sources)} names for {len(items)} items")
+        items = self._batch_items(items, on_error, sources)
         size = max(1, int(batch_size or self.batch_size))
         max_b = getattr(self.backend, "max_batch", None)
         if max_b:

@@ -34,18 +34,18 @@ import random
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import fields
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
 from runtime.backend import ClosingContext
-from runtime.classifier import Classifier
+from runtime.classifier import Classifier, ClassifierBase, Prediction, PreparedFrame
 from runtime.contract import METADATA_KEY, REJECT_LABEL, ModelMetadata
 from runtime.errors import InputError, MetadataError
-from runtime.preprocess import Preprocessor, describe, read_image_bytes
+from runtime.preprocess import Preprocessor, describe, read_image_bytes, resize_grey
 from runtime.quality import QualityGate
+from runtime.scores import is_rejected
 
 #: URL schemes ``Classifier(...)`` hands to :class:`RemoteClassifier`.
 SCHEMES = ("grpc://",)
@@ -160,14 +160,13 @@ def decode_npy(data: bytes, name: str, max_pixels: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------- the client
-def _prediction_fields() -> set[str]:
-    from runtime.classifier import Prediction
-
-    return {f.name for f in fields(Prediction)}
-
-
-class RemoteClassifier:
+class RemoteClassifier(ClassifierBase):
     """The :class:`~runtime.classifier.Classifier` API over gRPC to a Triton server.
+
+    Not a ``Classifier`` over a remote :class:`~runtime.backend.Backend`: a ``runtime.serve`` server runs the whole
+    classifier (decoding, quality gate, network, rejection), so the wire carries images and decisions, not float
+    batches. The bare-network case is that ``Classifier`` (``_RawModelClassifier``); both share
+    :class:`~runtime.classifier.ClassifierBase`.
 
     Args:
         url: ``grpc://host:port/model_name`` (port 8001, name ``sem_classifier`` by default); ``?fingerprint=HEX``
@@ -186,16 +185,13 @@ class RemoteClassifier:
     def __init__(self, url: str, threshold: float | str | None = None, *, batch_size: int = 8,
                  timeout: float = 30.0, retry_timeout: float = 30.0, fingerprint: str | None = None,
                  color_order: str = "bgr", ssl: bool = False, root_certificates: str | None = None) -> None:
-        if color_order not in ("bgr", "rgb"):
-            raise ValueError(f"color_order must be 'bgr' or 'rgb', got {color_order!r}")
+        self._check_color_order(color_order)
         try:
             import tritonclient.grpc as grpcclient
             from tritonclient.utils import InferenceServerException
         except ImportError as e:
             raise ImportError(f"{url}: a remote model needs tritonclient: pip install 'sem-defect-classifier[client]' "
                               f"(or tritonclient[grpc]); {e}") from None
-        from runtime.classifier import parse_threshold
-
         self._grpc = grpcclient
         self._exc = InferenceServerException
         self.url = url
@@ -210,12 +206,9 @@ class RemoteClassifier:
         self.model_path = url
         self._connected = False
         self._raw: dict[str, Any] | None = None  # the bare network's layout, when the server has no runtime.serve
-        self.fingerprint, self.meta = self._connect()
+        self.fingerprint, meta = self._connect()
         self._connected = True
-        self.labels: tuple[str, ...] = self.meta.labels
-        self.reject_index = self.meta.reject_index
-        self.threshold: float | None = self.meta.threshold if threshold is None else parse_threshold(threshold)
-        self._has_reason = "reason" in _prediction_fields()
+        self._set_model(meta, threshold)
         # Against a bare model the local classifier runs here, with the server as its backend.
         self._local = _RawModelClassifier(self, self._raw) if self._raw is not None else None
 
@@ -344,14 +337,9 @@ class RemoteClassifier:
             delay = min(delay * 2, 2.0)
 
     # ---------------------------------------------------------------------------------------------- info
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return (self.meta.channels, *self.meta.input_size)
-
     def describe(self) -> str:
-        thr = "off" if self.threshold is None else f"{self.meta.score} < {self.threshold:.4g}"
         return (f"{self.model_name} at {self.address} (fingerprint {self.fingerprint}, {self.meta.arch}, "
-                f"{self.meta.precision}, {len(self.labels)} classes, reject: {thr}) on Triton")
+                f"{self.meta.precision}, {len(self.labels)} classes, reject: {self._reject_rule()}) on Triton")
 
     def __repr__(self) -> str:
         return f"RemoteClassifier({self.describe()})"
@@ -359,33 +347,17 @@ class RemoteClassifier:
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> RemoteClassifier:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # ---------------------------------------------------------------------------------------------- predict
     def prepare(self, x: Any) -> np.ndarray:
         """Decode, validate and grey here (pipelines call it in their decode thread), and shrink a frame larger than
         the model input to its size, so :meth:`predict` sends a small array instead of the whole file. A smaller
         frame is sent as it is: the server's frame-quality gate judges it before enlarging, exactly as locally
         (the gate's verdict comes back with the prediction)."""
-        from runtime.classifier import PreparedFrame
-        from runtime.preprocess import decode_image, load_grey, resize_grey
-
         if isinstance(x, PreparedFrame):
             return x
         if self._local is not None:  # bare model: the whole local preparation, quality gate included
             return self._local.prepare(x)
-        name = describe(x) if not isinstance(x, (bytes, bytearray, memoryview)) else f"<{len(x)} bytes>"
-        if isinstance(x, (bytes, bytearray, memoryview)):
-            grey = load_grey(decode_image(bytes(x), name), self.color_order)
-        elif isinstance(x, (str, os.PathLike, np.ndarray)):
-            grey = load_grey(x, self.color_order)
-        else:
-            raise InputError(f"{name}: expected an image path, encoded image bytes or a numpy array, got "
-                             f"{type(x).__name__}")
+        grey = self._load_grey(x, self._input_name(x))
         (h, w), size = grey.shape[:2], self.meta.input_size
         if h >= size[0] and w >= size[1]:
             grey = resize_grey(grey, size, self.meta.resize)
@@ -398,19 +370,12 @@ class RemoteClassifier:
         out = self.predict_batch([x], on_error="raise", sources=None if source is None else [source])[0]
         return out
 
-    def __call__(self, x: Any) -> Any:
-        return self.predict(x)
-
     def predict_batch(self, items: Iterable[Any], batch_size: int | None = None, on_error: str = "raise",
                       sources: Sequence[str] | None = None) -> list[Any]:
         """Classify many images, ``batch_size`` per request; results in input order (see ``Classifier``)."""
         if self._local is not None:
             return self._local.predict_batch(items, batch_size, on_error, sources)
-        if on_error not in ("raise", "keep"):
-            raise ValueError(f"on_error must be 'raise' or 'keep', got {on_error!r}")
-        items = list(items)
-        if sources is not None and len(sources) != len(items):
-            raise ValueError(f"sources has {len(sources)} names for {len(items)} items")
+        items = self._batch_items(items, on_error, sources)
         size = min(max(1, int(batch_size or self.batch_size)), self.max_batch)  # Triton refuses larger requests
         results: list[Any] = [None] * len(items)
         for start in range(0, len(items), size):
@@ -438,9 +403,7 @@ class RemoteClassifier:
                 results[slot] = r
         return results
 
-    def _decode(self, outs: Any, k: int, name: str, ms: float) -> Any:
-        from runtime.classifier import Prediction
-
+    def _decode(self, outs: Any, k: int, name: str, ms: float) -> Prediction | InputError:
         def one(key: str) -> Any:
             return outs.as_numpy(key)[k]
 
@@ -457,16 +420,13 @@ class RemoteClassifier:
         rejected = bool(one("rejected")[0])
         label, index = one("label")[0].decode(), int(one("index")[0])
         if self._override and not reason:
-            rejected = self.threshold is not None and not (score >= self.threshold)
+            rejected = bool(is_rejected(score, self.threshold))
             label, index = (REJECT_LABEL, self.reject_index) if rejected else (self.labels[top], top)
-        kw: dict[str, Any] = dict(
+        return Prediction(
             label=label, index=index, top_label=one("top_label")[0].decode(), top_index=top,
             confidence=float(one("confidence")[0]), probs=np.array(one("probs"), np.float32),
             logits=np.array(one("logits"), np.float32), rejected=rejected, score=score,
-            timings={"total": ms}, source=name)
-        if self._has_reason:
-            kw["reason"] = reason
-        return Prediction(**kw)
+            timings={"total": ms}, source=name, reason=reason)
 
 
 # --------------------------------------------------------------------------------------------- bare models
