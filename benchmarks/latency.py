@@ -11,8 +11,9 @@
   prediction (preprocess, inference, postprocess/rejection; decode too with ``--source png``; host↔device copies on
   GPU), per stage and end to end.
 
-Precisions map to artifacts next to the model: fp32 = ``X.onnx``, int8 = ``X.int8.onnx``, fp16 = ``X.fp16.onnx``
-(TensorRT: ``X.engine``/``X.fp16.engine``/``X.int8.engine``). Configurations that cannot run here are listed
+Precisions map to artifacts next to the model by the artifact table (:mod:`runtime.artifacts`): fp32 = ``X.onnx``,
+int8 = ``X.int8.onnx`` (else ``X.int8.cpu.onnx``, ``X.int8.qdq.onnx``), fp16 = ``X.fp16.onnx``; TensorRT:
+``X.engine``/``X.fp16.engine``/``X.int8.engine``. Configurations that cannot run here are listed
 as skipped with the reason. Output: a Markdown table on stdout, and ``latency.json`` + ``latency.md`` under ``--out``.
 ``--pipeline`` also measures the ``runtime.run`` loop on a generated video and ``Classifier.predict`` on one frame
 against bare ``session.run``.
@@ -35,7 +36,9 @@ import numpy as np
 from benchmarks import envinfo
 from benchmarks.compute_floor import count_macs, floor_ms, measure_gemm_gflops
 from benchmarks.timing import STAGES, TOTAL, Samples, Stopwatch, paired_ratio, run_interleaved, spread, summarize
-from runtime.classifier import DEFAULT_MODEL as BUNDLED_NAME
+from runtime import artifacts
+from runtime.artifacts import DEFAULT_MODEL as BUNDLED_NAME
+from runtime.artifacts import read_onnx_metadata
 from runtime.classifier import bundled_model_path
 from runtime.contract import ModelMetadata
 from runtime.files import atomic_write_text
@@ -51,29 +54,9 @@ DEFAULT_MAX_SPREAD = 0.25
 
 # ------------------------------------------------------------------------------------------------ artifacts
 def artifact_candidates(model: Path, precision: str, backend: str = "onnxruntime") -> list[Path]:
-    """Files that hold ``precision`` of ``model``, in order of preference.
-
-    ``models/sem_classifier.onnx`` + int8 → ``sem_classifier.int8.onnx`` (bundled name), then
-    ``sem_classifier.int8.cpu.onnx`` (what ``export.build_engine --int8`` writes for ONNX Runtime on CPU), then
-    ``sem_classifier.int8.qdq.onnx`` (its TensorRT-style Q/DQ file). TensorRT engines: ``X.engine`` /
-    ``X.fp16.engine`` / ``X.int8.engine``. ``model`` may itself be a precision variant; its stem is taken without
-    the precision part.
-    """
-    name = model.name
-    for suffix in (".onnx", ".engine"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    for variant in (".cpu", ".qdq"):
-        if name.endswith(variant):
-            name = name[: -len(variant)]
-    for p in PRECISIONS:
-        if name.endswith("." + p):
-            name = name[: -len(p) - 1]
-    if backend == "tensorrt":
-        return [model.with_name(f"{name}.engine" if precision == "fp32" else f"{name}.{precision}.engine")]
-    if precision == "fp32":
-        return [model.with_name(f"{name}.onnx")]
-    return [model.with_name(f"{name}.{precision}{v}.onnx") for v in ("", ".cpu", ".qdq")]
+    """Files that hold ``precision`` of ``model`` for ``backend``, in order of preference: the rows of the artifact
+    table (:func:`runtime.artifacts.candidates`). ``model`` may itself be a precision variant."""
+    return artifacts.candidates(model, precision, backend)
 
 
 def artifact_for(model: Path, precision: str, backend: str = "onnxruntime") -> Path:
@@ -87,16 +70,6 @@ def cpu_artifacts(model: Path, precisions: Sequence[str]) -> list[tuple[str, Pat
     Runtime's CPU provider has no FP16 kernels worth timing)."""
     pairs = [(p, artifact_for(model, p)) for p in precisions if p != "fp16"]
     return [(p, art) for p, art in pairs if art.is_file()]
-
-
-def read_onnx_metadata(path: Path) -> ModelMetadata:
-    """The model contract stored in an ONNX file (via ONNX Runtime, which reads only the header)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-    return ModelMetadata.from_props(sess.get_modelmeta().custom_metadata_map, str(path))
 
 
 # ------------------------------------------------------------------------------------------------ inputs

@@ -39,12 +39,11 @@ from typing import Any
 
 import numpy as np
 
+from runtime.artifacts import GOLDEN_SUFFIX  # beside artifacts that cannot hold metadata (the artifact table)
 from runtime.errors import MetadataError, SelfCheckError
 
 #: ONNX ``metadata_props`` key holding the golden document (JSON).
 GOLDEN_KEY = "sem_classifier.golden"
-#: Golden document beside artifacts that cannot hold metadata: ``model.engine`` → ``model.engine.golden.json``.
-GOLDEN_SUFFIX = ".golden.json"
 GOLDEN_FORMAT = "sem-golden/1"
 
 EXIT_PASS, EXIT_FAIL, EXIT_ERROR, EXIT_NO_GOLDENS = 0, 1, 2, 3

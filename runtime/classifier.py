@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.artifacts import DEFAULT_INT8_MODEL, DEFAULT_MODEL  # the bundled models' names (public here too)
 from runtime.backend import Backend, ClosingContext
 from runtime.contract import INVALID_LABEL, REJECT_LABEL, ModelMetadata
 from runtime.errors import BackendUnavailable, InputError
@@ -38,9 +39,6 @@ from runtime.preprocess import Preprocessor, decode_image, describe, load_grey, 
 from runtime.quality import QualityGate
 from runtime.scores import is_rejected, logit_score, softmax
 
-#: Bundled default models (repository ``models/``, installed as package ``runtime.models``).
-DEFAULT_MODEL = "sem_classifier.onnx"
-DEFAULT_INT8_MODEL = "sem_classifier.int8.onnx"
 BACKENDS = ("auto", "ort", "onnxruntime", "cpu", "cuda", "trt", "tensorrt")
 _THRESHOLD_OFF = ("off", "none", "never")
 
