@@ -29,7 +29,8 @@ class ProbabilitySmoother:
     """Average calibrated probabilities (and scores) over the last ``n`` frames of a video, then decide again.
 
     The smoothed top class is the argmax of the mean probabilities; the score is the mean top probability for MSP
-    and the mean score otherwise; rejection uses the classifier's threshold.
+    and the mean score otherwise; rejection is the one rule (:func:`runtime.scores.is_rejected`) at the classifier's
+    threshold.
     """
 
     def __init__(self, clf: Any, n: int) -> None:
@@ -69,7 +70,6 @@ class ProbabilitySmoother:
 def _error_text(e: BaseException, frame: Frame) -> str:
     msg = str(e) or type(e).__name__
     return msg if frame.source in msg else f"{frame.source} [frame {frame.index}]: {msg}"
-
 
 
 class SourceFeed:
@@ -414,6 +414,14 @@ class FrameLoop:
             before = getattr(h, "before_write", None)
             if before is not None:
                 before(self, feed, result)
+        self._write(feed, result)
+        for h in self.hooks:
+            h.on_result(self, feed, result)
+        self.status_line.update(self._status_text(result), force=self.console)
+        return self._stop_reason()
+
+    def _write(self, feed: SourceFeed, result: FrameResult) -> None:
+        """To every working output (one made for another source excepted)."""
         if self.console:
             self.status_line.clear()
         for i, o in enumerate(self.outputs):
@@ -423,9 +431,9 @@ class FrameLoop:
                 o.write(result)
             except Exception as e:  # noqa: BLE001 - full disk, dead window: said; the others still get it
                 self._output_failed(i, o, e)
-        for h in self.hooks:
-            h.on_result(self, feed, result)
-        self.status_line.update(self._status_text(result), force=self.console)
+
+    def _stop_reason(self) -> str | None:
+        """Why the run must stop after this result (``RunSummary.stopped_by``), or None."""
         if self.broken and (self.on_output_error == "stop" or len(self.broken) == len(self.outputs)):
             return "output-error"  # with "continue", when no output is left to write to
         if any(o.stop_requested for i, o in enumerate(self.outputs) if i not in self.broken):
@@ -494,8 +502,26 @@ class FrameLoop:
             self.clf.close()
 
     def finish(self) -> None:
+        """Stop and close the sources, close the outputs, complete the summary, tell the hooks."""
         summary = self.summary
         summary.elapsed_s = self.elapsed_s
+        self._close_sources()
+        for i, o in enumerate(self.outputs):
+            try:
+                o.close()
+            except Exception as e:  # noqa: BLE001 - e.g. the final sync of a records file
+                if i not in self.broken:
+                    self._output_failed(i, o, e)
+        summary.outputs = [o.describe() + (" (FAILED)" if i in self.broken else "")
+                           for i, o in enumerate(self.outputs)]
+        for h in self.hooks:
+            try:
+                h.on_close(self, summary)
+            except Exception as e:  # noqa: BLE001
+                print(f"[run] {type(h).__name__}: {type(e).__name__}: {e}", file=self.err)
+
+    def _close_sources(self) -> None:
+        summary = self.summary
         self.stop.set()  # ends every feeder (shared with the sources)
         for f in self.feeds:
             try:
@@ -510,19 +536,6 @@ class FrameLoop:
             summary.source_error = "; ".join(f"{f.name}: {f.error}" for f in failed)
             if len(self.feeds) == 1 and summary.stopped_by == "end":
                 summary.stopped_by = "source-error"
-        for i, o in enumerate(self.outputs):
-            try:
-                o.close()
-            except Exception as e:  # noqa: BLE001 - e.g. the final sync of a records file
-                if i not in self.broken:
-                    self._output_failed(i, o, e)
-        summary.outputs = [o.describe() + (" (FAILED)" if i in self.broken else "")
-                           for i, o in enumerate(self.outputs)]
-        for h in self.hooks:
-            try:
-                h.on_close(self, summary)
-            except Exception as e:  # noqa: BLE001
-                print(f"[run] {type(h).__name__}: {type(e).__name__}: {e}", file=self.err)
 
 
 def _pixels(frame: Frame) -> Any:
