@@ -27,7 +27,6 @@ batches; the fingerprint is checked when connecting, as the bare model's respons
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import random
@@ -43,6 +42,7 @@ from runtime.backend import ClosingContext
 from runtime.classifier import Classifier, ClassifierBase, Prediction, PreparedFrame
 from runtime.contract import METADATA_KEY, REJECT_LABEL, ModelMetadata
 from runtime.errors import InputError, MetadataError
+from runtime.files import sha256_file
 from runtime.preprocess import Preprocessor, describe, read_image_bytes, resize_grey
 from runtime.quality import QualityGate
 from runtime.scores import is_rejected
@@ -80,11 +80,7 @@ class ModelMismatch(MetadataError):
 
 def model_fingerprint(path: str | os.PathLike[str]) -> str:
     """The identity of a model artifact: the first 16 hex digits of the SHA-256 of its bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    return sha256_file(path)[:16]
 
 
 def is_remote(model: object) -> bool:
