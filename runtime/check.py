@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import hashlib
 import io
 import json
 import math
@@ -41,6 +40,7 @@ import numpy as np
 
 from runtime.artifacts import GOLDEN_SUFFIX  # beside artifacts that cannot hold metadata (the artifact table)
 from runtime.errors import MetadataError, SelfCheckError
+from runtime.files import sha256_bytes
 
 #: ONNX ``metadata_props`` key holding the golden document (JSON).
 GOLDEN_KEY = "sem_classifier.golden"
@@ -217,7 +217,7 @@ class Goldens:
 
 
 def _digest(payload: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+    return sha256_bytes(json.dumps(payload, sort_keys=True).encode("utf-8"))
 
 
 def golden_sidecar_path(artifact: str | os.PathLike[str]) -> Path:

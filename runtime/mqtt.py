@@ -22,7 +22,6 @@ Drift alarms (:mod:`runtime.drift`) go to ``<topic>/drift`` through the same jou
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import queue
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from runtime.files import atomic_write_text
+from runtime.files import atomic_write_text, sha256_bytes
 from runtime.outputs import FrameResult, Output, OutputError, OutputWriteError
 
 SCHEMES = {"mqtt": 1883, "mqtts": 8883}
@@ -82,7 +81,7 @@ class MqttConfig:
 
     def default_spool(self) -> Path:
         base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-        digest = hashlib.sha256(f"{self.host}\0{self.port}\0{self.topic}".encode()).hexdigest()[:12]
+        digest = sha256_bytes(f"{self.host}\0{self.port}\0{self.topic}".encode())[:12]
         safe_host = "".join(c if c.isalnum() or c in "-." else "_" for c in self.host)[:40]
         return Path(base) / "sem-classifier" / "mqtt" / f"{safe_host}-{self.port}-{digest}"
 

@@ -16,7 +16,6 @@ moves the sorted images into the training set.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -34,7 +33,7 @@ import cv2
 import numpy as np
 
 from runtime.contract import INVALID_LABEL
-from runtime.files import atomic_write_bytes, atomic_write_text
+from runtime.files import atomic_write_bytes, atomic_write_text, sha256_bytes
 
 PENDING = "pending"
 STATE_FILE = "queue.json"
@@ -75,7 +74,7 @@ def safe_name(source: str, limit: int = 32) -> str:
     shown = redact(source)
     last = re.split(r"[\\/]+", shown.rstrip("/\\"))[-1] if shown else ""
     slug = _SAFE.sub("_", last).strip("._-")[:limit] or "src"
-    return f"{slug}-{hashlib.sha256(str(source).encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+    return f"{slug}-{sha256_bytes(str(source).encode('utf-8', 'surrogateescape'))[:8]}"
 
 
 def encode_png(image: np.ndarray) -> bytes:

@@ -12,7 +12,6 @@ so a model says which reviewed frames it learnt from. Frames still in ``DIR/pend
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.contract import CLASSES
-from runtime.files import sha256_file
+from runtime.files import sha256_bytes, sha256_file
 from runtime.folders import list_images, scan_class_folders
 from runtime.review import PENDING
 
@@ -69,8 +68,7 @@ def sorted_images(queue: Path, classes: Sequence[str] = CLASSES) -> dict[str, li
 
 def batch_fingerprint(entries: Sequence[tuple[str, str]]) -> str:
     """sha256 over the sorted ``class/sha256`` lines of a batch (16 hex)."""
-    h = hashlib.sha256("\n".join(sorted(f"{c}/{s}" for c, s in entries)).encode())
-    return h.hexdigest()[:16]
+    return sha256_bytes("\n".join(sorted(f"{c}/{s}" for c, s in entries)).encode())[:16]
 
 
 def import_queue(queue: str | os.PathLike[str], data: str | os.PathLike[str], split: str = "train",
