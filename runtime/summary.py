@@ -185,6 +185,7 @@ class RunSummary:
                 "sources": self.streams, "batches": self.batches, "exit_code": self.exit_code}
 
     def format(self) -> str:
+        """The summary printed at the end of a run: counts, speed, labels, problems, outputs, how it ended."""
         labels = ", ".join(f"{k} {v}" for k, v in self.labels.most_common()) or "-"
         counts = f"{self.classified} classified, {_plural(self.errors, 'error')}"
         if self.invalid:
@@ -196,14 +197,20 @@ class RunSummary:
                      f"p90 {self.latency_p90_ms:.1f} ms")
         else:
             speed = f"no frames classified ({self.elapsed_s:.2f} s)"
-        lines = [
+        return "\n".join([
             "-- summary " + "-" * 50,
             f"source    {self.source}",
             f"model     {self.model}",
             f"frames    {self.frames} ({counts})",
             f"speed     {speed}",
             f"labels    {labels}",
-        ]
+            *self._detail_lines(),
+            f"ended     {self._ended_text()}; {self.outcome()}",
+        ])
+
+    def _detail_lines(self) -> list[str]:
+        """Invalid frames, errors, drops, per-source lines, outputs and failed outputs, where there are any."""
+        lines = []
         if self.invalid:
             lines.append(f"invalid   {self.invalid} (no usable content): {self.invalid_text()}")
         if self.errors:
@@ -219,15 +226,15 @@ class RunSummary:
             lines += [f"  {_stream_line(st)}" for st in self.streams]
         if self.outputs:
             lines.append(f"outputs   {', '.join(self.outputs)}")
-        lines += [f"FAILED    {e}" for e in self.output_errors]
-        stop = {"end": "end of source" + ("s" if len(self.streams) > 1 else ""), "signal": "stopped by signal",
+        return lines + [f"FAILED    {e}" for e in self.output_errors]
+
+    def _ended_text(self) -> str:
+        return {"end": "end of source" + ("s" if len(self.streams) > 1 else ""), "signal": "stopped by signal",
                 "max-frames": "--max-frames reached",
                 "window": "window closed", "source-error": f"source failed: {self.source_error}",
                 "output-error": ("every output failed" if len(self.output_errors) >= len(self.outputs) else
                                  "an output failed (--on-output-error continue keeps going without it)"),
                 "internal-error": f"internal error: {self.internal_error}"}[self.stopped_by]
-        lines.append(f"ended     {stop}; {self.outcome()}")
-        return "\n".join(lines)
 
 
 def _stream_line(st: dict[str, Any]) -> str:
