@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from export.triton import ModelInfo, inspect
-from runtime.files import atomic_write_text
+from runtime.files import atomic_copy, atomic_write_text
 
 LABELS_FILE = "labels.txt"
 NETWORK_MODE = {"fp32": 0, "int8": 1, "fp16": 2}  # nvinfer network-mode
@@ -111,9 +110,7 @@ def write_config(model: str | Path, out: str | Path, name: str = "sem_classifier
     out.mkdir(parents=True, exist_ok=True)
     target = out / info.path.name
     if target.resolve() != info.path.resolve():
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.copyfile(info.path, tmp)
-        tmp.replace(target)
+        atomic_copy(info.path, target)
     atomic_write_text(out / LABELS_FILE, ";".join(info.meta.labels) + "\n")
     atomic_write_text(out / f"{name}.json", json.dumps(info.meta.to_dict(), indent=2, sort_keys=True) + "\n")
     config = out / f"config_infer_{name}.txt"

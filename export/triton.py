@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.contract import METADATA_KEY, ModelMetadata, read_sidecar
-from runtime.files import atomic_write_text
+from runtime.files import atomic_copy, atomic_write_text
 from runtime.remote import FINGERPRINT_PARAMETER, model_fingerprint
 
 DEFAULT_MAX_BATCH = 16
@@ -133,9 +132,7 @@ def write_repository(model: str | Path, out: str | Path, name: str = "sem_classi
     folder = Path(out) / name
     (folder / str(version)).mkdir(parents=True, exist_ok=True)
     target = folder / str(version) / PLATFORMS[info.kind][1]
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.copyfile(info.path, tmp)
-    tmp.replace(target)
+    atomic_copy(info.path, target)
     atomic_write_text(folder / LABELS_FILE, "\n".join(info.meta.labels) + "\n")
     atomic_write_text(folder / f"{name}.json", json.dumps(info.meta.to_dict(), indent=2, sort_keys=True) + "\n")
     atomic_write_text(folder / "config.pbtxt", config)

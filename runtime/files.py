@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 _BLOCK = 1 << 20
 
@@ -29,8 +32,8 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` whole or not at all (temp file, fsync, ``os.replace``, folder fsync)."""
+def _atomic_write(path: str | os.PathLike[str], fill: Callable[[BinaryIO], object]) -> Path:
+    """``fill`` a temp file beside ``path``, flush it to disk, rename it over ``path`` and flush the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -40,7 +43,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            fill(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -51,9 +54,20 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     return path
 
 
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` whole or not at all (temp file, fsync, ``os.replace``, folder fsync)."""
+    return _atomic_write(path, lambda f: f.write(data))
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """:func:`atomic_write_bytes` of ``text`` encoded as UTF-8."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
+    """Copy the file ``src`` to ``dst`` whole or not at all, streamed (engines can be hundreds of MB)."""
+    with open(src, "rb") as f:
+        return _atomic_write(dst, lambda out: shutil.copyfileobj(f, out, _BLOCK))
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.contract import CLASSES
-from runtime.files import sha256_bytes, sha256_file
+from runtime.files import atomic_copy, sha256_bytes, sha256_file
 from runtime.folders import list_images, scan_class_folders
 from runtime.review import PENDING
 
@@ -95,10 +94,7 @@ def import_queue(queue: str | os.PathLike[str], data: str | os.PathLike[str], sp
         if dry_run:
             continue
         if not dup:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(f".{dest.name}.part")
-            shutil.copy2(p, tmp)  # copy, then rename: the dataset never holds half a file
-            os.replace(tmp, dest)
+            atomic_copy(p, dest)  # the dataset never holds half a file
         keep = queue / IMPORTED / rep.fingerprint / cls
         keep.mkdir(parents=True, exist_ok=True)
         side = p.with_suffix(".json")

@@ -8,7 +8,7 @@ import os
 import pytest
 
 import runtime.files as files
-from runtime.files import atomic_write_bytes, atomic_write_text, sha256_bytes, sha256_file
+from runtime.files import atomic_copy, atomic_write_bytes, atomic_write_text, sha256_bytes, sha256_file
 
 
 def test_atomic_write_replaces_whole_and_honours_umask(tmp_path):
@@ -65,3 +65,19 @@ def test_sha256_of_file_and_bytes_agree_across_blocks(tmp_path, monkeypatch):
 def test_sha256_file_names_a_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.engine"):
         sha256_file(tmp_path / "missing.engine")
+
+
+def test_atomic_copy_streams_the_whole_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    monkeypatch.setattr(files, "_BLOCK", 5)
+    src = tmp_path / "model.plan"
+    src.write_bytes(bytes(range(256)) * 4)
+    dst = atomic_copy(src, tmp_path / "repo" / "1" / "model.plan")
+    assert dst.read_bytes() == src.read_bytes()
+    assert [p.name for p in dst.parent.iterdir()] == ["model.plan"]
+
+
+def test_atomic_copy_of_a_missing_file_names_it_and_keeps_the_old_copy(tmp_path):
+    dst = atomic_write_bytes(tmp_path / "out" / "model.onnx", b"old")
+    with pytest.raises(FileNotFoundError, match="gone.onnx"):
+        atomic_copy(tmp_path / "gone.onnx", dst)
+    assert dst.read_bytes() == b"old" and [p.name for p in dst.parent.iterdir()] == ["model.onnx"]
