@@ -149,16 +149,16 @@ class Inputs:
 
 
 def _postprocess(meta: ModelMetadata, outputs: dict[str, np.ndarray]) -> Any:
-    """The rejection rule (runtime.scores + ``score < threshold``) on torch's logits, so the torch baseline pays the
+    """The rejection rule (:func:`runtime.scores.is_rejected`) on torch's logits, so the torch baseline pays the
     same postprocessing as the deployed path (runtime.Classifier keeps its own version private)."""
-    from runtime.scores import logit_score, softmax
+    from runtime.scores import is_rejected, logit_score, softmax
 
     logits = outputs[meta.output_name]
     probs = softmax(logits, meta.temperature)
     score = outputs[meta.score_output].reshape(-1) if meta.score_output else logit_score(meta.score, logits,
                                                                                          meta.temperature)
     top = probs.argmax(axis=1)
-    rejected = score < meta.threshold if meta.threshold is not None else np.zeros(len(top), bool)
+    rejected = is_rejected(score, meta.threshold)
     return np.where(rejected, meta.reject_index, top), probs, score
 
 

@@ -80,7 +80,7 @@ def calibrate(logits: np.ndarray, labels: np.ndarray, score: str = "msp",
     known = labels != reject
     thr = choose_threshold(s, known, target_recall)
     return {"temperature": t, "threshold": thr, "score": score, "target_recall": target_recall,
-            "known_recall": float((s[known] >= thr).mean()), "nll_before": nll(logits, labels, 1.0),
+            "known_recall": float((~is_rejected(s[known], thr)).mean()), "nll_before": nll(logits, labels, 1.0),
             "nll_after": nll(logits, labels, t)}
 
 
