@@ -44,6 +44,7 @@ import numpy as np
 from runtime.errors import InputError
 from runtime.preprocess import read_image
 
+#: File suffixes read as images everywhere (sources, class folders for training, calibration and gates): the one list.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".pgm", ".ppm", ".pbm", ".webp",
                             ".jp2", ".exr", ".hdr", ".pnm", ".sr", ".ras"})
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv", ".webm", ".ts",
