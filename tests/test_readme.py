@@ -4,9 +4,9 @@ Every fenced shell command (``bash``/``sh`` blocks, ``&&`` chains split into ste
 handled) must be either in ``RUN`` (run from a temporary working directory holding ``samples/`` and ``models/``, its
 exit code and output checked) or in ``SKIP`` (with the reason it is too expensive or needs hardware). A command in
 neither, or an entry that is no longer in the README, fails. Fenced ``python`` blocks are executed. Every
-``python -m MODULE --flag`` the README names, fenced or inline, must have that flag in ``MODULE --help``; the
-README's record fields and exit-code table must match what ``runtime.run`` writes and returns; the files it links
-must exist.
+``python -m MODULE --flag`` the README names (fenced or inline), and every one in the commands of
+``benchmarks/RESULTS.md``, must have that flag in ``MODULE --help``; the README's record fields and exit-code table
+must match what ``runtime.run`` writes and returns; the files it links must exist.
 """
 
 from __future__ import annotations
@@ -145,8 +145,10 @@ def readme_python_blocks() -> list[str]:
 
 
 def module_invocations(text: str) -> list[tuple[str, list[str]]]:
-    """``(module, [--flags])`` for every ``python -m MODULE ...`` in fenced commands and inline code."""
-    spans = readme_steps() + re.findall(r"`([^`\n]*python3? -m [^`\n]*)`", text)
+    """``(module, [--flags])`` for every ``python -m MODULE ...`` in the fenced shell commands and inline code."""
+    steps = [s for lang, body in fenced_blocks(text) if lang in ("", "bash", "sh", "shell", "console")
+             for s in shell_steps(body)]
+    spans = steps + re.findall(r"`([^`\n]*python3? -m [^`\n]*)`", text)
     found = []
     for span in spans:
         for m in re.finditer(r"python3? -m ([\w.]+)([^|&]*)", span):
@@ -212,13 +214,14 @@ def test_readme_python_block_runs(index: int, user_dir: Path) -> None:
     assert r.returncode == 0, f"README Python block {index} failed:\n{code}\n{r.stderr}"
 
 
-def test_every_flag_the_readme_names_exists() -> None:
-    text = README.read_text(encoding="utf-8")
-    invocations = module_invocations(text)
-    assert len({m for m, _ in invocations}) >= 10, invocations
+@pytest.mark.parametrize("doc", ["README.md", "benchmarks/RESULTS.md"])
+def test_every_flag_named_exists(doc: str) -> None:
+    """The README's commands, and the commands that make RESULTS.md's current tables, use flags the tools have."""
+    invocations = module_invocations((REPO / doc).read_text(encoding="utf-8"))
+    assert len({m for m, _ in invocations}) >= 5, invocations
     missing = [f"python -m {module} {flag}" for module, flags in invocations for flag in flags
                if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", _help(module))]
-    assert not missing, "README names flags the tools do not have (their --help lacks them):\n  " + "\n  ".join(
+    assert not missing, f"{doc} names flags the tools do not have (their --help lacks them):\n  " + "\n  ".join(
         sorted(set(missing)))
 
 
