@@ -1,4 +1,6 @@
-"""``python -m export``: checkpoint → ONNX with metadata, simplified, checked, parity-tested against PyTorch."""
+"""``python -m export``: checkpoint → ONNX with metadata, simplified, checked, parity-tested against PyTorch.
+
+The work is :func:`export.checkpoint.export_checkpoint`; this module parses the flags and prints the outcome."""
 
 from __future__ import annotations
 
@@ -6,7 +8,6 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from sem_extras import cli, help_note, import_for_help
 
@@ -38,49 +39,19 @@ def build_parser() -> argparse.ArgumentParser:
 @cli("python -m export")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from export.onnx_export import ParityError, export_onnx, parity_check, parity_inputs
-    from train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+    from export.checkpoint import ExportFailed, export_checkpoint
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-
-    ckpt_path = Path(args.checkpoint)
     try:
-        model, meta = model_from_checkpoint(ckpt_path)
-        ckpt = load_checkpoint(ckpt_path)
-        ckpt_args = ckpt.get("args") or {}
-        output_names = [meta.output_name]
-        if meta.score_output:
-            # A feature-space rejection score is computed inside the graph (extra output), from the statistics
-            # fitted at the end of training, so every backend gets it without Python-side feature handling.
-            from train.openset import scored_model, stats_from_checkpoint
-
-            stats = stats_from_checkpoint(ckpt, meta.score, str(ckpt_path))
-            model = scored_model(model, stats, meta.score, meta.temperature)
-            output_names.append(meta.score_output)
-    except (OSError, CheckpointError, ValueError) as e:
+        res = export_checkpoint(args.checkpoint, args.out, opset=args.opset, parity_data=args.parity_data,
+                                parity_images=args.parity_images, tolerance=args.tolerance,
+                                simplify=not args.no_simplify)
+    except ExportFailed as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    out = Path(args.out) if args.out else ckpt_path.with_suffix(".onnx")
-    path = export_onnx(model, meta, out, output_names=output_names, opset=args.opset, simplify=not args.no_simplify)
-    inputs, source = parity_inputs(meta, [args.parity_data, ckpt_args.get("data") if isinstance(ckpt_args, dict)
-                                          else None], n=args.parity_images)
-    try:
-        result = parity_check(model, path, inputs, source, args.tolerance, output_names=output_names)
-    except ParityError as e:
-        bad = path.with_name(path.name + ".failed-parity")
-        path.replace(bad)
-        print(f"error: {e}\n(the file was moved to {bad})", file=sys.stderr)
-        return 1
-    print(result.line())
-    # Golden references for the on-target self-check (python -m runtime.check), from the parity data's folder.
-    from export.golden import add_goldens, make_goldens
-
-    data = args.parity_data or (ckpt_args.get("data") if isinstance(ckpt_args, dict) else None)
-    goldens = make_goldens(path, data if source != "generated images" else None, meta,
-                           build_command=f"python -m export --checkpoint {ckpt_path} --out {path}")
-    add_goldens(path, goldens)
-    print(f"golden references: {len(goldens)} images from {goldens.reference['data']}")
-    print(f"wrote {path} ({meta.arch}, input {meta.input_name} {meta.channels}×{meta.input_size[0]}×"
+        return e.exit_code
+    meta = res.meta
+    print(f"golden references: {len(res.goldens)} images from {res.goldens.reference['data']}")
+    print(f"wrote {res.path} ({meta.arch}, input {meta.input_name} {meta.channels}×{meta.input_size[0]}×"
           f"{meta.input_size[1]}, dynamic batch, opset {args.opset})")
     return 0
 

@@ -443,6 +443,7 @@ def build_artifacts(opts: BuildOptions) -> BuildReport:
     are here, and write the JSON report. Raises :class:`BuildFailed` when the build cannot go on."""
     if opts.precision not in PRECISIONS:
         raise BuildFailed(f"precision must be one of {PRECISIONS}, got {opts.precision!r}")
+    import export.onnx_export  # noqa: F401 - every build needs the train extra (onnx): say so before any work
     onnx_path, batches, meta = _open_source(opts)
     rep = BuildReport(opts.precision, artifact_paths(onnx_path, opts.out), allow_drop=opts.allow_drop,
                       document={"precision": opts.precision, "source": str(onnx_path)})

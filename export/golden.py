@@ -121,7 +121,7 @@ def make_goldens(fp32_path: str | os.PathLike[str], data: str | os.PathLike[str]
     ``meta`` (default: the FP32 model's own) gives preprocessing and the rejection score; its temperature is the one
     the reference score uses.
     """
-    from export.build_engine import read_onnx_metadata
+    from runtime.artifacts import read_onnx_metadata
     from runtime.files import sha256_file
     from runtime.scores import logit_score
 
@@ -173,13 +173,14 @@ def add_goldens(onnx_path: str | os.PathLike[str], goldens: Goldens) -> Path:
 
 
 def default_reference(model_path: Path) -> Path:
-    """The FP32 ONNX a reduced-precision file came from: ``x.int8.cpu.onnx``, ``x.int8.onnx``, ``x.fp16.onnx`` →
-    ``x.onnx``."""
-    name = model_path.name
-    for tail in (".int8.cpu.onnx", ".int8.qdq.onnx", ".int8.onnx", ".fp16.onnx"):
-        if name.endswith(tail):
-            return model_path.with_name(name[: -len(tail)] + ".onnx")
-    return model_path
+    """The FP32 ONNX a reduced-precision file came from (the artifact table's FP32 name for its stem):
+    ``x.int8.cpu.onnx``, ``x.int8.onnx``, ``x.fp16.onnx`` → ``x.onnx``."""
+    from runtime.artifacts import BY_KEY, ONNXRUNTIME, format_of, stem_of
+
+    fmt = format_of(model_path)
+    if fmt is None or fmt.opened_by != ONNXRUNTIME:
+        return model_path
+    return BY_KEY["fp32_onnx"].file(model_path.parent, stem_of(model_path))
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -209,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    from export.build_engine import read_onnx_metadata
+    import onnx  # noqa: F401 - adding goldens needs the train extra: say so before reading anything
+
+    from runtime.artifacts import read_onnx_metadata
     from runtime.errors import MetadataError
 
     model = Path(args.model)

@@ -46,6 +46,10 @@ def test_export_paths_and_loader_candidates_agree(fmt: artifacts.ArtifactFormat,
     for model in (src, *paths.values()):
         assert path in latency.artifact_candidates(model, fmt.precision, fmt.opened_by)
         assert path in artifacts.candidates(model, fmt.precision, fmt.opened_by)
+    if fmt.opened_by == artifacts.ONNXRUNTIME:  # golden references for any ONNX variant come from the FP32 file
+        from export.golden import default_reference
+
+        assert default_reference(path) == paths["fp32_onnx"]
     if fmt.built_from:  # an engine's source ONNX is where export wrote it, and the CPU fallback finds it
         from runtime.trt_backend import fallback_onnx
 
