@@ -17,14 +17,22 @@ side (cheap, and small source frames that were enlarged look as they did before)
 * ``detail`` — share of the variance in fine and mid-scale structure (what a difference of the frame and its
   Gaussian blur holds beyond the noise, noise estimated from the finest scale as in Immerkær 1996): near 0 for a
   defocused scene or a smooth gradient.
+* ``band`` — share of the structure (the variance beyond white noise) in a mid-scale band (difference of Gaussian
+  blurs σ 1 and σ 3, which passes little white noise), beyond the noise's share: low for a noisy frame whose only
+  structure is a smooth blur, where ``detail`` drowns in the noise.
 * ``level`` — mean of the stretched frame; ``mean`` — mean as a share of the full scale; ``raw_spread`` and
   ``raw_mean`` — robust range and mean as shares of the dtype's maximum (255, 65535, 1: what a ``full_scale``
   model divides by).
 
 Reasons, checked in this order: ``blank`` (spread below its limit), ``saturated`` (clipped above its limit),
 ``noise`` (signal below its limit), ``defocus`` (detail below its limit while most of the variance is structure,
-not noise: out of focus, or only a smooth gradient),
+not noise: out of focus, or only a smooth gradient; or, in a noisy frame, band below its limit),
 ``out_of_range`` (a statistic outside the range the training images had, widened by a margin).
+
+A frame smaller than the model input is measured at its own size, before it is enlarged (enlarging smooths noise),
+so its pixels are coarser than the input's: the same scene measures more detail at half the size, and so does a
+defocused one. The detail limit grows with the square of the enlargement (:data:`DEFOCUS_ZOOM_POWER`, at most
+:data:`ZOOM_CAP` times), so a small frame needs proportionally more visible structure to be classified.
 
 The limits are fitted on the training split when a model is trained (:func:`fit_limits`, called by ``python -m
 train``) and travel in the model metadata (``ModelMetadata.quality``). Models made before the gate get
@@ -50,7 +58,7 @@ REASONS = ("blank", "saturated", "noise", "defocus", "out_of_range")
 ANALYSIS_SIDE = 128
 PERCENTILES = (0.5, 99.5)
 SIGNAL_HALVE_MIN = 96
-STATS = ("spread", "clipped", "signal", "detail", "level", "mean", "raw_spread", "raw_mean")
+STATS = ("spread", "clipped", "signal", "detail", "band", "level", "mean", "raw_spread", "raw_mean")
 #: The statistics ``out_of_range`` bounds, per intensity mode: what the network's input depends on.
 RANGED = {"percentile": ("level",), "bit_depth": ("level", "spread", "mean"),
           "full_scale": ("level", "raw_spread", "raw_mean")}
@@ -60,6 +68,19 @@ _BLUR_SIGMA = 2.0
 _k1 = cv2.getGaussianKernel(int(2 * math.ceil(3 * _BLUR_SIGMA) + 1), _BLUR_SIGMA).ravel().astype(np.float64)
 _NOISE_PASS = float(1.0 - 2.0 * _k1[len(_k1) // 2] ** 2 + (_k1 ** 2).sum() ** 2)
 _LAPLACE = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
+#: The mid-scale band of ``band``: Gaussian blur σ 1 minus σ 3, and the share of white-noise variance it passes.
+_BAND_SIGMAS = (1.0, 3.0)
+
+
+def _gauss_kernel_2d(sigma: float, size: int) -> np.ndarray:
+    k = cv2.getGaussianKernel(size, sigma).ravel().astype(np.float64)
+    return np.outer(k, k)
+
+
+_BAND_KSIZE = tuple(int(2 * math.ceil(3 * s) + 1) for s in _BAND_SIGMAS)
+_BAND_NOISE_PASS = float(np.square(
+    np.pad(_gauss_kernel_2d(_BAND_SIGMAS[0], _BAND_KSIZE[0]), (_BAND_KSIZE[1] - _BAND_KSIZE[0]) // 2)
+    - _gauss_kernel_2d(_BAND_SIGMAS[1], _BAND_KSIZE[1])).sum())
 
 #: Limits for models without fitted ones. Chosen so that the 8- to 16-bit renderings of content-free frames are
 #: refused and real SEM frames are not (docs/frame-quality.md); ``range`` is filled per intensity mode.
@@ -68,14 +89,22 @@ DEFAULT_LIMITS: dict[str, Any] = {
     "saturated_clipped": 0.5,
     "noise_signal": 0.15,
     "defocus_detail": 0.01,
+    "defocus_band": 0.05,
 }
 #: Models that divide by the dtype's maximum (``intensity="full_scale"``) were trained on frames that use a good
 #: part of the scale; a frame using less (10- to 14-bit data in uint16, a very dim frame) is out of their range.
 DEFAULT_FULL_SCALE_RANGE = {"raw_spread": (0.08, 1.0)}
 DEFAULT_BIT_DEPTH_RANGE = {"spread": (0.08, 1.0)}
-#: ``defocus`` needs a frame that is mostly smooth structure; a frame with little detail that is mostly noise
-#: (faint structure in heavy shot noise) is left to the network.
+#: ``defocus`` by ``detail`` needs a frame that is mostly smooth structure; a frame with little detail that is mostly
+#: noise (faint structure in heavy shot noise) is judged by ``band`` instead, whose band passes little noise.
 DEFOCUS_MIN_SIGNAL = 0.6
+#: A frame enlarged ``z`` times for the model (smaller than its input) is measured on pixels ``z`` times coarser:
+#: its detail limit is multiplied by ``min(z, ZOOM_CAP) ** DEFOCUS_ZOOM_POWER``.
+DEFOCUS_ZOOM_POWER = 2.0
+ZOOM_CAP = 4.0
+#: ``defocus_band`` fitted on training images moves below its default to this share of the noisy training frames'
+#: 0.1th percentile of band (the band of real noisy frames varies little, so the margin is small).
+BAND_FIT_SHARE = 0.8
 #: Statistics whose range also ends at half the training images' 0.1th percentile: a frame with half the contrast
 #: or brightness of the faintest training frame is out of range for a model that sees absolute intensities.
 DIM_STATS = ("spread", "raw_spread", "mean", "raw_mean")
@@ -117,12 +146,13 @@ def frame_stats(grey: np.ndarray, native: np.ndarray | None = None) -> dict[str,
     mean = float(g.mean())
     raw = {"mean": mean, "raw_spread": spread * to_dtype, "raw_mean": mean * to_dtype}
     if spread <= 0:
-        return {"spread": 0.0, "clipped": float(clipped), "signal": 0.0, "detail": 0.0, "level": 0.0, **raw}
+        return {"spread": 0.0, "clipped": float(clipped), "signal": 0.0, "detail": 0.0, "band": 0.0, "level": 0.0,
+                **raw}
     s = np.clip((g - np.float32(lo)) * np.float32(1.0 / spread), 0.0, 1.0)
     var = float(s.var())
     if var <= 1e-12:
-        return {"spread": spread, "clipped": float(clipped), "signal": 0.0, "detail": 0.0, "level": float(s.mean()),
-                **raw}
+        return {"spread": spread, "clipped": float(clipped), "signal": 0.0, "detail": 0.0, "band": 0.0,
+                "level": float(s.mean()), **raw}
     signal = _signal(s, var)
     lap = cv2.filter2D(s, cv2.CV_32F, _LAPLACE, borderType=cv2.BORDER_REFLECT)[1:-1, 1:-1]
     # For the detail, the noise level from the absolute deviation (Immerkær), which edges inflate less.
@@ -130,7 +160,17 @@ def frame_stats(grey: np.ndarray, native: np.ndarray | None = None) -> dict[str,
     fine = s - cv2.GaussianBlur(s, (0, 0), _BLUR_SIGMA, borderType=cv2.BORDER_REFLECT)
     detail = max(0.0, float(fine.var()) - _NOISE_PASS * noise_var) / var
     return {"spread": spread, "clipped": float(clipped), "signal": signal, "detail": detail,
-            "level": float(s.mean()), **raw}
+            "band": _band(s, var, float(np.square(lap).mean()) / 36.0), "level": float(s.mean()), **raw}
+
+
+def _band(s: np.ndarray, var: float, noise_var: float) -> float:
+    """Share of the structure variance (``var`` minus the white-noise variance ``noise_var``) in the σ 1 − σ 3 band,
+    beyond what the noise puts there."""
+    structure = var - noise_var
+    if structure <= 1e-6 * var:
+        return 0.0
+    a, b = (cv2.GaussianBlur(s, (k, k), sg, borderType=cv2.BORDER_REFLECT) for k, sg in zip(_BAND_KSIZE, _BAND_SIGMAS))
+    return max(0.0, float((a - b).var()) - _BAND_NOISE_PASS * noise_var) / structure
 
 
 def _signal(s: np.ndarray, var: float) -> float:
@@ -163,7 +203,8 @@ def fit_limits(stats: Iterable[Mapping[str, float]], intensity: str = "percentil
     image is refused), never further than that image's value allows: ``blank_spread`` = min(default, 0.25 ×
     the 0.1th percentile of spread), ``saturated_clipped`` = max(default, 99.9th percentile of clipped + 0.1),
     ``noise_signal`` and ``defocus_detail`` = min(default, half the 0.1th percentile; for the detail, among the
-    images the defocus rule applies to, signal >= :data:`DEFOCUS_MIN_SIGNAL`). ``range`` holds, for
+    images the detail rule applies to, signal >= :data:`DEFOCUS_MIN_SIGNAL`), ``defocus_band`` = min(default,
+    :data:`BAND_FIT_SHARE` × the 0.1th percentile of band among the others). ``range`` holds, for
     the statistics :data:`RANGED` names for the model's intensity mode, the training images' 0.1–99.9 percentile
     range widened by :data:`RANGE_MARGIN` of its span on each side (for :data:`DIM_STATS`, no lower than half its
     0.1th percentile).
@@ -178,6 +219,7 @@ def fit_limits(stats: Iterable[Mapping[str, float]], intensity: str = "percentil
         "saturated_clipped": min(0.95, max(DEFAULT_LIMITS["saturated_clipped"], q["clipped"][99.9] + 0.1)),
         "noise_signal": min(DEFAULT_LIMITS["noise_signal"], 0.5 * q["signal"][0.1]),
         "defocus_detail": min(DEFAULT_LIMITS["defocus_detail"], 0.5 * _smooth_detail_q(arr)),
+        "defocus_band": min(DEFAULT_LIMITS["defocus_band"], BAND_FIT_SHARE * _noisy_band_q(arr)),
     }
     ranged = RANGED[intensity]
     rng: dict[str, list[float]] = {}
@@ -200,15 +242,26 @@ def _smooth_detail_q(arr: Mapping[str, np.ndarray], p: float = 0.1) -> float:
     return float(np.percentile(d, p))
 
 
+def _noisy_band_q(arr: Mapping[str, np.ndarray], p: float = 0.1) -> float:
+    """The ``p`` percentile of band among frames with signal < DEFOCUS_MIN_SIGNAL (their minimum if under 20; the
+    default limit's worth if none)."""
+    b = arr["band"][arr["signal"] < DEFOCUS_MIN_SIGNAL]
+    if b.size == 0:
+        return math.inf
+    return float(np.percentile(b, p)) if b.size >= 20 else float(b.min())
+
+
 _WARNED: set[str] = set()
 
 
 @dataclass(frozen=True)
 class QualityGate:
-    """``gate(grey) -> reason or ""`` with a model's limits."""
+    """``gate(grey) -> reason or ""`` with a model's limits. ``input_size`` (h, w) is the model input: a frame
+    smaller than it is enlarged for the model, which the defocus limit takes into account."""
 
     limits: Mapping[str, Any]
     fitted: bool = True
+    input_size: tuple[int, int] | None = None
 
     @classmethod
     def for_model(cls, meta: ModelMetadata, source: str = "<model>") -> QualityGate | None:
@@ -221,16 +274,24 @@ class QualityGate:
         if q and isinstance(q.get("limits"), Mapping):
             limits = default_limits(meta.intensity)
             limits.update(q["limits"])
-            return cls(limits, fitted=True)
+            return cls(limits, fitted=True, input_size=tuple(meta.input_size))
         if source not in _WARNED:
             _WARNED.add(source)
             warnings.warn(f"{source}: the model has no frame-quality statistics (made before the gate); using the "
                           "default limits. Retrain with `python -m train` to fit them on its training images.",
                           RuntimeWarning, stacklevel=3)
-        return cls(default_limits(meta.intensity), fitted=False)
+        return cls(default_limits(meta.intensity), fitted=False, input_size=tuple(meta.input_size))
 
-    def reason(self, stats: Mapping[str, float]) -> str:
-        """The reason a frame with these statistics is refused, or ``""`` when it is usable."""
+    def zoom(self, shape: tuple[int, ...]) -> float:
+        """How many times a frame of ``shape`` is enlarged (linear, by area) to the model input; 1 when it is not."""
+        if not self.input_size:
+            return 1.0
+        h, w = shape[:2]
+        return max(1.0, math.sqrt(self.input_size[0] * self.input_size[1] / max(1, h * w)))
+
+    def reason(self, stats: Mapping[str, float], zoom: float = 1.0) -> str:
+        """The reason a frame with these statistics is refused, or ``""`` when it is usable. ``zoom``: how many
+        times the frame the statistics were measured on is enlarged for the model (:meth:`zoom`)."""
         lim = self.limits
         if not stats["spread"] >= lim["blank_spread"]:
             return "blank"
@@ -238,7 +299,10 @@ class QualityGate:
             return "saturated"
         if not stats["signal"] >= lim["noise_signal"]:
             return "noise"
-        if not stats["detail"] >= lim["defocus_detail"] and stats["signal"] >= DEFOCUS_MIN_SIGNAL:
+        if stats["signal"] >= DEFOCUS_MIN_SIGNAL:
+            if not stats["detail"] >= lim["defocus_detail"] * min(zoom, ZOOM_CAP) ** DEFOCUS_ZOOM_POWER:
+                return "defocus"
+        elif "band" in stats and not stats["band"] >= lim.get("defocus_band", 0.0):
             return "defocus"
         for k, (lo, hi) in (lim.get("range") or {}).items():
             if k in stats and not lo <= stats[k] <= hi:
@@ -246,4 +310,4 @@ class QualityGate:
         return ""
 
     def __call__(self, grey: np.ndarray, native: np.ndarray | None = None) -> str:
-        return self.reason(frame_stats(grey, native))
+        return self.reason(frame_stats(grey, native), self.zoom(grey.shape))

@@ -103,10 +103,14 @@ def test_stats_are_the_same_for_8_bit_and_12_bit_copies_of_a_frame():
 
 def test_fit_keeps_every_training_frame_and_bounds_the_level():
     frames = [_lines(seed=s, noise=0.02 + 0.01 * (s % 4), pitch=8 + 2 * (s % 5)) for s in range(40)]
+    frames += [_lines(seed=s, noise=0.4, pitch=8 + 2 * (s % 5)) for s in range(5)]  # heavy shot noise
     stats = [frame_stats(_u8(f)) for f in frames]
     q = fit_limits(stats, intensity="percentile")
     gate = QualityGate(q["limits"])
     assert all(gate.reason(s) == "" for s in stats)
+    noisy = [s["band"] for s in stats if s["signal"] < quality.DEFOCUS_MIN_SIGNAL]
+    assert noisy and q["limits"]["defocus_band"] == min(quality.DEFAULT_LIMITS["defocus_band"],
+                                                        quality.BAND_FIT_SHARE * min(noisy))
     lo, hi = q["limits"]["range"]["level"]
     assert 0 <= lo < min(s["level"] for s in stats) and max(s["level"] for s in stats) < hi <= 1
     # A frame that is nearly all background with a few bright pixels is far outside that level range.
@@ -227,11 +231,39 @@ def test_gate_is_cheap_next_to_inference():
     assert max(view.shape) == quality.ANALYSIS_SIDE
 
 
-def test_little_detail_is_defocus_only_when_the_frame_is_mostly_structure():
-    base = {"spread": 0.5, "clipped": 0.0, "detail": 0.0, "level": 0.5, "raw_spread": 0.5, "raw_mean": 0.5}
+def test_little_detail_is_defocus_when_smooth_and_a_noisy_frame_is_judged_by_its_mid_scale_band():
+    base = {"spread": 0.5, "clipped": 0.0, "detail": 0.0, "level": 0.5, "raw_spread": 0.5, "raw_mean": 0.5,
+            "band": 0.3}
     assert GATE.reason({**base, "signal": 0.95}) == "defocus"  # smooth: out of focus or a gradient
     assert GATE.reason({**base, "signal": 0.4}) == ""  # faint structure in heavy shot noise: left to the network
+    assert GATE.reason({**base, "signal": 0.4, "band": 0.01}) == "defocus"  # only a smooth blur under the noise
     assert GATE.reason({**base, "signal": 0.05}) == "noise"
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_heavy_noise_over_a_blur_is_defocus_over_lines_it_passes(seed):
+    rng = np.random.default_rng(seed)
+    blur = cv2.GaussianBlur(_lines(128, noise=0.0), (0, 0), 8)
+    noisy_blur = frame_stats(_u8(blur + rng.normal(0, 0.1, blur.shape)))
+    assert noisy_blur["signal"] < quality.DEFOCUS_MIN_SIGNAL and GATE.reason(noisy_blur) == "defocus"
+    noisy_lines = frame_stats(_u8(_lines(128, seed=seed, noise=0.4)))
+    assert noisy_lines["signal"] < quality.DEFOCUS_MIN_SIGNAL and noisy_lines["detail"] < 0.02
+    assert GATE.reason(noisy_lines) == ""
+
+
+def test_a_frame_enlarged_for_the_model_needs_more_detail():
+    gate = QualityGate(default_limits("percentile"), input_size=(128, 128))
+    assert gate.zoom((64, 64)) == 2 and gate.zoom((128, 128)) == 1 and gate.zoom((512, 256)) == 1
+    assert gate.zoom((64, 128)) == pytest.approx(2 ** 0.5) and QualityGate({}).zoom((8, 8)) == 1
+    # The same scene out of focus: at 64 px it measures several times the detail it has at 128 px.
+    small = _u8(cv2.GaussianBlur(_lines(64, noise=0.0), (0, 0), 4))
+    assert GATE(small) == "" and gate(small) == "defocus"  # judged as the 2x enlarged frame the model would see
+    assert gate(_u8(cv2.GaussianBlur(_lines(128, noise=0.0, pitch=24), (0, 0), 8))) == "defocus"
+    for seed in range(4):
+        assert gate(_u8(_lines(64, seed=seed))) == ""  # a sharp small frame still passes
+    assert gate.reason({"spread": 0.5, "clipped": 0.0, "signal": 0.9, "detail": 0.03, "band": 0.3}, zoom=2) == \
+        "defocus"
+    assert gate.reason({"spread": 0.5, "clipped": 0.0, "signal": 0.9, "detail": 0.03, "band": 0.3}, zoom=1) == ""
 
 
 def test_fragmented_clipping_is_counted_on_the_frame_as_it_came(gated):

@@ -64,6 +64,16 @@ def test_defocused_frames_lose_the_detail_of_their_scene():
     assert sharp > 0.1 and max(blurred) < sharp / 4
 
 
+def test_small_defocused_frames_are_refused_as_the_enlarged_frames_the_model_would_see():
+    # At 64 px a defocused scene keeps more measurable detail than at 128 px; the gate of a 128-px model scales its
+    # limit with the enlargement, so it refuses small frames that the unscaled limit lets through.
+    sized = QualityGate(default_limits("percentile"), input_size=(128, 128))
+    frames = [contentfree.quantise(contentfree.frame("defocus", np.random.default_rng(s), (64, 64), _scene),
+                                   8 if s % 2 else 16) for s in range(24)]
+    refused = sum(sized(f) == "defocus" for f in frames)
+    assert refused >= 22 and refused > sum(GATE(f) == "defocus" for f in frames)
+
+
 def test_large_frames_are_drawn_at_a_bounded_cost():
     img = contentfree.frame("defocus", np.random.default_rng(1), (2048, 2048), _scene)
     assert img.shape == (2048, 2048)
