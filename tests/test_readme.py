@@ -4,8 +4,8 @@ Every fenced shell command (``bash``/``sh`` blocks, ``&&`` chains split into ste
 handled) must be either in ``RUN`` (run from a temporary working directory holding ``samples/`` and ``models/``, its
 exit code and output checked) or in ``SKIP`` (with the reason it is too expensive or needs hardware). A command in
 neither, or an entry that is no longer in the README, fails. Fenced ``python`` blocks are executed. Every
-``python -m MODULE --flag`` the README names (fenced or inline), and every one in the commands of
-``benchmarks/RESULTS.md``, must have that flag in ``MODULE --help``; the README's record fields and exit-code table
+``python -m MODULE --flag`` the README names (fenced or inline), and every one in ``benchmarks/RESULTS.md`` and
+``docs/*.md``, must have that flag in ``MODULE --help``; the README's record fields and exit-code table
 must match what ``runtime.run`` writes and returns; the files it links must exist.
 """
 
@@ -214,11 +214,16 @@ def test_readme_python_block_runs(index: int, user_dir: Path) -> None:
     assert r.returncode == 0, f"README Python block {index} failed:\n{code}\n{r.stderr}"
 
 
-@pytest.mark.parametrize("doc", ["README.md", "benchmarks/RESULTS.md"])
+DOCS_WITH_COMMANDS = ["README.md", "benchmarks/RESULTS.md",
+                      *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize("doc", DOCS_WITH_COMMANDS)
 def test_every_flag_named_exists(doc: str) -> None:
-    """The README's commands, and the commands that make RESULTS.md's current tables, use flags the tools have."""
+    """The commands in the README, in RESULTS.md and in docs/ use flags the tools have."""
     invocations = module_invocations((REPO / doc).read_text(encoding="utf-8"))
-    assert len({m for m, _ in invocations}) >= 5, invocations
+    if doc in ("README.md", "benchmarks/RESULTS.md"):
+        assert len({m for m, _ in invocations}) >= 5, invocations
     missing = [f"python -m {module} {flag}" for module, flags in invocations for flag in flags
                if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", _help(module))]
     assert not missing, f"{doc} names flags the tools do not have (their --help lacks them):\n  " + "\n  ".join(
