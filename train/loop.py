@@ -1,5 +1,10 @@
 """The training run: transfer learning on ``DIR/{train,val[,test]}/<class>/``, resumable, then calibration.
 
+Laid out like torchvision's classification reference: set-up functions (:func:`build_datasets`,
+:func:`build_loaders`, :func:`build_criterion`, :func:`build_optimizer`, :func:`build_scheduler`), the per-epoch
+steps in :mod:`train.engine` (``train_one_epoch``, ``evaluate``), a short :func:`train` that runs the epochs and
+checkpoints, and :func:`finalise` that calibrates the best weights.
+
 Recipe (defaults in :class:`TrainConfig`): a head-only warm-up (backbone learning rate 0), then the full network
 with AdamW, a short linear warm-up and per-step cosine decay, optional layer-wise learning-rate decay; label
 smoothing with class-weighted cross-entropy (or a class-balanced sampler); SEM augmentation on grey images
@@ -22,8 +27,9 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +37,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, Subset
-from tqdm import tqdm
 
 from runtime.contract import CLASSES, INTENSITY_MODES, ModelMetadata
 from runtime.files import atomic_write_bytes, atomic_write_text
 from runtime.preprocess import Intensity
-from runtime.scores import softmax
+from runtime.scores import is_rejected, softmax
 from train import distributed
 from train.checkpoint import cpu_state_dict, get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from train.confidence import calibrate, reject_mask
@@ -50,7 +55,8 @@ from train.data import (
     split_dirs,
 )
 from train.ema import WeightEMA
-from train.evaluate import compute_metrics, predict_logits, write_report
+from train.engine import EpochStats, evaluate, train_one_epoch
+from train.evaluate import compute_metrics, write_report
 from train.models import ARCHS, build_model, default_normalisation
 from train.openset import CHECKPOINT_KEY as OPENSET_KEY
 from train.openset import (
@@ -69,14 +75,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
-    """Every option of a run; the defaults are the recipe that did best on sem-hackathon val (see the report)."""
+    """Every option of a run; the defaults are the recipe chosen on real SEM images (docs/training.md)."""
 
     data: str = ""
     out: str = ""
     arch: str = "efficientnet_lite0"
     weights: str = "lite0"
-    epochs: int = 30  # sem-hackathon: 30 beat 15 on test for each of three seeds (+3.3 pt mean): see README
-    img_size: int = 224  # sem-hackathon (128 px sources) tested better upsampled to 224 than at 128: see README
+    epochs: int = 30  # longer than the early-stopping patience, so late bests are reached (docs/training.md)
+    img_size: int = 224  # small sources are upsampled to it (docs/training.md)
     batch_size: int = 32
     lr: float = 3e-4  # backbone peak learning rate
     head_lr: float = 1e-3
@@ -94,8 +100,8 @@ class TrainConfig:
     intensity: str = "percentile"
     acquisition_p: float = 0.3  # share of training images dimmed/flattened/gamma'd and requantised (train.data)
     content_free: float = 0.05  # generated content-free frames added to `other`, as a share of the training images
-    # Early stopping on val macro-F1 (epochs without improvement; 0 = never stop early). 12 keeps the best epoch of
-    # all three measured 30-epoch runs (a late best at epoch 26 after 8 flat epochs) while cutting plateaued runs.
+    # Early stopping on val macro-F1 (epochs without improvement; 0 = never stop early), long enough to keep a late
+    # best epoch while cutting plateaued runs (docs/training.md).
     patience: int = 12
     # Exponential moving average of the weights, per optimizer step (0 = off). With it on, the average is what is
     # validated, early-stopped on and saved as best.pt; the raw weights' val macro-F1 is logged beside it.
@@ -104,7 +110,7 @@ class TrainConfig:
     workers: int = 0
     threads: int = 0  # torch intra-op threads (0 = torch's default, one per core)
     cache: bool = True
-    score: str = DEFAULT_SCORE  # see train.openset.DEFAULT_SCORE for the measurements behind it
+    score: str = DEFAULT_SCORE  # the rejection score; why this default: docs/openset.md
     target_recall: float = 0.95
     device: str = "auto"
     progress: bool = True
@@ -286,12 +292,6 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _macro_f1(labels: np.ndarray, pred: np.ndarray) -> float:
-    from sklearn.metrics import f1_score
-
-    return float(f1_score(labels, pred, labels=np.unique(labels), average="macro", zero_division=0))
-
-
 def _should_stop(history: list[dict[str, Any]], patience: int) -> bool:
     if patience <= 0 or not history:
         return False
@@ -315,38 +315,29 @@ def _pause(epoch: int, step: int, flag: Path) -> None:
         time.sleep(0.2)
 
 
-# ------------------------------------------------------------------ the run
-def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Train (or resume) a run into ``cfg.out``; returns the summary also written to ``summary.json``."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    last_path, best_path = out / "last.pt", out / "best.pt"
-    # --- DDP (torchrun, train.distributed): join the group; a single process gets a no-op context. A group that
-    # torchrun restarted after a rank died (--max-restarts) resumes from last.pt on every rank.
-    ddp = distributed.setup(resolve_device(cfg.device), cfg.threads)
-    if ddp.restart and not resume and last_path.is_file():
-        log.warning("torchrun restart %d: resuming from %s", ddp.restart, last_path)
-        resume = True
-    # --- end DDP
-    ckpt: dict[str, Any] | None = None
-    if resume:
-        ckpt = load_checkpoint(last_path)
-        saved = TrainConfig.from_dict(ckpt["args"])
-        # The schedule is the saved one; only where the data lives and how it is loaded may change.
-        saved.data, saved.out, saved.workers, saved.progress = cfg.data or saved.data, cfg.out, cfg.workers, \
-            cfg.progress
-        saved.device, saved.threads = cfg.device, cfg.threads
-        cfg = saved
-        log.info("resuming %s from %s (epoch %d of %d done)", out, last_path, ckpt["epoch"], cfg.epochs)
-    if cfg.arch not in ARCHS:
-        raise ValueError(f"unknown --arch {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
-    device = ddp.device if ddp.enabled else resolve_device(cfg.device)
-    if cfg.threads > 0:
-        # On a shared CPU, fewer threads than cores avoids OpenMP oversubscription (measured 3-10x slower steps).
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
+# ------------------------------------------------------------------ set-up: loss, optimizer, scheduler
+def build_criterion(counts: np.ndarray, cfg: TrainConfig, device: str) -> nn.Module:
+    """Cross-entropy with label smoothing, weighted by inverse class frequency under ``--balance loss``."""
+    weight = (torch.as_tensor(class_weights(counts), dtype=torch.float32, device=device) if cfg.balance == "loss"
+              else None)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
 
+
+def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over ``groups`` (:func:`param_groups`: each group carries its own learning rate and weight decay)."""
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The per-step schedule of :func:`lr_lambdas` for each of the optimizer's groups (by its ``role``)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambdas(optimizer.param_groups, cfg, steps_per_epoch))
+
+
+def build_datasets(cfg: TrainConfig, ckpt: dict[str, Any] | None) -> tuple[ImageFolderDataset, ImageFolderDataset,
+                                                                             ModelMetadata]:
+    """The augmented training set, the plain val set and the run's metadata (a resumed run keeps the saved
+    normalisation and data fingerprint)."""
     splits = split_dirs(cfg.data)
     size = (cfg.img_size, cfg.img_size)
     if ckpt is not None:
@@ -369,147 +360,216 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     fingerprint = ckpt["metadata"]["data_fingerprint"] if ckpt is not None else fingerprint_dataset(cfg.data)
     meta = ModelMetadata(labels=CLASSES, input_size=size, mean=mean, std=std, arch=cfg.arch,
                          data_fingerprint=fingerprint, intensity=cfg.intensity, extra={"train_args": asdict(cfg)})
+    return train_ds, val_ds, meta
 
-    model = build_model(cfg.arch, len(CLASSES), "none" if ckpt is not None else cfg.weights)
-    model = model.to(device).to(memory_format=torch.channels_last)
-    cw = class_weights(counts)
-    loss_weight = torch.as_tensor(cw, dtype=torch.float32, device=device) if cfg.balance == "loss" else None
-    criterion = nn.CrossEntropyLoss(weight=loss_weight, label_smoothing=cfg.label_smoothing)
-    sample_w = cw[train_ds.labels] if cfg.balance == "sampler" else None
 
+def build_loaders(cfg: TrainConfig, train_ds: ImageFolderDataset, val_ds: ImageFolderDataset, device: str,
+                  ddp: distributed.DistContext) -> tuple[DataLoader, EpochSampler, DataLoader, Callable | None]:
+    """Training loader (its order set per epoch through the returned sampler), val loader and, under torchrun, the
+    function that gathers every rank's val rows."""
     sampler = EpochSampler()
-    batches = _BatchSampler(sampler, cfg.batch_size)
     # Its own generator: the loader's per-iterator seed draw must not consume the global RNG (dropout, stochastic
     # depth), or results would depend on worker settings and on where a run was resumed.
-    loader = DataLoader(_EpochDataset(train_ds), batch_sampler=batches, num_workers=cfg.workers,
-                        persistent_workers=cfg.workers > 0, pin_memory=device.startswith("cuda"),
-                        generator=torch.Generator().manual_seed(cfg.seed))
+    loader = DataLoader(_EpochDataset(train_ds), batch_sampler=_BatchSampler(sampler, cfg.batch_size),
+                        num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
+                        pin_memory=device.startswith("cuda"), generator=torch.Generator().manual_seed(cfg.seed))
     # DDP: each rank validates its shard; the logits are gathered, so every rank computes the same metrics.
     val_idx = ddp.val_indices(len(val_ds)) if ddp.enabled else None
     val_loader = DataLoader(val_ds if val_idx is None else Subset(val_ds, val_idx), batch_size=max(cfg.batch_size, 64),
                             num_workers=0)
     sampler.set(ddp.shard(list(range(len(train_ds))), 0, cfg.seed, shuffle=True), 0)
-    steps_per_epoch = len(batches)
-    train_model = distributed.wrap(model, ddp)
-    if ddp.enabled:
-        log.info("DDP: %d processes (%s on %s), effective batch %d (%d per process), %d steps per epoch; lr %g "
-                 "(backbone) and %g (head) apply to the effective batch as given (not scaled by the process count)",
-                 ddp.world, ddp.backend, device, cfg.batch_size * ddp.world, cfg.batch_size, steps_per_epoch, cfg.lr,
-                 cfg.head_lr)
-    groups = param_groups(model, cfg)
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambdas(groups, cfg, steps_per_epoch))
-    use_amp = device.startswith("cuda")
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    return loader, sampler, val_loader, (partial(ddp.gather_rows, val_idx) if ddp.enabled else None)
 
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
-        history = list(ckpt["history"])
-        start_epoch = int(ckpt["epoch"])
-    ema = WeightEMA(model, cfg.ema) if cfg.ema else None
-    if ckpt is not None:
-        if ema is not None:
-            if "ema" not in ckpt:
-                raise ValueError(f"{last_path}: saved without --ema state; cannot resume an EMA run from it")
-            ema.load_state_dict(ckpt["ema"])
-        del ckpt
 
-    args_dict = asdict(cfg)
-    pause = _pause_point()
-    for epoch in range(start_epoch, cfg.epochs):
-        if _should_stop(history, cfg.patience):
-            log.info("early stop: val macro-F1 has not improved for %d epochs", cfg.patience)
-            break
-        log.info("epoch %d/%d started", epoch + 1, cfg.epochs)
-        order = epoch_order(len(train_ds), epoch, cfg.seed, sample_w)
-        if ddp.enabled:  # this rank's shard: DistributedSampler reseeded by the epoch (train.distributed)
-            order = ddp.shard(order, epoch, cfg.seed, shuffle=sample_w is None)
-        sampler.set(order, epoch)
-        model.train()
-        t_epoch = time.perf_counter()
-        t_data = t_step = 0.0
-        loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not cfg.progress, dynamic_ncols=True)
-        t0 = time.perf_counter()
-        for x, y in bar:
-            t1 = time.perf_counter()
-            t_data += t1 - t0
-            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            y = y.to(device, non_blocking=True)
-            with torch.autocast("cuda", enabled=use_amp):
-                logits = train_model(x)
-                loss = criterion(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            if pause is not None and sched.last_epoch == pause[0] and ddp.pauses_here(pause[1]):
-                _pause(epoch + 1, sched.last_epoch, pause[1])
-            if ema is not None:
-                ema.update(model)
-            n = len(y)
-            loss_sum += float(loss.detach()) * n
-            correct += int((logits.argmax(1) == y).sum())
-            seen += n
-            t0 = time.perf_counter()
-            t_step += t0 - t1
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
-        bar.close()
-        if ddp.enabled:  # train metrics over all ranks
-            loss_sum, correct, seen = ddp.sum(loss_sum, correct, seen)
-        train_time = time.perf_counter() - t_epoch
-        selected = ema.model if ema is not None else model
-        val_logits, val_labels = predict_logits(selected, val_loader, device)
-        if ddp.enabled:
-            val_logits, val_labels = ddp.gather_rows(val_idx, val_logits, val_labels)
-        val_pred = val_logits.argmax(1)
-        val_loss = float(nn.functional.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(val_labels)))
-        rec = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-               "val_loss": val_loss, "val_acc": float((val_pred == val_labels).mean()),
-               "val_macro_f1": _macro_f1(val_labels, val_pred), "lr": opt.param_groups[-1]["lr"],
-               "backbone_lr": opt.param_groups[0]["lr"], "steps": steps_per_epoch, "train_s": train_time,
-               "epoch_s": time.perf_counter() - t_epoch, "data_s": t_data, "step_s": t_step,
-               "data_frac": t_data / max(t_data + t_step, 1e-9), "order_digest": order_digest(order),
-               "threads": torch.get_num_threads()}
-        if ema is not None:
-            raw_logits, _ = predict_logits(model, val_loader, device)
-            if ddp.enabled:
-                raw_logits, = ddp.gather_rows(val_idx, raw_logits)
-            rec["val_macro_f1_raw"] = _macro_f1(val_labels, raw_logits.argmax(1))
-        history.append(rec)
-        log.info("epoch %d/%d: train loss %.3f acc %.3f | val loss %.3f acc %.3f macro-F1 %.3f | %.1f s "
-                 "(data loading %.1f%% of step time)", epoch + 1, cfg.epochs, rec["train_loss"], rec["train_acc"],
-                 val_loss, rec["val_acc"], rec["val_macro_f1"], rec["epoch_s"], 100 * rec["data_frac"])
-        state = {"epoch": epoch + 1, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "rng": get_rng_state(), "history": history, "args": args_dict}
-        if not ddp.is_main:  # DDP: only rank 0 writes
-            continue
-        if rec["val_macro_f1"] > max((h["val_macro_f1"] for h in history[:-1]), default=-1.0):
-            save_checkpoint(best_path, selected, meta, **state)
-            log.info("new best val macro-F1 %.3f → %s", rec["val_macro_f1"], best_path)
-        # The average goes to last.pt only: a resume needs it, and best.pt's weights already are the average.
-        resume_ema = {"ema": ema.state_dict()} if ema is not None else {}
-        save_checkpoint(last_path, model, meta, **state, **resume_ema)  # after best.pt: a resume never loses a best
-        write_history(out, history)
+# ------------------------------------------------------------------ the run
+@dataclass
+class _Run:
+    """What one training process holds from epoch to epoch."""
 
-    if loader.num_workers:
-        del loader  # stop persistent workers before the (single-process) finalisation
-    # --- DDP: rank 0 alone calibrates and writes the final model; the others are done
+    cfg: TrainConfig
+    out: Path
+    device: str
+    ddp: distributed.DistContext
+    meta: ModelMetadata
+    model: nn.Module  # what is saved
+    train_model: nn.Module  # what is called: ``model``, or DDP around it under torchrun
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    loader: DataLoader
+    sampler: EpochSampler
+    val_loader: DataLoader
+    gather: Callable | None
+    n_train: int
+    sample_w: np.ndarray | None
+    ema: WeightEMA | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start_epoch: int = 0
+
+    @property
+    def selected(self) -> nn.Module:
+        """The weights validated, early-stopped on and saved as best.pt: the average under ``--ema``."""
+        return self.ema.model if self.ema is not None else self.model
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Train (or resume) a run into ``cfg.out``; returns the summary also written to ``summary.json``."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # DDP (torchrun, train.distributed): join the group; a single process gets a no-op context.
+    ddp = distributed.setup(resolve_device(cfg.device), cfg.threads)
+    cfg, ckpt = _resume_point(cfg, out, resume, ddp)
+    run = _build_run(cfg, out, ddp, ckpt)
+    del ckpt
+    _fit(run)
+    device, history = run.device, run.history
+    del run  # stops persistent loader workers before the (single-process) finalisation
+    # DDP: rank 0 alone calibrates and writes the final model; the others are done.
     if ddp.enabled:
         ddp.close()
         if not ddp.is_main:
             return {}
-    # --- end DDP
     return finalise(cfg, out, device, history)
+
+
+def _resume_point(cfg: TrainConfig, out: Path, resume: bool,
+                  ddp: distributed.DistContext) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """The config and checkpoint to start from: on ``resume`` (or a torchrun restart after a rank died, on every
+    rank) ``last.pt`` and its saved schedule, where only where the data lives and how it is loaded may change."""
+    last_path = out / "last.pt"
+    if ddp.restart and not resume and last_path.is_file():
+        log.warning("torchrun restart %d: resuming from %s", ddp.restart, last_path)
+        resume = True
+    if not resume:
+        return cfg, None
+    ckpt = load_checkpoint(last_path)
+    saved = TrainConfig.from_dict(ckpt["args"])
+    saved.data, saved.out, saved.workers, saved.progress = cfg.data or saved.data, cfg.out, cfg.workers, cfg.progress
+    saved.device, saved.threads = cfg.device, cfg.threads
+    log.info("resuming %s from %s (epoch %d of %d done)", out, last_path, ckpt["epoch"], saved.epochs)
+    return saved, ckpt
+
+
+def _build_run(cfg: TrainConfig, out: Path, ddp: distributed.DistContext, ckpt: dict[str, Any] | None) -> _Run:
+    """Seeds, data, model, loss, optimizer and scheduler, in the order that makes a seed repeat; then the saved
+    state of a resumed run."""
+    if cfg.arch not in ARCHS:
+        raise ValueError(f"unknown --arch {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
+    device = ddp.device if ddp.enabled else resolve_device(cfg.device)
+    if cfg.threads > 0:
+        # On a shared CPU, fewer threads than cores avoids OpenMP oversubscription (docs/training.md).
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    train_ds, val_ds, meta = build_datasets(cfg, ckpt)
+    model = build_model(cfg.arch, len(CLASSES), "none" if ckpt is not None else cfg.weights)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    counts = train_ds.class_counts(len(CLASSES))
+    criterion = build_criterion(counts, cfg, device)
+    sample_w = class_weights(counts)[train_ds.labels] if cfg.balance == "sampler" else None
+    loader, sampler, val_loader, gather = build_loaders(cfg, train_ds, val_ds, device, ddp)
+    if ddp.enabled:
+        log.info("DDP: %d processes (%s on %s), effective batch %d (%d per process), %d steps per epoch; lr %g "
+                 "(backbone) and %g (head) apply to the effective batch as given (not scaled by the process count)",
+                 ddp.world, ddp.backend, device, cfg.batch_size * ddp.world, cfg.batch_size, len(loader), cfg.lr,
+                 cfg.head_lr)
+    optimizer = build_optimizer(param_groups(model, cfg), cfg)
+    run = _Run(cfg=cfg, out=out, device=device, ddp=ddp, meta=meta, model=model,
+               train_model=distributed.wrap(model, ddp), criterion=criterion, optimizer=optimizer,
+               scheduler=build_scheduler(optimizer, cfg, len(loader)),
+               scaler=torch.amp.GradScaler("cuda", enabled=device.startswith("cuda")), loader=loader,
+               sampler=sampler, val_loader=val_loader, gather=gather, n_train=len(train_ds), sample_w=sample_w)
+    _restore(run, ckpt)
+    return run
+
+
+def _restore(run: _Run, ckpt: dict[str, Any] | None) -> None:
+    """Load a resumed run's weights, optimizer, scheduler, RNG state and history; start the weight average."""
+    if ckpt is not None:
+        run.model.load_state_dict(ckpt["model"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        run.history = list(ckpt["history"])
+        run.start_epoch = int(ckpt["epoch"])
+    run.ema = WeightEMA(run.model, run.cfg.ema) if run.cfg.ema else None
+    if ckpt is not None and run.ema is not None:
+        if "ema" not in ckpt:
+            raise ValueError(f"{run.out / 'last.pt'}: saved without --ema state; cannot resume an EMA run from it")
+        run.ema.load_state_dict(ckpt["ema"])
+
+
+def _fit(run: _Run) -> None:
+    """The epochs from ``run.start_epoch`` on: train, validate, checkpoint; stop early on a val macro-F1 plateau."""
+    cfg = run.cfg
+    after_step = _step_hook(run)
+    for epoch in range(run.start_epoch, cfg.epochs):
+        if _should_stop(run.history, cfg.patience):
+            log.info("early stop: val macro-F1 has not improved for %d epochs", cfg.patience)
+            break
+        log.info("epoch %d/%d started", epoch + 1, cfg.epochs)
+        order = epoch_order(run.n_train, epoch, cfg.seed, run.sample_w)
+        if run.ddp.enabled:  # this rank's shard: DistributedSampler reseeded by the epoch (train.distributed)
+            order = run.ddp.shard(order, epoch, cfg.seed, shuffle=run.sample_w is None)
+        run.sampler.set(order, epoch)
+        t_epoch = time.perf_counter()
+        stats = train_one_epoch(run.train_model, run.criterion, run.optimizer, run.scheduler, run.loader, run.device,
+                                scaler=run.scaler, after_step=partial(after_step, epoch + 1),
+                                desc=f"epoch {epoch + 1}/{cfg.epochs}", progress=cfg.progress)
+        rec = _epoch_record(run, epoch, order, stats, t_epoch)
+        run.history.append(rec)
+        log.info("epoch %d/%d: train loss %.3f acc %.3f | val loss %.3f acc %.3f macro-F1 %.3f | %.1f s "
+                 "(data loading %.1f%% of step time)", epoch + 1, cfg.epochs, rec["train_loss"], rec["train_acc"],
+                 rec["val_loss"], rec["val_acc"], rec["val_macro_f1"], rec["epoch_s"], 100 * rec["data_frac"])
+        if run.ddp.is_main:  # DDP: only rank 0 writes
+            _save_epoch(run, epoch)
+
+
+def _step_hook(run: _Run) -> Callable[[int, int], None]:
+    """Called after each optimizer step with (epoch, step): the weight average, and the test hook's pause."""
+    pause = _pause_point()
+
+    def after_step(epoch: int, step: int) -> None:
+        if pause is not None and step == pause[0] and run.ddp.pauses_here(pause[1]):
+            _pause(epoch, step, pause[1])
+        if run.ema is not None:
+            run.ema.update(run.model)
+
+    return after_step
+
+
+def _epoch_record(run: _Run, epoch: int, order: list[int], stats: EpochStats, t_epoch: float) -> dict[str, Any]:
+    """One row of history.{json,csv}: train metrics summed over ranks, val metrics of the selected weights, timing."""
+    loss_sum, correct, seen = stats.loss_sum, stats.correct, stats.seen
+    if run.ddp.enabled:  # train metrics over all ranks
+        loss_sum, correct, seen = run.ddp.sum(loss_sum, correct, seen)
+    train_time = time.perf_counter() - t_epoch
+    val = evaluate(run.selected, run.val_loader, run.device, run.gather)
+    t_data, t_step = stats.data_s, stats.step_s
+    rec = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+           "val_loss": val.loss, "val_acc": val.accuracy, "val_macro_f1": val.macro_f1,
+           "lr": run.optimizer.param_groups[-1]["lr"], "backbone_lr": run.optimizer.param_groups[0]["lr"],
+           "steps": len(run.loader), "train_s": train_time, "epoch_s": time.perf_counter() - t_epoch,
+           "data_s": t_data, "step_s": t_step, "data_frac": t_data / max(t_data + t_step, 1e-9),
+           "order_digest": order_digest(order), "threads": torch.get_num_threads()}
+    if run.ema is not None:
+        rec["val_macro_f1_raw"] = evaluate(run.model, run.val_loader, run.device, run.gather).macro_f1
+    return rec
+
+
+def _save_epoch(run: _Run, epoch: int) -> None:
+    """best.pt on a new best val macro-F1, then last.pt (atomic; a resume never loses a best), history and plots."""
+    rec = run.history[-1]
+    state = {"epoch": epoch + 1, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+             "rng": get_rng_state(), "history": run.history, "args": asdict(run.cfg)}
+    if rec["val_macro_f1"] > max((h["val_macro_f1"] for h in run.history[:-1]), default=-1.0):
+        save_checkpoint(run.out / "best.pt", run.selected, run.meta, **state)
+        log.info("new best val macro-F1 %.3f → %s", rec["val_macro_f1"], run.out / "best.pt")
+    # The average goes to last.pt only: a resume needs it, and best.pt's weights already are the average.
+    resume_ema = {"ema": run.ema.state_dict()} if run.ema is not None else {}
+    save_checkpoint(run.out / "last.pt", run.model, run.meta, **state, **resume_ema)
+    write_history(run.out, run.history)
 
 
 def _fit_openset(model: torch.nn.Module, train_dir: Path, meta: ModelMetadata, cfg: TrainConfig, device: str,
@@ -517,11 +577,9 @@ def _fit_openset(model: torch.nn.Module, train_dir: Path, meta: ModelMetadata, c
     """Feature statistics for the open-set scores, fitted on the (unaugmented) training split and stored with the
     model, so a feature score can be chosen at export time without retraining. Only fatal if the run's score needs
     them."""
-    ds = ImageFolderDataset(train_dir, meta.input_size, meta.mean, meta.std, augment=None, cache=cfg.cache,
-                            intensity=Intensity.of(meta))
     try:
-        return fit_openset_from_loader(model, DataLoader(ds, batch_size=64), labels=meta.labels, device=device,
-                                       progress=False)
+        return fit_openset_from_loader(model, DataLoader(_plain_dataset(train_dir, meta, cfg), batch_size=64),
+                                       labels=meta.labels, device=device, progress=False)
     except (ValueError, RuntimeError) as e:
         if required:
             raise
@@ -558,71 +616,31 @@ def recompute_batchnorm(model: nn.Module, ds: Any, device: str, seed: int = 0, b
     return seen
 
 
+def _plain_dataset(folder: Path, meta: ModelMetadata, cfg: TrainConfig) -> ImageFolderDataset:
+    """A split as the runtime sees it: the model's input size, normalisation and intensity, no augmentation."""
+    return ImageFolderDataset(folder, meta.input_size, meta.mean, meta.std, augment=None, cache=cfg.cache,
+                              intensity=Intensity.of(meta))
+
+
 def finalise(cfg: TrainConfig, out: Path, device: str, history: list[dict[str, Any]]) -> dict[str, Any]:
     """Calibrate best.pt on val (temperature, rejection threshold), write its final metadata, test if present."""
     best_path = out / "best.pt"
-    ckpt = load_checkpoint(best_path)
-    meta = ModelMetadata.from_dict(ckpt["metadata"], str(best_path))
-    model = build_model(cfg.arch, meta.num_classes, "none")
-    model.load_state_dict(ckpt["model"])
-    model = model.to(device).to(memory_format=torch.channels_last)
     splits = split_dirs(cfg.data)
-    if cfg.content_free:
-        # Content-free frames in training batches skew the BatchNorm running statistics (a blank frame's activations
-        # are nothing like an SEM image's): measured, val accuracy fell ~1.5 pt. Re-estimate them on real images.
-        recompute_batchnorm(model, ImageFolderDataset(splits["train"], meta.input_size, meta.mean, meta.std,
-                                                      augment=None, cache=cfg.cache, intensity=Intensity.of(meta)),
-                            device, cfg.seed)
-        ckpt["model"] = cpu_state_dict(model)
-    val_ds = ImageFolderDataset(splits["val"], meta.input_size, meta.mean, meta.std, augment=None, cache=cfg.cache,
-                                intensity=Intensity.of(meta))
+    ckpt, model, meta = _load_best(cfg, best_path, splits["train"], device)
+    val_ds = _plain_dataset(splits["val"], meta, cfg)
     val_outs = collect_outputs(model, DataLoader(val_ds, batch_size=64), device)
-    val_logits, val_labels = val_outs.logits, val_outs.labels
-    feature_score = needs_score_output(cfg.score)
-    # Temperature is always fitted on logits; a feature-space score gets its threshold from the in-graph score head.
-    cal = calibrate(val_logits, val_labels, "msp" if feature_score else cfg.score, cfg.target_recall, meta.labels)
-    stats = _fit_openset(model, splits["train"], meta, cfg, device, required=feature_score)
+    cal, stats = calibrate_on_val(model, val_outs, val_ds, splits["train"], meta, cfg, device)
     if stats is not None:
         ckpt[OPENSET_KEY] = stats
-    if feature_score:
-        thr, rep = calibrate_threshold(model, stats, DataLoader(val_ds, batch_size=64), cfg.score,
-                                       target_recall=cfg.target_recall, temperature=cal["temperature"],
-                                       labels=meta.labels, device=device)
-        cal.update({"score": cfg.score, "threshold": thr, "known_recall": rep["val_named_recall"]})
-    log.info("calibration on val: temperature %.3f (NLL %.3f → %.3f), %s threshold %.4f keeps %.1f%% of known-class "
-             "images", cal["temperature"], cal["nll_before"], cal["nll_after"], cfg.score, cal["threshold"],
-             100 * cal["known_recall"])
     meta = meta.with_updates(temperature=cal["temperature"], **metadata_updates(cfg.score, cal["threshold"]))
     # The frame-quality gate's statistics and limits, from the training split as the runtime will see it.
     meta = meta.with_updates(quality=fit_quality(splits["train"], meta))
-
-    def metrics_for(outs: Outputs) -> dict[str, Any]:
-        if feature_score:
-            rej = ~(score_outputs(outs, stats, meta.score, meta.temperature) >= np.float32(meta.threshold))
-        else:
-            rej = reject_mask(outs.logits, meta.temperature, meta.score, meta.threshold)
-        return compute_metrics(outs.labels, softmax(outs.logits, meta.temperature), rej, meta.labels)
-
-    val_metrics = metrics_for(val_outs)
-    best_epoch = int(ckpt["epoch"])
+    val_metrics = final_metrics(val_outs, meta, stats)
     slim = {k: val_metrics[k] for k in ("accuracy", "macro_f1", "weighted_f1", "ece", "nll")}
     slim["rejection_off"] = {k: val_metrics["rejection_off"][k] for k in ("accuracy", "macro_f1")}
     slim["rejection_on"] = val_metrics["rejection_on"]
-    # The drift alarm's reference (runtime.drift: val rejection rate and final-label mix) and the review-queue
-    # batches in the data (train.review), so the model says what it learnt from.
-    from runtime.drift import VAL_STATS_KEY, val_stats_from_confusion
-    from train.review import METADATA_KEY as REVIEW_KEY
-    from train.review import review_imports
-
-    # The thread count actually used (train_args keeps 0 for "torch's default"): it changes the numerics, so two runs
-    # of one seed repeat exactly only with the same count.
-    meta = meta.with_updates(extra={"train_args": asdict(cfg), "best_epoch": best_epoch, "val_metrics": slim,
-                                    "calibration": cal, "torch_threads": torch.get_num_threads(),
-                                    VAL_STATS_KEY: val_stats_from_confusion(
-                                        val_metrics["confusion_matrix"], val_metrics["rejection_on"]["rejected"],
-                                        meta.labels),
-                                    REVIEW_KEY: review_imports(cfg.data)}
-                             ).validate(str(best_path))
+    best_epoch = int(ckpt["epoch"])
+    meta = _final_metadata(meta, cfg, val_metrics, slim, cal, best_epoch).validate(str(best_path))
     ckpt["metadata"] = meta.to_dict()
     buf = io.BytesIO()
     torch.save(ckpt, buf)
@@ -634,23 +652,91 @@ def finalise(cfg: TrainConfig, out: Path, device: str, history: list[dict[str, A
         eps = history[-min(len(history), 5):]
         summary["timing"] = {"epoch_s_mean_last5": float(np.mean([h["epoch_s"] for h in eps])),
                              "data_frac_mean": float(np.mean([h["data_frac"] for h in history]))}
-    test_ds = None
     if "test" in splits:
-        try:
-            test_ds = ImageFolderDataset(splits["test"], meta.input_size, meta.mean, meta.std, augment=None,
-                                         cache=cfg.cache, intensity=Intensity.of(meta))
-        except DatasetError as e:
-            # An empty test/ (e.g. a generator split of 0.9,0.1,0) must not cost the finished run its summary.
-            log.warning("test evaluation skipped: %s", e)
-            summary["test_skipped"] = str(e)
-    if test_ds is not None:
-        test_metrics = metrics_for(collect_outputs(model, DataLoader(test_ds, batch_size=64), device))
-        write_report(test_metrics, out / "eval_test")
-        summary["test"] = {"macro_f1": test_metrics["macro_f1"], "accuracy": test_metrics["accuracy"],
-                           "macro_f1_rejection_off": test_metrics["rejection_off"]["macro_f1"],
-                           "coverage": test_metrics["rejection_on"]["coverage"], "ece": test_metrics["ece"]}
-        log.info("test (reported only, not used for selection): macro-F1 %.3f with rejection, %.3f without",
-                 test_metrics["macro_f1"], test_metrics["rejection_off"]["macro_f1"])
+        summary.update(_test_summary(model, splits["test"], meta, stats, cfg, out, device))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     log.info("best epoch %d: val macro-F1 %.3f → %s", best_epoch, slim["rejection_off"]["macro_f1"], best_path)
     return summary
+
+
+def _load_best(cfg: TrainConfig, best_path: Path, train_dir: Path,
+               device: str) -> tuple[dict[str, Any], nn.Module, ModelMetadata]:
+    """best.pt's checkpoint, model (eval mode, on ``device``) and metadata; BatchNorm statistics re-estimated on
+    real training images when content-free frames were trained on."""
+    ckpt = load_checkpoint(best_path)
+    meta = ModelMetadata.from_dict(ckpt["metadata"], str(best_path))
+    model = build_model(cfg.arch, meta.num_classes, "none")
+    model.load_state_dict(ckpt["model"])
+    model = model.to(device).to(memory_format=torch.channels_last)
+    if cfg.content_free:
+        # Content-free frames in training batches skew the BatchNorm running statistics (a blank frame's activations
+        # are nothing like an SEM image's; docs/training.md). Re-estimate them on real images.
+        recompute_batchnorm(model, _plain_dataset(train_dir, meta, cfg), device, cfg.seed)
+        ckpt["model"] = cpu_state_dict(model)
+    return ckpt, model, meta
+
+
+def calibrate_on_val(model: nn.Module, val_outs: Outputs, val_ds: ImageFolderDataset, train_dir: Path,
+                     meta: ModelMetadata, cfg: TrainConfig,
+                     device: str) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    """Temperature and rejection threshold for ``cfg.score`` at ``cfg.target_recall`` on val, and the open-set
+    feature statistics (None where they could not be fitted and the score does not need them)."""
+    feature_score = needs_score_output(cfg.score)
+    # Temperature is always fitted on logits; a feature-space score gets its threshold from the in-graph score head.
+    cal = calibrate(val_outs.logits, val_outs.labels, "msp" if feature_score else cfg.score, cfg.target_recall,
+                    meta.labels)
+    stats = _fit_openset(model, train_dir, meta, cfg, device, required=feature_score)
+    if feature_score:
+        thr, rep = calibrate_threshold(model, stats, DataLoader(val_ds, batch_size=64), cfg.score,
+                                       target_recall=cfg.target_recall, temperature=cal["temperature"],
+                                       labels=meta.labels, device=device)
+        cal.update({"score": cfg.score, "threshold": thr, "known_recall": rep["val_named_recall"]})
+    log.info("calibration on val: temperature %.3f (NLL %.3f → %.3f), %s threshold %.4f keeps %.1f%% of known-class "
+             "images", cal["temperature"], cal["nll_before"], cal["nll_after"], cfg.score, cal["threshold"],
+             100 * cal["known_recall"])
+    return cal, stats
+
+
+def final_metrics(outs: Outputs, meta: ModelMetadata, stats: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+    """Metrics of the final model on one split, with its temperature, score and rejection rule."""
+    if needs_score_output(meta.score):
+        rej = is_rejected(score_outputs(outs, stats, meta.score, meta.temperature), meta.threshold)
+    else:
+        rej = reject_mask(outs.logits, meta.temperature, meta.score, meta.threshold)
+    return compute_metrics(outs.labels, softmax(outs.logits, meta.temperature), rej, meta.labels)
+
+
+def _final_metadata(meta: ModelMetadata, cfg: TrainConfig, val_metrics: dict[str, Any], slim: dict[str, Any],
+                    cal: dict[str, Any], best_epoch: int) -> ModelMetadata:
+    """The model's own record of how it was made: arguments, best epoch, val metrics and calibration, the drift
+    alarm's reference (runtime.drift) and the review-queue batches in the data (train.review)."""
+    from runtime.drift import VAL_STATS_KEY, val_stats_from_confusion
+    from train.review import METADATA_KEY as REVIEW_KEY
+    from train.review import review_imports
+
+    # The thread count actually used (train_args keeps 0 for "torch's default"): it changes the numerics, so two runs
+    # of one seed repeat exactly only with the same count.
+    return meta.with_updates(extra={"train_args": asdict(cfg), "best_epoch": best_epoch, "val_metrics": slim,
+                                    "calibration": cal, "torch_threads": torch.get_num_threads(),
+                                    VAL_STATS_KEY: val_stats_from_confusion(
+                                        val_metrics["confusion_matrix"], val_metrics["rejection_on"]["rejected"],
+                                        meta.labels),
+                                    REVIEW_KEY: review_imports(cfg.data)})
+
+
+def _test_summary(model: nn.Module, test_dir: Path, meta: ModelMetadata, stats: dict[str, torch.Tensor] | None,
+                  cfg: TrainConfig, out: Path, device: str) -> dict[str, Any]:
+    """Test metrics (reported only, never used for selection) into ``out/eval_test``; an empty test/ is skipped."""
+    try:
+        test_ds = _plain_dataset(test_dir, meta, cfg)
+    except DatasetError as e:
+        # An empty test/ (e.g. a generator split of 0.9,0.1,0) must not cost the finished run its summary.
+        log.warning("test evaluation skipped: %s", e)
+        return {"test_skipped": str(e)}
+    test_metrics = final_metrics(collect_outputs(model, DataLoader(test_ds, batch_size=64), device), meta, stats)
+    write_report(test_metrics, out / "eval_test")
+    log.info("test (reported only, not used for selection): macro-F1 %.3f with rejection, %.3f without",
+             test_metrics["macro_f1"], test_metrics["rejection_off"]["macro_f1"])
+    return {"test": {"macro_f1": test_metrics["macro_f1"], "accuracy": test_metrics["accuracy"],
+                     "macro_f1_rejection_off": test_metrics["rejection_off"]["macro_f1"],
+                     "coverage": test_metrics["rejection_on"]["coverage"], "ece": test_metrics["ece"]}}
