@@ -202,3 +202,32 @@ def test_crop_scale_overrides_the_preset_so_a_border_defect_stays_in_the_crop() 
     assert kept(TrainConfig(augment="default", acquisition_p=0.0)) < 0.9  # the preset's 0.6–1.0 crops lose it often
     with pytest.raises(ValueError, match="crop-scale"):
         augment_config(TrainConfig(crop_scale=(0.9, 0.5)))
+
+
+def test_cli_groups_hold_every_option_once_and_parse_to_the_config() -> None:
+    from dataclasses import fields
+
+    from train.__main__ import build_parser, config_from_args
+
+    ap = build_parser()
+    grouped = [a.dest for g in ap._action_groups if g.title not in ("options", "positional arguments")
+               for a in g._group_actions]
+    assert sorted(grouped) == sorted({f.name for f in fields(TrainConfig)} | {"resume"})  # each flag in one group
+    assert {g.title.split()[0] for g in ap._action_groups} >= {"data", "model", "optimisation", "regularisation",
+                                                                "open-set", "device", "output"}
+    argv = ["--data", "D", "--out", "O", "--arch", "efficientnet_b0", "--weights", "none", "--epochs", "5",
+            "--img-size", "64", "--batch-size", "4", "--lr", "0.1", "--head-lr", "0.2", "--layer-decay", "0.9",
+            "--weight-decay", "0.01", "--head-warmup-epochs", "0", "--warmup-epochs", "0.5", "--label-smoothing",
+            "0", "--balance", "sampler", "--augment", "light", "--crop-scale", "0.8", "1", "--anomaly-p", "0.1",
+            "--intensity", "bit_depth", "--acquisition-p", "0", "--content-free", "0", "--patience", "3",
+            "--ema", "0.99", "--seed", "7", "--workers", "2", "--threads", "1", "--cache", "no", "--score", "knn",
+            "--target-recall", "0.9", "--device", "cpu", "--no-progress", "--resume"]
+    args = ap.parse_args(argv)
+    assert args.resume
+    assert config_from_args(args) == TrainConfig(
+        data="D", out="O", arch="efficientnet_b0", weights="none", epochs=5, img_size=64, batch_size=4, lr=0.1,
+        head_lr=0.2, layer_decay=0.9, weight_decay=0.01, head_warmup_epochs=0, warmup_epochs=0.5,
+        label_smoothing=0.0, balance="sampler", augment="light", crop_scale=[0.8, 1.0], anomaly_p=0.1,
+        intensity="bit_depth", acquisition_p=0.0, content_free=0.0, patience=3, ema=0.99, seed=7, workers=2,
+        threads=1, cache=False, score="knn", target_recall=0.9, device="cpu", progress=False)
+    assert config_from_args(ap.parse_args(["--data", "D", "--out", "O"])) == TrainConfig(data="D", out="O")
