@@ -4,15 +4,16 @@ For every held-out named class ``c`` (default: all 7 named classes; ``other`` al
 
 1. train a model that never saw ``c``. Two ways (``--mode``):
 
-   * ``partial`` (default, what fits a shared 2-core CPU): the ImageNet (Lite0) stem..stage 5 stay frozen — they
+   * ``partial`` (default, what fits a small CPU): the ImageNet (Lite0) stem..stage 5 stay frozen — they
      were never trained on our data, so they cannot leak ``c`` — and their activations are computed once for all
      images (``--views`` augmented copies of each train image, via train.data's augmentation) and cached in
      ``OUT/frozen_cache.pt``. Per fold, the top two MBConv stages, the 1280-d conv and a fresh head are
-     fine-tuned on those activations (AdamW, warm-up + cosine, label smoothing 0.1, class-weighted loss).
+     fine-tuned on those activations with the trainer's own loss, optimizer, schedule and epoch step
+     (:func:`train.engine.train_one_epoch`; AdamW, warm-up + cosine, label smoothing 0.1, class-weighted loss).
    * ``full``: a fold dataset of symlinks to ``DATA/{train,val}`` without ``c``, trained by the project's own
-     training loop (:func:`train.loop.train`) end to end — the deployed recipe, ~10× the CPU time.
+     training run (:func:`train.loop.train`) end to end — the deployed recipe, at many times the CPU time.
 
-3. extract logits and 1280-d features of the fold's train set (un-augmented), val set and the full test set;
+2. extract logits and 1280-d features of the fold's train set (un-augmented), val set and the full test set;
 4. fit the open-set statistics (:func:`train.openset.fit_openset_stats`) on the training features, once on the
    named classes only (the default, ``<score>``) and once including ``other`` (``<score>+other``);
 5. score val and test with every score (numpy references of :mod:`runtime.scores`; the in-graph torch head is
@@ -50,9 +51,11 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import import_module
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -61,11 +64,70 @@ from runtime.files import atomic_write_bytes, atomic_write_text
 from runtime.scores import FEATURE_SCORES, feature_score
 from sem_extras import cli, help_note, import_for_help
 
+if TYPE_CHECKING:
+    from train.loop import TrainConfig
+
 log = logging.getLogger("benchmarks.openset")
 
 NAMED_CLASSES = tuple(c for c in CLASSES if c != REJECT_LABEL)
 SPLITS_TRAINED = ("train", "val")
 COVERAGE_GRID = np.linspace(0.05, 1.0, 96)
+
+
+@dataclass
+class OpensetConfig:
+    """Every option of a benchmark run (``python -m benchmarks.openset``; ``--help`` says what each means)."""
+
+    data: str | None = None
+    test: str | None = None  # test images instead of DATA/test
+    cost: bool = False  # measure the in-graph score head's cost instead
+    cost_sizes: list[int] = field(default_factory=lambda: [128, 224])
+    cost_iters: int = 60
+    threads: int | None = None
+    out: str = ""
+    heldout: list[str] | None = None  # None = every named class
+    scores: list[str] = field(default_factory=lambda: list(import_module("train.openset").ALL_SCORES))
+    mode: str = "partial"  # partial | full
+    freeze_stages: int = 6
+    views: int = 2
+    lr: float = 1e-3
+    epochs: int = 4
+    img_size: int = 96
+    batch_size: int = 32
+    arch: str = "efficientnet_lite0"
+    weights: str = "lite0"
+    augment: str = "light"
+    head_warmup_epochs: int = 1
+    anomaly_p: float = 0.0
+    max_train_per_class: int | None = None
+    target_recall: float = 0.95
+    knn_k: int = 10
+    seed: int = 0
+    reuse: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.out:
+            raise ValueError("OpensetConfig.out: an output folder is required")
+
+    def fold_train_config(self, fold_dir: Path) -> TrainConfig:
+        """``--mode full``: the trainer's config for one fold (its data and run folders under ``fold_dir``)."""
+        from train.loop import TrainConfig
+
+        return TrainConfig(data=str(fold_dir / "data"), out=str(fold_dir / "run"), arch=self.arch, weights=self.weights,
+                           epochs=self.epochs, img_size=self.img_size, batch_size=self.batch_size, seed=self.seed,
+                           augment=self.augment, patience=0, head_warmup_epochs=self.head_warmup_epochs,
+                           anomaly_p=self.anomaly_p, warmup_epochs=min(1.0, float(self.epochs)),
+                           progress=self.progress, workers=0)
+
+    def partial_train_config(self) -> TrainConfig:
+        """``--mode partial``: the trainer's config for the top stages and head on cached activations: ``lr`` for
+        the top stages and 3x for the head, half an epoch of linear warm-up, then cosine; no head-only epoch."""
+        from train.loop import TrainConfig
+
+        return TrainConfig(epochs=self.epochs, lr=self.lr, head_lr=3 * self.lr, weight_decay=0.02,
+                           label_smoothing=0.1, balance="loss", head_warmup_epochs=0, warmup_epochs=0.5,
+                           batch_size=self.batch_size, seed=self.seed, progress=self.progress)
 
 
 # ------------------------------------------------------------------ metrics (plain functions, tested)
@@ -157,7 +219,7 @@ def score_metrics(s_val: np.ndarray, val_named: np.ndarray, s_test: np.ndarray, 
 # ------------------------------------------------------------------ folds
 def make_fold_data(data: Path, heldout: str, dest: Path, max_per_class: int | None = None, seed: int = 0) -> Path:
     """``dest/{train,val}/<class>/`` as per-file symlinks into ``data``, without ``heldout``."""
-    from train.data import IMAGE_EXTENSIONS
+    from runtime.sources import IMAGE_SUFFIXES as IMAGE_EXTENSIONS
 
     rng = np.random.default_rng(seed)
     for split in SPLITS_TRAINED:
@@ -179,20 +241,15 @@ def make_fold_data(data: Path, heldout: str, dest: Path, max_per_class: int | No
     return dest
 
 
-def train_fold(fold_dir: Path, args: argparse.Namespace) -> Path:
-    """Train one fold with the project's training loop; returns its best.pt."""
-    from train.loop import TrainConfig, train
+def train_fold(fold_dir: Path, cfg: OpensetConfig) -> Path:
+    """Train one fold with the project's training run (:func:`train.loop.train`); returns its best.pt."""
+    from train.loop import train
 
     best = fold_dir / "run" / "best.pt"
-    if args.reuse and best.is_file() and (fold_dir / "run" / "summary.json").is_file():
+    if cfg.reuse and best.is_file() and (fold_dir / "run" / "summary.json").is_file():
         log.info("%s: reusing %s", fold_dir.name, best)
         return best
-    cfg = TrainConfig(data=str(fold_dir / "data"), out=str(fold_dir / "run"), arch=args.arch, weights=args.weights,
-                      epochs=args.epochs, img_size=args.img_size, batch_size=args.batch_size, seed=args.seed,
-                      augment=args.augment, patience=0, head_warmup_epochs=args.head_warmup_epochs,
-                      anomaly_p=args.anomaly_p,
-                      warmup_epochs=min(1.0, float(args.epochs)), progress=args.progress, workers=0)
-    train(cfg)
+    train(cfg.fold_train_config(fold_dir))
     return best
 
 
@@ -250,29 +307,29 @@ def score_fold(ex: dict[str, Any], heldout: str, scores: Sequence[str], target_r
     return res
 
 
-def fold_test_dir(args: argparse.Namespace) -> Path:
+def fold_test_dir(cfg: OpensetConfig) -> Path:
     """Where the test images come from (absolute): ``--test`` or, by default, ``DATA/test``."""
-    return (Path(args.test) if args.test else Path(args.data) / "test").resolve()
+    return (Path(cfg.test) if cfg.test else Path(cfg.data) / "test").resolve()
 
 
-def run_fold_full(data: Path, heldout: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_fold_full(data: Path, heldout: str, out: Path, cfg: OpensetConfig) -> dict[str, Any]:
     """``--mode full``: the whole network fine-tuned by :func:`train.loop.train` on the fold's data."""
     fold_dir = out / "folds" / heldout
     saved = fold_dir / "outputs.npz"
-    if (args.reuse and saved.is_file() and (fold_dir / "run" / "summary.json").is_file()
-            and saved_test_dir(saved, data) == fold_test_dir(args)):
+    if (cfg.reuse and saved.is_file() and (fold_dir / "run" / "summary.json").is_file()
+            and saved_test_dir(saved, data) == fold_test_dir(cfg)):
         # Re-scoring only: the fold's model and its outputs (on the same test folder) are already there; with
         # another --test the saved model is reused (train_fold) but the outputs are extracted again.
         log.info("%s: re-scoring the saved outputs %s", heldout, saved)
-        return _finish_fold(load_fold_outputs(saved), heldout, args, {}, {}, save=False)
+        return _finish_fold(load_fold_outputs(saved), heldout, cfg, {}, {}, save=False)
     t0 = time.perf_counter()
-    make_fold_data(data, heldout, fold_dir / "data", args.max_train_per_class, args.seed)
-    best = train_fold(fold_dir, args)
+    make_fold_data(data, heldout, fold_dir / "data", cfg.max_train_per_class, cfg.seed)
+    best = train_fold(fold_dir, cfg)
     t_train = time.perf_counter() - t0
-    dirs = {"train": fold_dir / "data" / "train", "val": fold_dir / "data" / "val", "test": fold_test_dir(args)}
+    dirs = {"train": fold_dir / "data" / "train", "val": fold_dir / "data" / "val", "test": fold_test_dir(cfg)}
     ex = extract_fold(best, dirs, 64)
     t_extract = time.perf_counter() - t0 - t_train
-    return _finish_fold(ex, heldout, args, {"train": t_train, "extract": t_extract}, {})
+    return _finish_fold(ex, heldout, cfg, {"train": t_train, "extract": t_extract}, {})
 
 
 def saved_test_dir(path: Path, data: Path) -> Path:
@@ -290,18 +347,18 @@ def load_fold_outputs(path: Path) -> dict[str, Any]:
     return ex
 
 
-def _finish_fold(ex: dict[str, Any], heldout: str, args: argparse.Namespace, seconds: dict[str, float],
+def _finish_fold(ex: dict[str, Any], heldout: str, cfg: OpensetConfig, seconds: dict[str, float],
                  info: dict[str, Any], save: bool = True) -> dict[str, Any]:
     # Keep the fold's outputs so other scores or statistics can be tried later without retraining.
-    fold_dir = Path(args.out) / "folds" / heldout
+    fold_dir = Path(cfg.out) / "folds" / heldout
     fold_dir.mkdir(parents=True, exist_ok=True)
     if save:
         buf = io.BytesIO()
-        np.savez_compressed(buf, weight=ex["weight"], bias=ex["bias"], test_dir=str(fold_test_dir(args)),
+        np.savez_compressed(buf, weight=ex["weight"], bias=ex["bias"], test_dir=str(fold_test_dir(cfg)),
                             **{f"{split}_{k}": v for split in ("train", "val", "test") for k, v in ex[split].items()})
         atomic_write_bytes(fold_dir / "outputs.npz", buf.getvalue())
     t0 = time.perf_counter()
-    res = score_fold(ex, heldout, args.scores, args.target_recall, args.knn_k)
+    res = score_fold(ex, heldout, cfg.scores, cfg.target_recall, cfg.knn_k)
     seconds["score"] = time.perf_counter() - t0
     reject, h = CLASSES.index(REJECT_LABEL), CLASSES.index(heldout)
     te, va = ex["test"], ex["val"]
@@ -323,30 +380,30 @@ class PartialCache:
     ``v``) plus the un-augmented version that the statistics are fitted on.
     """
 
-    def __init__(self, data: Path, args: argparse.Namespace, cache_file: Path | None = None) -> None:
+    def __init__(self, data: Path, cfg: OpensetConfig, cache_file: Path | None = None) -> None:
         import torch
         from torch.utils.data import DataLoader
 
         from train.data import AugmentConfig, ImageFolderDataset
         from train.models import build_model, default_normalisation
 
-        torch.manual_seed(args.seed)
-        self.base = build_model(args.arch, len(CLASSES), args.weights).eval()
-        self.split_at = args.freeze_stages
-        self.mean, self.std = default_normalisation(args.arch, args.weights)
+        torch.manual_seed(cfg.seed)
+        self.base = build_model(cfg.arch, len(CLASSES), cfg.weights).eval()
+        self.split_at = cfg.freeze_stages
+        self.mean, self.std = default_normalisation(cfg.arch, cfg.weights)
         lower = self.base.features[: self.split_at]
-        size = (args.img_size, args.img_size)
+        size = (cfg.img_size, cfg.img_size)
 
         def run(ds: Any, desc: str) -> tuple[torch.Tensor, np.ndarray]:
             outs = []
             with torch.inference_mode():
-                for x, _ in tqdm_(DataLoader(ds, batch_size=64), desc, args.progress):
+                for x, _ in tqdm_(DataLoader(ds, batch_size=64), desc, cfg.progress):
                     outs.append(lower(x))
             return torch.cat(outs), ds.labels.copy()
 
-        key = {k: str(getattr(args, k)) for k in ("data", "arch", "weights", "img_size", "freeze_stages", "views",
+        key = {k: str(getattr(cfg, k)) for k in ("data", "arch", "weights", "img_size", "freeze_stages", "views",
                                                     "augment", "seed")}
-        key["test"] = str(fold_test_dir(args))
+        key["test"] = str(fold_test_dir(cfg))
         if cache_file is not None and cache_file.is_file():
             saved = torch.load(cache_file, weights_only=True)
             if saved.get("key") == key:
@@ -356,17 +413,17 @@ class PartialCache:
                 return
         self.acts: dict[str, torch.Tensor] = {}
         self.labels: dict[str, np.ndarray] = {}
-        dirs = {"train": data / "train", "val": data / "val", "test": fold_test_dir(args)}
+        dirs = {"train": data / "train", "val": data / "val", "test": fold_test_dir(cfg)}
         for split, d in dirs.items():
             ds = ImageFolderDataset(d, size, self.mean, self.std, augment=None)
             self.acts[split], self.labels[split] = run(ds, f"frozen stages: {split}")
-        aug = AugmentConfig.strength(args.augment)
+        aug = AugmentConfig.strength(cfg.augment)
         self.views: list[torch.Tensor] = []
         if aug is not None:
-            ds = ImageFolderDataset(data / "train", size, self.mean, self.std, augment=aug, seed=args.seed)
-            for v in range(args.views):
+            ds = ImageFolderDataset(data / "train", size, self.mean, self.std, augment=aug, seed=cfg.seed)
+            for v in range(cfg.views):
                 ds.set_epoch(v)
-                self.views.append(run(ds, f"frozen stages: train view {v + 1}/{args.views}")[0])
+                self.views.append(run(ds, f"frozen stages: train view {v + 1}/{cfg.views}")[0])
         if not self.views:
             self.views = [self.acts["train"]]
         if cache_file is not None:
@@ -386,58 +443,52 @@ def tqdm_(it: Any, desc: str, enabled: bool) -> Any:
     return tqdm(it, desc=desc, leave=False, disable=not enabled)
 
 
-def train_partial_fold(cache: PartialCache, heldout: str, args: argparse.Namespace) -> Any:
-    """Fine-tune the unfrozen top stages + a fresh head on cached activations of every class but ``heldout``."""
+def train_partial_fold(cache: PartialCache, heldout: str, cfg: OpensetConfig) -> Any:
+    """Fine-tune the unfrozen top stages + a fresh head on cached activations of every class but ``heldout``, with
+    the trainer's loss, optimizer, schedule and epoch step (:mod:`train.loop`, :func:`train.engine.train_one_epoch`)."""
     import copy
 
     import torch
     from torch import nn
 
-    from train.loop import class_weights
+    from train.engine import train_one_epoch
+    from train.loop import build_criterion, build_optimizer, build_scheduler
 
+    tc = cfg.partial_train_config()
     h = CLASSES.index(heldout)
     model = copy.deepcopy(cache.base)
-    torch.manual_seed(args.seed * 1000 + h)
+    torch.manual_seed(cfg.seed * 1000 + h)
     lin = model.classifier[-1]
     nn.init.uniform_(lin.weight, -1 / lin.in_features ** 0.5, 1 / lin.in_features ** 0.5)
     nn.init.zeros_(lin.bias)
     top = model.features[cache.split_at:]
+    head = nn.Sequential(top, model.avgpool, nn.Flatten(1), model.classifier)  # cached activations → logits
     keep = np.flatnonzero(cache.labels["train"] != h)
     y_all = torch.as_tensor(cache.labels["train"])
-    counts = np.bincount(cache.labels["train"][keep], minlength=len(CLASSES))
-    crit = nn.CrossEntropyLoss(weight=torch.as_tensor(class_weights(counts), dtype=torch.float32),
-                               label_smoothing=0.1)
-    opt = torch.optim.AdamW([{"params": top.parameters(), "lr": args.lr},
-                             {"params": model.classifier.parameters(), "lr": args.lr * 3}], weight_decay=0.02)
-    steps_per_epoch = (len(keep) + args.batch_size - 1) // args.batch_size
-    total, warm = args.epochs * steps_per_epoch, max(1, steps_per_epoch // 2)
-    def lr_at(st: int) -> float:
-        return (st + 1) / warm if st < warm else 0.5 * (1 + float(np.cos(np.pi * (st - warm) / max(1, total - warm))))
+    crit = build_criterion(np.bincount(cache.labels["train"][keep], minlength=len(CLASSES)), tc, "cpu")
+    opt = build_optimizer([{"params": top.parameters(), "lr": tc.lr, "role": "backbone"},
+                           {"params": model.classifier.parameters(), "lr": tc.head_lr, "role": "head"}], tc)
+    sched = build_scheduler(opt, tc, (len(keep) + tc.batch_size - 1) // tc.batch_size)
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + h)
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    g = torch.Generator().manual_seed(args.seed * 1000 + h)
-    model.train()
-    model.features[: cache.split_at].eval()
-    for epoch in tqdm_(range(args.epochs), f"train without {heldout}", args.progress):
-        view = cache.views[epoch % len(cache.views)]
+    def batches(view: torch.Tensor, order: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(0, len(order), tc.batch_size):  # a last batch of one too: BatchNorm sees its spatial cells
+            idx = torch.as_tensor(order[i:i + tc.batch_size])
+            yield view[idx], y_all[idx]
+
+    for epoch in tqdm_(range(tc.epochs), f"train without {heldout}", cfg.progress):
         order = keep[torch.randperm(len(keep), generator=g).numpy()]
-        for i in range(0, len(order), args.batch_size):
-            idx = torch.as_tensor(order[i:i + args.batch_size])
-            feats = torch.flatten(model.avgpool(top(view[idx])), 1)
-            loss = crit(model.classifier(feats), y_all[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        log.info("fold %s epoch %d/%d: last batch loss %.3f", heldout, epoch + 1, args.epochs, loss.item())
+        stats = train_one_epoch(head, crit, opt, sched, batches(cache.views[epoch % len(cache.views)], order), "cpu",
+                                clip_norm=None, memory_format=torch.contiguous_format)
+        log.info("fold %s epoch %d/%d: last batch loss %.3f", heldout, epoch + 1, tc.epochs, stats.last_loss)
     return model.eval()
 
 
-def run_fold_partial(cache: PartialCache, heldout: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_fold_partial(cache: PartialCache, heldout: str, cfg: OpensetConfig) -> dict[str, Any]:
     import torch
 
     t0 = time.perf_counter()
-    model = train_partial_fold(cache, heldout, args)
+    model = train_partial_fold(cache, heldout, cfg)
     t_train = time.perf_counter() - t0
     h = CLASSES.index(heldout)
     top = model.features[cache.split_at:]
@@ -450,7 +501,7 @@ def run_fold_partial(cache: PartialCache, heldout: str, args: argparse.Namespace
                          "labels": cache.labels[split][keep]}
     lin = model.classifier[-1]
     ex["weight"], ex["bias"] = lin.weight.detach().numpy().copy(), lin.bias.detach().numpy().copy()
-    return _finish_fold(ex, heldout, args, {"train": t_train, "extract": time.perf_counter() - t0 - t_train}, {})
+    return _finish_fold(ex, heldout, cfg, {"train": t_train, "extract": time.perf_counter() - t0 - t_train}, {})
 
 
 # ------------------------------------------------------------------ summary, table, plots
@@ -626,11 +677,11 @@ def format_cost(results: list[dict[str, Any]]) -> str:
 
 
 # ------------------------------------------------------------------ driver
-def run_cost(args: argparse.Namespace) -> list[dict[str, Any]]:
-    out = Path(args.out)
-    results = [measure_score_cost(out / "cost_models", args.arch, size, [s for s in args.scores if s in FEATURE_SCORES],
-                                  iters=args.cost_iters, threads=args.threads, progress=args.progress)
-               for size in args.cost_sizes]
+def run_cost(cfg: OpensetConfig) -> list[dict[str, Any]]:
+    out = Path(cfg.out)
+    results = [measure_score_cost(out / "cost_models", cfg.arch, size, [s for s in cfg.scores if s in FEATURE_SCORES],
+                                  iters=cfg.cost_iters, threads=cfg.threads, progress=cfg.progress)
+               for size in cfg.cost_sizes]
     atomic_write_text(out / "cost.json", json.dumps(results, indent=2) + "\n")
     table = format_cost(results)
     atomic_write_text(out / "cost.md", table)
@@ -638,36 +689,36 @@ def run_cost(args: argparse.Namespace) -> list[dict[str, Any]]:
     return results
 
 
-def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    if args.data is None:
+def run_benchmark(cfg: OpensetConfig) -> dict[str, Any]:
+    if cfg.data is None:
         raise SystemExit("--data is required (unless --cost)")
-    data, out = Path(args.data), Path(args.out)
+    data, out = Path(cfg.data), Path(cfg.out)
     for split in ("train", "val"):
         if not (data / split).is_dir():
             raise SystemExit(f"{data}: missing {split}/ (expected {data}/{{train,val,test}}/<class>/)")
-    test = fold_test_dir(args)
+    test = fold_test_dir(cfg)
     if not test.is_dir():
         raise SystemExit(f"{test}: no such test folder (expected <class>/ folders; --test or DATA/test/)")
     out.mkdir(parents=True, exist_ok=True)
-    heldout = args.heldout or list(NAMED_CLASSES)
+    heldout = cfg.heldout or list(NAMED_CLASSES)
     unknown = [c for c in heldout if c not in NAMED_CLASSES]
     if unknown:
         raise SystemExit(f"--heldout {unknown}: only named classes can be held out ({', '.join(NAMED_CLASSES)})")
     folds: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    cache = PartialCache(data, args, out / "frozen_cache.pt") if args.mode == "partial" else None
+    cache = PartialCache(data, cfg, out / "frozen_cache.pt") if cfg.mode == "partial" else None
     t_cache = time.perf_counter() - t0
-    for c in tqdm_(heldout, "held-out classes", args.progress):
+    for c in tqdm_(heldout, "held-out classes", cfg.progress):
         log.info("fold: hold out %s", c)
-        fold = run_fold_partial(cache, c, args) if cache is not None else run_fold_full(data, c, out, args)
+        fold = run_fold_partial(cache, c, cfg) if cache is not None else run_fold_full(data, c, out, cfg)
         folds.append(fold)
         s = {n: round(v["auroc"], 3) for n, v in fold["scores"].items()}
         log.info("fold %s: AUROC %s (%.0f s)", c, s, sum(fold["seconds"].values()))
-        partial = {"config": _config(args), "folds": folds}
+        partial = {"config": _config(cfg), "folds": folds}
         atomic_write_text(out / "results.json", json.dumps(partial, indent=2, default=float) + "\n")
     summary = summarise(folds)
     default = choose_default(summary)
-    result = {"config": _config(args), "folds": folds, "mean": summary, "default_score": default,
+    result = {"config": _config(cfg), "folds": folds, "mean": summary, "default_score": default,
               "seconds_total": time.perf_counter() - t0, "seconds_frozen_cache": t_cache}
     atomic_write_text(out / "results.json", json.dumps(result, indent=2, default=float) + "\n")
     table = format_table(folds, summary)
@@ -678,8 +729,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _config(args: argparse.Namespace) -> dict[str, Any]:
-    d = {k: v for k, v in vars(args).items() if k != "func"}
+def _config(cfg: OpensetConfig) -> dict[str, Any]:
+    d = asdict(cfg)
     d["threads"] = os.environ.get("OMP_NUM_THREADS")
     return d
 
@@ -687,6 +738,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     openset = import_for_help("train.openset")  # a stand-in without the train extra, so --help still works
     scores = openset.ALL_SCORES
+    d = OpensetConfig(out="-", scores=list(scores))  # the defaults, in one place
 
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.openset",
@@ -698,7 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
   python -m benchmarks.openset --data data/synth --out runs/openset_synth --epochs 4 --img-size 64
   python -m benchmarks.openset --data data/synth --out runs/openset_synth --reuse      # re-score, no retraining
   python -m benchmarks.openset --data /work/shared/datasets/sem-hackathon --out runs/openset_real --img-size 128
-  # the README's synthetic table: full fine-tuned folds at 128 px, scored on a separate 150-per-class test set
+  # docs/openset.md's synthetic table: full fine-tuned folds at 128 px, scored on a separate 150-per-class test set
   python -m train.synthetic --out data/synth2 --per-class 300 --size 128 --seed 0
   python -m train.synthetic --out data/synth2_test --per-class 150 --size 128 --seed 2 --split 0,0,1
   python -m benchmarks.openset --data data/synth2 --test data/synth2_test/test --out runs/os --mode full \\
@@ -707,40 +759,43 @@ def build_parser() -> argparse.ArgumentParser:
   python -m benchmarks.openset --cost --out runs/openset_cost        # in-graph score head: latency and size
 """ + help_note(openset))
     p.add_argument("--data", help="dataset root with train/, val/, test/ class folders")
-    p.add_argument("--test", default=None,
-                   help="test images (<class>/ folders) to score instead of DATA/test. Use a large one: one fold's "
-                        "AUROC moved by up to 11 pt between 45 and 150 held-out test images (7-fold means: < 2 pt)")
+    p.add_argument("--test", default=d.test,
+                   help="test images (<class>/ folders) to score instead of DATA/test; use a large one, a fold's "
+                        "AUROC on a few dozen held-out images is noisy (docs/openset.md)")
     p.add_argument("--cost", action="store_true",
                    help="instead of the benchmark: ORT CPU latency and file size with vs without each score head")
-    p.add_argument("--cost-sizes", type=int, nargs="+", default=[128, 224], help="--cost: input sizes")
-    p.add_argument("--cost-iters", type=int, default=60, help="--cost: timed runs per model")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--cost-sizes", type=int, nargs="+", default=d.cost_sizes, help="--cost: input sizes")
+    p.add_argument("--cost-iters", type=int, default=d.cost_iters, help="--cost: timed runs per model")
+    p.add_argument("--threads", type=int, default=d.threads,
                    help="torch threads for training/extraction and ONNX Runtime threads for --cost (default: torch's "
-                        "and ORT's own). On a CPU shared with other jobs, 1 was 4x faster per step than 2 here")
+                        "and ORT's own); on a CPU shared with other jobs, fewer threads avoid oversubscription")
     p.add_argument("--out", required=True, help="output folder (results.json, table.md, plots, fold runs)")
-    p.add_argument("--heldout", nargs="*", default=None, help="named classes to hold out (default: all 7)")
-    p.add_argument("--scores", nargs="*", default=list(scores), choices=scores, help="scores to measure")
-    p.add_argument("--mode", choices=("partial", "full"), default="partial",
+    p.add_argument("--heldout", nargs="*", default=d.heldout, help="named classes to hold out (default: all 7)")
+    p.add_argument("--scores", nargs="*", default=d.scores, choices=scores, help="scores to measure")
+    p.add_argument("--mode", choices=("partial", "full"), default=d.mode,
                    help="partial (default): ImageNet lower stages frozen and cached once, top stages + head "
                         "fine-tuned per fold; full: the whole network trained per fold with train.loop")
-    p.add_argument("--freeze-stages", type=int, default=6,
+    p.add_argument("--freeze-stages", type=int, default=d.freeze_stages,
                    help="partial mode: number of leading model.features blocks kept frozen (6 = stem..stage 5, "
                         "the top 2 MBConv stages, the 1280-d conv and the head are trained)")
-    p.add_argument("--views", type=int, default=2, help="partial mode: augmented versions of each train image")
-    p.add_argument("--lr", type=float, default=1e-3, help="partial mode: top-stage learning rate (head: 3x)")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--img-size", type=int, default=96)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--arch", default="efficientnet_lite0")
-    p.add_argument("--weights", default="lite0", help="starting weights: none, imagenet, lite0 or a path")
-    p.add_argument("--augment", default="light", help="none, light, default or strong")
-    p.add_argument("--head-warmup-epochs", type=int, default=1, help="full mode: epochs with the backbone frozen")
-    p.add_argument("--anomaly-p", type=float, default=0.0,
+    p.add_argument("--views", type=int, default=d.views, help="partial mode: augmented versions of each train image")
+    p.add_argument("--lr", type=float, default=d.lr, help="partial mode: top-stage learning rate (head: 3x)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--img-size", type=int, default=d.img_size)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--arch", default=d.arch)
+    p.add_argument("--weights", default=d.weights, help="starting weights: none, imagenet, lite0 or a path")
+    p.add_argument("--augment", default=d.augment, help="none, light, default or strong")
+    p.add_argument("--head-warmup-epochs", type=int, default=d.head_warmup_epochs,
+                   help="full mode: epochs with the backbone frozen")
+    p.add_argument("--anomaly-p", type=float, default=d.anomaly_p,
                    help="full mode: train folds with outlier exposure (python -m train --anomaly-p)")
-    p.add_argument("--max-train-per-class", type=int, default=None, help="full mode: cap training images per class")
-    p.add_argument("--target-recall", type=float, default=0.95, help="known-class recall the val threshold keeps")
-    p.add_argument("--knn-k", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-train-per-class", type=int, default=d.max_train_per_class,
+                   help="full mode: cap training images per class")
+    p.add_argument("--target-recall", type=float, default=d.target_recall,
+                   help="known-class recall the val threshold keeps")
+    p.add_argument("--knn-k", type=int, default=d.knn_k)
+    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--reuse", action="store_true",
                    help="full mode: reuse fold models (and their saved outputs.npz) already under --out: re-scores "
                         "without training or feature extraction (test outputs are extracted again if --test changed)")
@@ -751,11 +806,11 @@ def build_parser() -> argparse.ArgumentParser:
 @cli("python -m benchmarks.openset")
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args = build_parser().parse_args(argv)
-    if args.threads:
+    cfg = OpensetConfig(**vars(build_parser().parse_args(argv)))
+    if cfg.threads:
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(cfg.threads)
     # Fold folders lack the held-out class on purpose; train.data would warn about it for every dataset. The levels
     # are restored afterwards so a caller (or a test run) keeps its own logging.
     levels = {"train.data": logging.ERROR, "train.loop": logging.INFO}
@@ -763,10 +818,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
-        if args.cost:
-            run_cost(args)
+        if cfg.cost:
+            run_cost(cfg)
         else:
-            run_benchmark(args)
+            run_benchmark(cfg)
     finally:
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)

@@ -102,6 +102,30 @@ def test_unknown_destinations_count_top1_predictions_of_the_heldout_images_only(
     assert unknown_destinations(logits, np.zeros(6, int), held) == {}
 
 
+def test_typed_config_matches_the_cli_and_gives_the_trainer_its_configs(tmp_path):
+    import math
+
+    from benchmarks.openset import OpensetConfig, build_parser
+    from train.loop import lr_lambdas
+
+    cfg = OpensetConfig(**vars(build_parser().parse_args(["--out", str(tmp_path)])))
+    assert cfg == OpensetConfig(out=str(tmp_path))  # the parser's defaults are the config's
+    with pytest.raises(ValueError, match="output folder"):
+        OpensetConfig()
+    fold = cfg.fold_train_config(tmp_path / "fold")
+    assert (fold.data, fold.out) == (str(tmp_path / "fold" / "data"), str(tmp_path / "fold" / "run"))
+    assert (fold.patience, fold.warmup_epochs, fold.workers, fold.augment) == (0, 1.0, 0, "light")
+    # Partial folds: top stages at lr, head at 3x, half an epoch of linear warm-up then cosine, for both groups.
+    tc = cfg.partial_train_config()
+    assert (tc.lr, tc.head_lr, tc.weight_decay, tc.label_smoothing, tc.balance) == (1e-3, 3e-3, 0.02, 0.1, "loss")
+    steps = 10
+    total, warm = cfg.epochs * steps, steps // 2
+    lams = lr_lambdas([{"role": "backbone"}, {"role": "head"}], tc, steps)
+    for st in range(total):
+        want = (st + 1) / warm if st < warm else 0.5 * (1 + math.cos(math.pi * (st - warm) / (total - warm)))
+        assert [lam(st) for lam in lams] == pytest.approx([want, want], abs=1e-12), st
+
+
 @pytest.mark.slow
 def test_cli_smoke_two_folds(tmp_path):
     from benchmarks.openset import main
