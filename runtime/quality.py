@@ -30,9 +30,9 @@ not noise: out of focus, or only a smooth gradient; or, in a noisy frame, band b
 ``out_of_range`` (a statistic outside the range the training images had, widened by a margin).
 
 A frame smaller than the model input is measured at its own size, before it is enlarged (enlarging smooths noise),
-so its pixels are coarser than the input's: the same scene measures more detail at half the size, and so does a
-defocused one. The detail limit grows with the square of the enlargement (:data:`DEFOCUS_ZOOM_POWER`, at most
-:data:`ZOOM_CAP` times), so a small frame needs proportionally more visible structure to be classified.
+so its pixels are coarser than the input's: the same scene measures several times the detail at half the size, and
+so does a defocused one. The detail and band limits grow with the enlargement (:data:`DEFOCUS_ZOOM_POWER`,
+:data:`BAND_ZOOM_POWER`, up to :data:`ZOOM_CAP` times), so a small frame needs more visible structure to be classified.
 
 The limits are fitted on the training split when a model is trained (:func:`fit_limits`, called by ``python -m
 train``) and travel in the model metadata (``ModelMetadata.quality``). Models made before the gate get
@@ -99,8 +99,11 @@ DEFAULT_BIT_DEPTH_RANGE = {"spread": (0.08, 1.0)}
 #: noise (faint structure in heavy shot noise) is judged by ``band`` instead, whose band passes little noise.
 DEFOCUS_MIN_SIGNAL = 0.6
 #: A frame enlarged ``z`` times for the model (smaller than its input) is measured on pixels ``z`` times coarser:
-#: its detail limit is multiplied by ``min(z, ZOOM_CAP) ** DEFOCUS_ZOOM_POWER``.
-DEFOCUS_ZOOM_POWER = 2.0
+#: its detail limit is multiplied by ``min(z, ZOOM_CAP) ** DEFOCUS_ZOOM_POWER`` and its band limit by
+#: ``min(z, ZOOM_CAP) ** BAND_ZOOM_POWER`` (chosen on half-size copies of real frames and content-free frames,
+#: docs/frame-quality.md).
+DEFOCUS_ZOOM_POWER = 2.5
+BAND_ZOOM_POWER = 0.5
 ZOOM_CAP = 4.0
 #: ``defocus_band`` fitted on training images moves below its default to this share of the noisy training frames'
 #: 0.1th percentile of band (the band of real noisy frames varies little, so the margin is small).
@@ -299,10 +302,11 @@ class QualityGate:
             return "saturated"
         if not stats["signal"] >= lim["noise_signal"]:
             return "noise"
+        z = min(max(zoom, 1.0), ZOOM_CAP)
         if stats["signal"] >= DEFOCUS_MIN_SIGNAL:
-            if not stats["detail"] >= lim["defocus_detail"] * min(zoom, ZOOM_CAP) ** DEFOCUS_ZOOM_POWER:
+            if not stats["detail"] >= lim["defocus_detail"] * z ** DEFOCUS_ZOOM_POWER:
                 return "defocus"
-        elif "band" in stats and not stats["band"] >= lim.get("defocus_band", 0.0):
+        elif "band" in stats and not stats["band"] >= lim.get("defocus_band", 0.0) * z ** BAND_ZOOM_POWER:
             return "defocus"
         for k, (lo, hi) in (lim.get("range") or {}).items():
             if k in stats and not lo <= stats[k] <= hi:
