@@ -116,6 +116,27 @@ def test_gate_failure_exits_nonzero(tiny_onnx: Path, tmp_path: Path, monkeypatch
     assert rc == be.EXIT_GATE_FAILED
 
 
+def test_build_artifacts_is_a_library_call(tiny_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """What main runs, called with options: the report says what was written, judged and rejected."""
+    monkeypatch.setattr("export.tensorrt_build.import_tensorrt", lambda: None)
+    data = write_dataset(tmp_path / "data", per_class=2, size=36)
+    opts = be.BuildOptions(tiny_onnx, "fp16", val_data=str(data / "val"), out=str(tmp_path / "a"), max_drop=-1,
+                           keep_rejected=True)
+    rep = be.build_artifacts(opts)
+    fp16 = tmp_path / "a" / "tiny.fp16.onnx"
+    assert rep.exit_code == be.EXIT_GATE_FAILED and rep.gate_failed and rep.rejected == {fp16}
+    assert rep.written == [be.rejected_path(fp16), tmp_path / "a" / "tiny.fp16.build-report.json"]
+    assert rep.document["gate"]["fp16"]["passed"] is False and rep.engine is None
+    assert be.build_artifacts(be.BuildOptions(tiny_onnx, "fp16", out=str(tmp_path / "b"))).exit_code == be.EXIT_OK
+    with pytest.raises(be.BuildFailed, match="no such ONNX file") as e:
+        be.build_artifacts(be.BuildOptions(tmp_path / "missing.onnx"))
+    assert e.value.exit_code == be.EXIT_BAD_INPUT
+    with pytest.raises(be.BuildFailed, match="--require-tensorrt") as e:
+        be.build_artifacts(be.BuildOptions(tiny_onnx, require_tensorrt=True, out=str(tmp_path / "c")))
+    assert e.value.exit_code == be.EXIT_NO_TENSORRT
+
+
 # ---------------------------------------------------------------------------- main() on its TensorRT branch (fakes)
 @pytest.fixture
 def fake_gpu_build(monkeypatch: pytest.MonkeyPatch):
