@@ -46,6 +46,7 @@ from runtime.artifacts import (  # noqa: F401 - the sidecar contract, importable
     read_onnx_metadata,
     rejected_path,
 )
+from runtime.artifacts import engine_sidecar as sidecar_extra
 from runtime.contract import ModelMetadata, write_sidecar
 from runtime.errors import BackendUnavailable
 from runtime.files import atomic_write_bytes, atomic_write_text, sha256_bytes, sha256_file
@@ -125,18 +126,6 @@ def build_command(onnx_path: str | os.PathLike[str], precision: str, batches: tu
     if calib_data and precision == "int8":
         parts += ["--calib-data", str(calib_data)]
     return " ".join(shlex.quote(p) for p in parts)
-
-
-def sidecar_extra(model_sha256: str, tensorrt_version: str, gpu_name: str, compute_capability: str,
-                  precision: str, profile: dict[str, Any], command: str, onnx: str = "",
-                  engine_sha256: str = "") -> dict[str, Any]:
-    """The sidecar fields next to ``metadata``; keys are the ``SIDECAR_*`` constants."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    return {SIDECAR_MODEL_SHA256: model_sha256, SIDECAR_TENSORRT_VERSION: tensorrt_version,
-            SIDECAR_GPU_NAME: gpu_name, SIDECAR_COMPUTE_CAPABILITY: compute_capability,
-            SIDECAR_PRECISION: precision, SIDECAR_PROFILE: profile, SIDECAR_BUILD_COMMAND: command,
-            SIDECAR_ONNX: onnx, SIDECAR_ENGINE_SHA256: engine_sha256}
 
 
 def update_onnx_metadata(path: str | os.PathLike[str], meta: ModelMetadata) -> None:

@@ -84,7 +84,7 @@ DEFAULT_MODEL = BUNDLED_STEM + BY_KEY["fp32_onnx"].suffix
 DEFAULT_INT8_MODEL = BUNDLED_STEM + BY_KEY["int8_onnx"].suffix
 
 # ------------------------------------------------------------------ engine sidecar (<engine>.json) besides "metadata"
-# Written by export.build_engine (sidecar_extra), read by runtime.trt_backend (check_engine_compat, fallback_onnx).
+# Written by engine_sidecar (export.build_engine), read by runtime.trt_backend (check_engine_compat, fallback_onnx).
 SIDECAR_MODEL_SHA256 = "model_sha256"  # sha256 of the ONNX file the engine was built from (stale check)
 SIDECAR_TENSORRT_VERSION = "tensorrt_version"  # trt.__version__ at build time; must match where it runs
 SIDECAR_GPU_NAME = "gpu_name"  # the GPU's name; another name with the same compute capability only warns
@@ -96,6 +96,18 @@ SIDECAR_ONNX = "onnx"  # the source ONNX, relative to the engine's folder (stale
 SIDECAR_ENGINE_SHA256 = "engine_sha256"  # sha256 of the engine file itself (a corrupt or swapped copy is refused)
 SIDECAR_KEYS = (SIDECAR_MODEL_SHA256, SIDECAR_TENSORRT_VERSION, SIDECAR_GPU_NAME, SIDECAR_COMPUTE_CAPABILITY,
                 SIDECAR_PRECISION, SIDECAR_PROFILE, SIDECAR_BUILD_COMMAND, SIDECAR_ONNX, SIDECAR_ENGINE_SHA256)
+
+
+def engine_sidecar(model_sha256: str, tensorrt_version: str, gpu_name: str, compute_capability: str,
+                   precision: str, profile: dict[str, Any], command: str, onnx: str = "",
+                   engine_sha256: str = "") -> dict[str, Any]:
+    """The engine sidecar's fields next to ``metadata`` (:data:`SIDECAR_KEYS`)."""
+    if precision not in BUILD_PRECISIONS:
+        raise ValueError(f"precision must be one of {BUILD_PRECISIONS}, got {precision!r}")
+    return {SIDECAR_MODEL_SHA256: model_sha256, SIDECAR_TENSORRT_VERSION: tensorrt_version,
+            SIDECAR_GPU_NAME: gpu_name, SIDECAR_COMPUTE_CAPABILITY: compute_capability,
+            SIDECAR_PRECISION: precision, SIDECAR_PROFILE: profile, SIDECAR_BUILD_COMMAND: command,
+            SIDECAR_ONNX: onnx, SIDECAR_ENGINE_SHA256: engine_sha256}
 
 
 # ------------------------------------------------------------------ names
