@@ -382,59 +382,75 @@ class PartialCache:
 
     def __init__(self, data: Path, cfg: OpensetConfig, cache_file: Path | None = None) -> None:
         import torch
-        from torch.utils.data import DataLoader
 
-        from train.data import AugmentConfig, ImageFolderDataset
         from train.models import build_model, default_normalisation
 
         torch.manual_seed(cfg.seed)
         self.base = build_model(cfg.arch, len(CLASSES), cfg.weights).eval()
         self.split_at = cfg.freeze_stages
         self.mean, self.std = default_normalisation(cfg.arch, cfg.weights)
-        lower = self.base.features[: self.split_at]
-        size = (cfg.img_size, cfg.img_size)
-
-        def run(ds: Any, desc: str) -> tuple[torch.Tensor, np.ndarray]:
-            outs = []
-            with torch.inference_mode():
-                for x, _ in tqdm_(DataLoader(ds, batch_size=64), desc, cfg.progress):
-                    outs.append(lower(x))
-            return torch.cat(outs), ds.labels.copy()
-
         key = {k: str(getattr(cfg, k)) for k in ("data", "arch", "weights", "img_size", "freeze_stages", "views",
-                                                    "augment", "seed")}
+                                                   "augment", "seed")}
         key["test"] = str(fold_test_dir(cfg))
-        if cache_file is not None and cache_file.is_file():
-            saved = torch.load(cache_file, weights_only=True)
-            if saved.get("key") == key:
-                log.info("frozen-stage activations from %s", cache_file)
-                self.acts, self.views = saved["acts"], saved["views"]
-                self.labels = {k: v.numpy() for k, v in saved["labels"].items()}
-                return
-        self.acts: dict[str, torch.Tensor] = {}
+        if cache_file is not None and self._load(cache_file, key):
+            return
+        self._compute(data, cfg)
+        if cache_file is not None:
+            self._save(cache_file, key)
+
+    def _lower(self, ds: Any, desc: str, progress: bool) -> tuple[Any, np.ndarray]:
+        """The frozen stages' activations of every image of ``ds``, and its labels."""
+        import torch
+        from torch.utils.data import DataLoader
+
+        lower = self.base.features[: self.split_at]
+        outs = []
+        with torch.inference_mode():
+            for x, _ in tqdm_(DataLoader(ds, batch_size=64), desc, progress):
+                outs.append(lower(x))
+        return torch.cat(outs), ds.labels.copy()
+
+    def _compute(self, data: Path, cfg: OpensetConfig) -> None:
+        from train.data import AugmentConfig, ImageFolderDataset
+
+        size = (cfg.img_size, cfg.img_size)
+        self.acts: dict[str, Any] = {}
         self.labels: dict[str, np.ndarray] = {}
         dirs = {"train": data / "train", "val": data / "val", "test": fold_test_dir(cfg)}
         for split, d in dirs.items():
             ds = ImageFolderDataset(d, size, self.mean, self.std, augment=None)
-            self.acts[split], self.labels[split] = run(ds, f"frozen stages: {split}")
+            self.acts[split], self.labels[split] = self._lower(ds, f"frozen stages: {split}", cfg.progress)
         aug = AugmentConfig.strength(cfg.augment)
-        self.views: list[torch.Tensor] = []
+        self.views: list[Any] = []
         if aug is not None:
             ds = ImageFolderDataset(data / "train", size, self.mean, self.std, augment=aug, seed=cfg.seed)
             for v in range(cfg.views):
                 ds.set_epoch(v)
-                self.views.append(run(ds, f"frozen stages: train view {v + 1}/{cfg.views}")[0])
+                self.views.append(self._lower(ds, f"frozen stages: train view {v + 1}/{cfg.views}", cfg.progress)[0])
         if not self.views:
             self.views = [self.acts["train"]]
-        if cache_file is not None:
-            import io
 
-            from runtime.files import atomic_write_bytes
+    def _load(self, cache_file: Path, key: dict[str, str]) -> bool:
+        """Activations saved by an earlier run with the same key (data, model, size, views, test folder)."""
+        import torch
 
-            buf = io.BytesIO()
-            torch.save({"key": key, "acts": self.acts, "views": self.views,
-                        "labels": {k: torch.from_numpy(v) for k, v in self.labels.items()}}, buf)
-            atomic_write_bytes(cache_file, buf.getvalue())
+        if not cache_file.is_file():
+            return False
+        saved = torch.load(cache_file, weights_only=True)
+        if saved.get("key") != key:
+            return False
+        log.info("frozen-stage activations from %s", cache_file)
+        self.acts, self.views = saved["acts"], saved["views"]
+        self.labels = {k: v.numpy() for k, v in saved["labels"].items()}
+        return True
+
+    def _save(self, cache_file: Path, key: dict[str, str]) -> None:
+        import torch
+
+        buf = io.BytesIO()
+        torch.save({"key": key, "acts": self.acts, "views": self.views,
+                    "labels": {k: torch.from_numpy(v) for k, v in self.labels.items()}}, buf)
+        atomic_write_bytes(cache_file, buf.getvalue())
 
 
 def tqdm_(it: Any, desc: str, enabled: bool) -> Any:
@@ -606,22 +622,14 @@ def plot_results(folds: list[dict[str, Any]], summary: dict[str, dict[str, float
 
 
 # ------------------------------------------------------------------ cost of the in-graph score
-def measure_score_cost(out: Path, arch: str = "efficientnet_lite0", img_size: int = 224,
-                       scores: Sequence[str] = FEATURE_SCORES, bank_size: int = 2048, iters: int = 60,
-                       rounds: int = 6, threads: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """ONNX Runtime CPU latency (batch 1) and file size of the exported model with vs without each score head.
-
-    Weights and statistics are random (cost does not depend on their values; the KNN bank has ``bank_size`` rows).
-    Configurations run interleaved and are compared per round (:mod:`benchmarks.timing`), so a noisy neighbour
-    slows both sides of a ratio.
-    """
-    import onnxruntime as ort
+def export_score_models(out: Path, arch: str, img_size: int, scores: Sequence[str],
+                        bank_size: int) -> dict[str, Path]:
+    """ONNX models without (``plain``) and with each score head, random weights and statistics (the KNN bank has
+    ``bank_size`` rows): cost does not depend on their values."""
     import torch
 
-    from benchmarks.timing import paired_ratio, run_interleaved, summarize
     from export.onnx_export import export_onnx
     from runtime.contract import ModelMetadata
-    from runtime.ort_backend import session_options
     from train.models import build_model
     from train.openset import fit_openset_stats, metadata_updates, scored_model
 
@@ -638,20 +646,42 @@ def measure_score_cost(out: Path, arch: str = "efficientnet_lite0", img_size: in
     for name in scores:
         m = meta.with_updates(**metadata_updates(name, 0.0))
         paths[name] = export_onnx(scored_model(model, stats, name), m, out / f"{name}_{img_size}.onnx")
+    return paths
+
+
+class _OrtRunner:
+    """One ONNX Runtime CPU session timed per call on a fixed input (a :func:`benchmarks.timing.run_interleaved`
+    runner)."""
+
+    def __init__(self, path: Path, x: np.ndarray, threads: int | None) -> None:
+        import onnxruntime as ort
+
+        from runtime.ort_backend import session_options
+
+        self.sess = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+        self.name, self.x = self.sess.get_inputs()[0].name, x
+
+    def step(self) -> dict[str, float]:
+        t = time.perf_counter()
+        self.sess.run(None, {self.name: self.x})
+        return {"total": (time.perf_counter() - t) * 1e3}
+
+
+def measure_score_cost(out: Path, arch: str = "efficientnet_lite0", img_size: int = 224,
+                       scores: Sequence[str] = FEATURE_SCORES, bank_size: int = 2048, iters: int = 60,
+                       rounds: int = 6, threads: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """ONNX Runtime CPU latency (batch 1) and file size of the exported model with vs without each score head.
+
+    Configurations run interleaved and are compared per round (:mod:`benchmarks.timing`), so a noisy neighbour
+    slows both sides of a ratio.
+    """
+    from benchmarks.timing import paired_ratio, run_interleaved, summarize
+
+    paths = export_score_models(out, arch, img_size, scores, bank_size)
     x = np.random.default_rng(1).normal(size=(1, 3, img_size, img_size)).astype(np.float32)
-
-    class OrtRunner:
-        def __init__(self, path: Path) -> None:
-            self.sess = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
-            self.name = self.sess.get_inputs()[0].name
-
-        def step(self) -> dict[str, float]:
-            t = time.perf_counter()
-            self.sess.run(None, {self.name: x})
-            return {"total": (time.perf_counter() - t) * 1e3}
-
     names = list(paths)
-    samples = run_interleaved([OrtRunner(paths[n]) for n in names], iters=iters, warmup=3, rounds=rounds)
+    samples = run_interleaved([_OrtRunner(paths[n], x, threads) for n in names], iters=iters, warmup=3,
+                              rounds=rounds)
     base = samples[0]
     res: dict[str, Any] = {"img_size": img_size, "arch": arch, "bank_size": bank_size, "threads": threads,
                            "models": {}}
@@ -762,45 +792,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", default=d.test,
                    help="test images (<class>/ folders) to score instead of DATA/test; use a large one, a fold's "
                         "AUROC on a few dozen held-out images is noisy (docs/openset.md)")
-    p.add_argument("--cost", action="store_true",
-                   help="instead of the benchmark: ORT CPU latency and file size with vs without each score head")
-    p.add_argument("--cost-sizes", type=int, nargs="+", default=d.cost_sizes, help="--cost: input sizes")
-    p.add_argument("--cost-iters", type=int, default=d.cost_iters, help="--cost: timed runs per model")
-    p.add_argument("--threads", type=int, default=d.threads,
-                   help="torch threads for training/extraction and ONNX Runtime threads for --cost (default: torch's "
-                        "and ORT's own); on a CPU shared with other jobs, fewer threads avoid oversubscription")
     p.add_argument("--out", required=True, help="output folder (results.json, table.md, plots, fold runs)")
     p.add_argument("--heldout", nargs="*", default=d.heldout, help="named classes to hold out (default: all 7)")
     p.add_argument("--scores", nargs="*", default=d.scores, choices=scores, help="scores to measure")
-    p.add_argument("--mode", choices=("partial", "full"), default=d.mode,
-                   help="partial (default): ImageNet lower stages frozen and cached once, top stages + head "
-                        "fine-tuned per fold; full: the whole network trained per fold with train.loop")
-    p.add_argument("--freeze-stages", type=int, default=d.freeze_stages,
-                   help="partial mode: number of leading model.features blocks kept frozen (6 = stem..stage 5, "
-                        "the top 2 MBConv stages, the 1280-d conv and the head are trained)")
-    p.add_argument("--views", type=int, default=d.views, help="partial mode: augmented versions of each train image")
-    p.add_argument("--lr", type=float, default=d.lr, help="partial mode: top-stage learning rate (head: 3x)")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--img-size", type=int, default=d.img_size)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--arch", default=d.arch)
-    p.add_argument("--weights", default=d.weights, help="starting weights: none, imagenet, lite0 or a path")
-    p.add_argument("--augment", default=d.augment, help="none, light, default or strong")
-    p.add_argument("--head-warmup-epochs", type=int, default=d.head_warmup_epochs,
-                   help="full mode: epochs with the backbone frozen")
-    p.add_argument("--anomaly-p", type=float, default=d.anomaly_p,
-                   help="full mode: train folds with outlier exposure (python -m train --anomaly-p)")
-    p.add_argument("--max-train-per-class", type=int, default=d.max_train_per_class,
-                   help="full mode: cap training images per class")
     p.add_argument("--target-recall", type=float, default=d.target_recall,
                    help="known-class recall the val threshold keeps")
     p.add_argument("--knn-k", type=int, default=d.knn_k)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--reuse", action="store_true",
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help="torch threads for training/extraction and ONNX Runtime threads for --cost (default: torch's "
+                        "and ORT's own); on a CPU shared with other jobs, fewer threads avoid oversubscription")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    _fold_args(p.add_argument_group("training each fold"), d)
+    cost = p.add_argument_group("cost of the in-graph score head (instead of the benchmark)")
+    cost.add_argument("--cost", action="store_true",
+                      help="ORT CPU latency and file size with vs without each score head")
+    cost.add_argument("--cost-sizes", type=int, nargs="+", default=d.cost_sizes, help="input sizes")
+    cost.add_argument("--cost-iters", type=int, default=d.cost_iters, help="timed runs per model")
+    return p
+
+
+def _fold_args(g: argparse._ArgumentGroup, d: OpensetConfig) -> None:
+    g.add_argument("--mode", choices=("partial", "full"), default=d.mode,
+                   help="partial (default): ImageNet lower stages frozen and cached once, top stages + head "
+                        "fine-tuned per fold; full: the whole network trained per fold with train.loop")
+    g.add_argument("--freeze-stages", type=int, default=d.freeze_stages,
+                   help="partial mode: number of leading model.features blocks kept frozen (6 = stem..stage 5, "
+                        "the top 2 MBConv stages, the 1280-d conv and the head are trained)")
+    g.add_argument("--views", type=int, default=d.views, help="partial mode: augmented versions of each train image")
+    g.add_argument("--lr", type=float, default=d.lr, help="partial mode: top-stage learning rate (head: 3x)")
+    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--img-size", type=int, default=d.img_size)
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--arch", default=d.arch)
+    g.add_argument("--weights", default=d.weights, help="starting weights: none, imagenet, lite0 or a path")
+    g.add_argument("--augment", default=d.augment, help="none, light, default or strong")
+    g.add_argument("--head-warmup-epochs", type=int, default=d.head_warmup_epochs,
+                   help="full mode: epochs with the backbone frozen")
+    g.add_argument("--anomaly-p", type=float, default=d.anomaly_p,
+                   help="full mode: train folds with outlier exposure (python -m train --anomaly-p)")
+    g.add_argument("--max-train-per-class", type=int, default=d.max_train_per_class,
+                   help="full mode: cap training images per class")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--reuse", action="store_true",
                    help="full mode: reuse fold models (and their saved outputs.npz) already under --out: re-scores "
                         "without training or feature extraction (test outputs are extracted again if --test changed)")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    return p
 
 
 @cli("python -m benchmarks.openset")
