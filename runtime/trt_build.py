@@ -8,21 +8,27 @@ Written for TensorRT 10.x (JetPack 6 ships 10.3) and 11.x: the network is create
 and no ``BuilderFlag.FP16/INT8`` or implicit calibrators are used (removed in 11.0). ``trt`` is passed in as a
 module object so the call sequence can be tested with a fake module on machines without TensorRT; every TensorRT
 name appears as ``trt.<Name>`` / ``builder.<method>`` so the API check (tests/trt_api_check.py) can verify it
-against the real bindings. Never run on this project's CPU-only build machines.
+against the real bindings.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+from runtime import artifacts
 from runtime.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
+
+
+#: ``tensorrt`` or None where it cannot be loaded (:func:`runtime.artifacts.import_tensorrt`, not required): builders
+#: check the rest of the stack without it.
+import_tensorrt = functools.partial(artifacts.import_tensorrt, required=False)
 
 
 class EngineBuildError(RuntimeError):
@@ -35,15 +41,6 @@ class GpuInfo:
     compute_capability: str  # "8.7"
     multiprocessors: int = 0  # SM count and memory tell modules with one name apart (Orin AGX / NX / Nano)
     memory_bytes: int = 0
-
-
-def import_tensorrt() -> ModuleType | None:
-    """The ``tensorrt`` module, or None when it is not installed (or fails to load its libraries)."""
-    try:
-        import tensorrt as trt
-    except (ImportError, OSError):
-        return None
-    return trt
 
 
 def gpu_problem(device: int = 0) -> str:

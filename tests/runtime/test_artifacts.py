@@ -136,15 +136,17 @@ def test_metadata_reader_errors_name_the_file(tmp_path: Path, tiny_model: Path) 
 
 # ------------------------------------------------------------------ TensorRT import
 def test_import_tensorrt_says_what_to_do_or_returns_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    from runtime import trt_build
+
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt → ImportError, installed or not
-    assert artifacts.import_tensorrt(required=False) is None
+    assert artifacts.import_tensorrt(required=False) is None and trt_build.import_tensorrt() is None
     with pytest.raises(BackendUnavailable, match="TensorRT is not installed here.*backend='ort'"):
         artifacts.import_tensorrt()
     import types
 
     fake = types.ModuleType("tensorrt")
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    assert artifacts.import_tensorrt() is fake
+    assert artifacts.import_tensorrt() is fake and trt_build.import_tensorrt() is fake
     from export import tensorrt_build
     from runtime import trt_backend
 
