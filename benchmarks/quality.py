@@ -12,7 +12,7 @@ deployed path, gate included) on three things:
    ``../shared/datasets/sem-hackathon``, skipped with a message when absent) and under ``--synthetic``.
 3. ``robustness`` — accuracy on the ``--synthetic`` test images (``DIR/<class>/``) after brightness, contrast and
    gamma changes and as 10/12/14-bit data in uint16, against the unmodified images; plus how the ``clean`` images
-   come out (the false alarms an inspection station sees).
+   come out (the false alarms an inspection station sees, listed with their scores for the unmodified images).
 
 Output: Markdown tables on stdout and ``quality.json`` + ``quality.md`` under ``--out``.
 """
@@ -167,18 +167,24 @@ def run_robustness(clf: Any, samples: Sequence[tuple[Path, int]], names: Sequenc
     rows: dict[str, Any] = {}
     for name in names:
         kind, p = TRANSFORMS[name]
-        top, final, outs = [], [], []
+        top, final, outs, labels, scores = [], [], [], [], []
         for i in range(0, len(imgs), batch):
             preds = clf.predict_batch([transform(im, kind, p) for im in imgs[i:i + batch]])
             for pr in preds:
                 top.append(pr.top_index)  # -1 for an invalid frame: never right
                 final.append(pr.index)
                 outs.append(outcome(pr))
+                labels.append(pr.label)
+                scores.append(None if pr.score is None or math.isnan(pr.score) else round(float(pr.score), 4))
         top_a, final_a = np.array(top), np.array(final)
         c_out = Counter(o for o, c in zip(outs, clean) if c)
         rows[name] = {"top1": float((top_a == y).mean()), "final": float((final_a == y).mean()),
                       "invalid": sum(o.startswith("invalid") for o in outs) / len(outs),
                       "clean_images": {"n": int(clean.sum()), **dict(c_out)}}
+        if kind == "none":
+            rows[name]["clean_false_alarms"] = [
+                {"file": str(samples[i][0]), "label": labels[i], "score": scores[i]}
+                for i in range(len(samples)) if clean[i] and outs[i] == "defect"]
         if progress:
             print(f"  {name}: top-1 {rows[name]['top1']:.3f}", file=sys.stderr)
     base = rows.get("original", {}).get("top1")
@@ -226,6 +232,10 @@ def format_report(doc: dict[str, Any]) -> str:
                              f"{_pct(row['final'])} | {_pct(row['invalid'])} | {ci.get('defect', 0)} / "
                              f"{ci.get('other', 0)} / {inv} of {ci['n']} |")
             lines.append("")
+            alarms = r["rows"].get("original", {}).get("clean_false_alarms") or []
+            if alarms:
+                lines.append("Clean images called a defect (unmodified): " + ", ".join(
+                    f"{Path(a['file']).name} → {a['label']} (score {a['score']})" for a in alarms) + "\n")
     return "\n".join(lines)
 
 

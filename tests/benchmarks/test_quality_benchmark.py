@@ -14,8 +14,8 @@ from benchmarks import quality as bq
 from runtime.contract import INVALID_LABEL
 
 
-def _pred(label: str, reason: str = "", index: int = 0, top: int = 0) -> SimpleNamespace:
-    return SimpleNamespace(label=label, reason=reason, index=index, top_index=top)
+def _pred(label: str, reason: str = "", index: int = 0, top: int = 0, score: float = 2.0) -> SimpleNamespace:
+    return SimpleNamespace(label=label, reason=reason, index=index, top_index=top, score=score)
 
 
 class _Always:
@@ -65,6 +65,22 @@ def test_corpus_counts_a_classifier_that_calls_everything_clean():
     assert res["frames"] == 10 and res["classified"] == 10 and res["total"] == {"clean": 10}
     ok = bq.run_corpus(_Always(_pred(INVALID_LABEL, "noise", -1, -1)), 1, [64], seed=1, progress=False)
     assert ok["classified"] == 0 and ok["cells"]["noise/64"] == {"invalid:noise": 2}
+
+
+def test_clean_images_called_a_defect_are_listed_with_their_scores(tmp_path: Path,
+                                                                   make_class_dataset: Callable[..., Path]):
+    synth = make_class_dataset(tmp_path / "synth", per_class=2, size=32, splits=())
+    samples = bq.labelled(synth, None)
+    res = bq.run_robustness(_Always(_pred("cracks", index=3, top=3, score=1.5)), samples, ["original", "gamma 2"],
+                            progress=False)
+    alarms = res["rows"]["original"]["clean_false_alarms"]
+    assert [Path(a["file"]).parent.name for a in alarms] == ["clean", "clean"]
+    assert all(a["label"] == "cracks" and a["score"] == 1.5 for a in alarms)
+    assert "clean_false_alarms" not in res["rows"]["gamma 2"]
+    quiet = bq.run_robustness(_Always(_pred("other", index=7, top=0)), samples, ["original"], progress=False)
+    assert quiet["rows"]["original"]["clean_false_alarms"] == []
+    text = bq.format_report({"models": [{"model": "m", "robustness": res}]})
+    assert "Clean images called a defect (unmodified): " in text and "→ cracks (score 1.5)" in text
 
 
 def test_main_writes_the_report_and_skips_missing_real_data(tmp_path: Path, tiny_models: Path,
