@@ -178,10 +178,10 @@ class Doctor:
     def stack(self) -> None:
         """cuda-python, driver, CUDA runtime, GPU, TensorRT — and whether they fit each other."""
         from runtime import cuda_buffers as cb
+        from runtime.artifacts import import_tensorrt
         from runtime.errors import BackendUnavailable
-        from runtime.trt_build import import_tensorrt
 
-        self.trt = import_tensorrt()
+        self.trt = import_tensorrt(required=False)
         driver_text = nvidia_driver_text()
         try:
             cb.cudart()
@@ -292,7 +292,9 @@ class Doctor:
                                  lambda e=engine, p=precision, g=graphs: self.compare(e, p, g, reference))
 
     def build(self, precision: str, tmp: Path) -> Path | None:
+        from runtime.artifacts import engine_sidecar
         from runtime.contract import ModelMetadata, write_sidecar
+        from runtime.files import sha256_bytes, sha256_file
         from runtime.trt_build import EngineBuildError, build_serialized_engine
 
         name = f"build {precision}"
@@ -328,12 +330,10 @@ class Doctor:
         engine = tmp / f"doctor.{precision}.engine"
         engine.write_bytes(blob)
         gpu = self.cb.gpu_properties(self.device)
-        import hashlib
-
         write_sidecar(engine, ModelMetadata(input_size=(16, 16), arch="doctor_tiny", precision=precision),
-                      {"tensorrt_version": self.trt.__version__, "gpu_name": gpu.name,
-                       "compute_capability": f"{gpu.compute_capability[0]}.{gpu.compute_capability[1]}",
-                       "precision": precision, "onnx": str(src), "engine_sha256": hashlib.sha256(blob).hexdigest()})
+                      engine_sidecar(sha256_file(src), self.trt.__version__, gpu.name,
+                                     f"{gpu.compute_capability[0]}.{gpu.compute_capability[1]}", precision, profile,
+                                     "python -m runtime.doctor", onnx=str(src), engine_sha256=sha256_bytes(blob)))
         self.add(name, "PASS", f"built twice from {src.name}: {times[0]:.2f} s, then {times[1]:.2f} s with the "
                  f"timing cache ({cache.stat().st_size} bytes)")
         return engine
