@@ -30,7 +30,8 @@ import math
 import threading
 from typing import Any
 
-from runtime.run import FrameLoop, LoopHook, RunSummary, SourceFeed
+from runtime.frameloop import FrameLoop, LoopHook, SourceFeed
+from runtime.summary import RunSummary
 
 STATES = ("connecting", "running", "reconnecting", "ended", "failed", "stopped")
 STAGES = ("preprocess", "inference", "postprocess")

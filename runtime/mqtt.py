@@ -36,6 +36,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from runtime.files import atomic_write_text, sha256_bytes
+from runtime.frameloop import LoopHook
 from runtime.outputs import FrameResult, Output, OutputError, OutputWriteError
 
 SCHEMES = {"mqtt": 1883, "mqtts": 8883}
@@ -507,30 +508,15 @@ class MqttOutput(Output):
         return self.config.redacted()
 
 
-class MqttStatusHook:
+class MqttStatusHook(LoopHook):
     """Frame-loop hook of ``runtime.run``: the MQTT outputs' state (up/DOWN, results waiting in the journal) in the
     status line."""
 
     def __init__(self, outputs: list[MqttOutput]) -> None:
         self.outputs = outputs
 
-    def on_start(self, loop: Any) -> None:
-        pass
-
-    def before_write(self, loop: Any, feed: Any, result: Any) -> None:
-        pass
-
-    def on_result(self, loop: Any, feed: Any, result: Any) -> None:
-        pass
-
-    def on_batch(self, loop: Any, size: int, infer_ms: float) -> None:
-        pass
-
     def status(self, loop: Any) -> str:
         return "  ".join(o.status_text() for o in self.outputs)
-
-    def on_close(self, loop: Any, summary: Any) -> None:
-        pass
 
     def close(self) -> None:
         pass

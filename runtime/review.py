@@ -34,6 +34,7 @@ import numpy as np
 
 from runtime.contract import INVALID_LABEL
 from runtime.files import atomic_write_bytes, atomic_write_text, sha256_bytes
+from runtime.frameloop import LoopHook
 
 PENDING = "pending"
 STATE_FILE = "queue.json"
@@ -92,7 +93,7 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-class ReviewQueue:
+class ReviewQueue(LoopHook):
     """Saves frames for review into ``folder`` (see the module docstring); also a frame-loop hook
     (``on_result``/``status``/``on_close``) for :mod:`runtime.run`."""
 
@@ -243,16 +244,7 @@ class ReviewQueue:
         self._thread.join(timeout)
         self._write_state()
 
-    # -- hook protocol of runtime.run.FrameLoop
-    def on_start(self, loop: Any) -> None:
-        pass
-
-    def on_batch(self, loop: Any, size: int, infer_ms: float) -> None:
-        pass
-
-    def before_write(self, loop: Any, feed: Any, result: Any) -> None:
-        pass
-
+    # -- runtime.frameloop.LoopHook
     def on_result(self, loop: Any, feed: Any, result: Any) -> None:
         self.consider(result)
 
