@@ -5,10 +5,11 @@ product's rules: preprocessing, the frame-quality gate, temperature and rejectio
 backend gives the same answers for the same float batch. The classifier stages each batch straight into the
 backend's own input buffer (pinned memory for TensorRT), so the hot path allocates nothing per frame.
 
-The backends: :class:`runtime.ort_backend.OrtBackend`, :class:`runtime.trt_backend.TrtBackend` and the Triton
-client's ``runtime.remote._TritonBackend``; :func:`runtime.classifier.open_backend` picks one for a model file. A new
-backend is a file of its own with a class that satisfies :class:`Backend` (``tests/runtime/test_backend_protocol.py``
-checks each one), opened by ``open_backend``.
+The backends: :class:`runtime.ort_backend.OrtBackend`, :class:`runtime.trt_backend.TrtBackend` and
+:class:`runtime.triton_backend.TritonBackend` (a bare model on a Triton server, used by :mod:`runtime.remote`);
+:func:`runtime.classifier.open_backend` picks one for a model file. A new backend is a file of its own with a class
+that satisfies :class:`Backend` (``tests/runtime/test_backend_protocol.py`` checks each one), opened by
+``open_backend``.
 """
 
 from __future__ import annotations

@@ -38,7 +38,6 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from runtime.backend import ClosingContext
 from runtime.classifier import Classifier, ClassifierBase, Prediction, PreparedFrame
 from runtime.contract import METADATA_KEY, REJECT_LABEL, ModelMetadata
 from runtime.errors import InputError, MetadataError
@@ -46,6 +45,7 @@ from runtime.files import sha256_file
 from runtime.preprocess import Preprocessor, describe, read_image_bytes, resize_grey
 from runtime.quality import QualityGate
 from runtime.scores import is_rejected
+from runtime.triton_backend import TritonBackend
 
 #: URL schemes ``Classifier(...)`` hands to :class:`RemoteClassifier`.
 SCHEMES = ("grpc://",)
@@ -426,48 +426,14 @@ class RemoteClassifier(ClassifierBase):
 
 
 # --------------------------------------------------------------------------------------------- bare models
-class _TritonBackend(ClosingContext):
-    """A :class:`~runtime.backend.Backend` answered by a bare network on the server: each ``infer`` is one float32
-    request; the connection belongs to the :class:`RemoteClassifier`, which closes it."""
-
-    def __init__(self, remote: RemoteClassifier, layout: dict[str, Any]) -> None:
-        self.remote, self.meta = remote, remote.meta
-        self.input_name, self.output_names = layout["input"], layout["outputs"]
-        self.batched = layout["batched"]
-        self.max_batch = remote.max_batch if self.batched else 1
-        self._buf = np.empty((0, remote.meta.channels, *remote.meta.input_size), np.float32)
-
-    def input_buffer(self, n: int) -> np.ndarray:
-        if len(self._buf) < n:
-            self._buf = np.empty((n, *self._buf.shape[1:]), np.float32)
-        return self._buf[:n]
-
-    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        g, n = self.remote._grpc, len(batch)
-        data = np.ascontiguousarray(batch, np.float32)
-        if not self.batched and n > 1:  # max_batch_size 0: the dims carry a batch dimension of 1
-            parts = [self.infer(data[i:i + 1]) for i in range(n)]
-            return {k: np.concatenate([p[k] for p in parts]) for k in self.output_names}
-        image = g.InferInput(self.input_name, list(data.shape), "FP32")
-        image.set_data_from_numpy(data)
-        result = self.remote._request([image], self.output_names, n)
-        return {name: result.as_numpy(name) for name in self.output_names}
-
-    def describe(self) -> str:
-        return f"Triton at {self.remote.address} (bare model {self.remote.model_name!r})"
-
-    def close(self) -> None:
-        pass
-
-
 class _RawModelClassifier(Classifier):
     """The local :class:`~runtime.classifier.Classifier` (its preparation, quality gate, temperature and rejection,
-    unchanged) over :class:`_TritonBackend`: only the network runs on the server."""
+    unchanged) over :class:`~runtime.triton_backend.TritonBackend`: only the network runs on the server."""
 
     def __init__(self, remote: RemoteClassifier, layout: dict[str, Any]) -> None:  # noqa: D107 - see class
         self._remote = remote
         self.model_path = remote.url
-        self.backend = _TritonBackend(remote, layout)
+        self.backend = TritonBackend(remote, layout)
         self.meta = remote.meta
         self.labels, self.reject_index = remote.labels, remote.reject_index
         self.batch_size, self.color_order = remote.batch_size, remote.color_order

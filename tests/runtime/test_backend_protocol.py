@@ -21,7 +21,7 @@ from runtime.backend import Backend
 from runtime.classifier import open_backend
 from runtime.contract import ModelMetadata
 from runtime.ort_backend import OrtBackend
-from runtime.remote import _TritonBackend
+from runtime.triton_backend import TritonBackend
 from runtime.trt_backend import TrtBackend
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -123,8 +123,8 @@ def test_tensorrt_backend_on_fakes(fake_engine: Path) -> None:
 def test_triton_backend_over_a_stand_in_client(meta_factory) -> None:
     meta = meta_factory()
     remote = SimpleNamespace(meta=meta, max_batch=8, address="127.0.0.1:8001", model_name="sem_classifier")
-    backend = _TritonBackend(remote, {"input": meta.input_name, "outputs": (meta.output_name,), "batched": True})
-    check_backend(backend, _TritonBackend)
+    backend = TritonBackend(remote, {"input": meta.input_name, "outputs": (meta.output_name,), "batched": True})
+    check_backend(backend, TritonBackend)
     assert backend.max_batch == 8 and backend.input_buffer(3).shape == (3, meta.channels, *meta.input_size)
     with backend:
         pass
