@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from runtime.artifacts import GOLDEN_SUFFIX  # beside artifacts that cannot hold metadata (the artifact table)
+from runtime.backend import Backend
 from runtime.errors import MetadataError, SelfCheckError
 from runtime.files import sha256_bytes
 
@@ -319,12 +320,12 @@ class CheckReport:
         return d
 
 
-def run_goldens(backend: Any, goldens: Goldens, output_name: str, score_output: str | None = None
+def run_goldens(backend: Backend, goldens: Goldens, output_name: str, score_output: str | None = None
                 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The backend's logits (and graph score output, if any) for the golden inputs, through the frame path:
     ``backend.input_buffer(n)`` filled in place, then ``backend.infer`` on it, in chunks of the backend's max batch."""
     x = goldens.inputs()
-    size = int(getattr(backend, "max_batch", None) or len(x))
+    size = int(backend.max_batch or len(x))
     logits, scores = [], []
     for start in range(0, len(x), size):
         chunk = x[start:start + size]

@@ -450,7 +450,7 @@ class Classifier(ClassifierBase):
         """
         items = self._batch_items(items, on_error, sources)
         size = max(1, int(batch_size or self.batch_size))
-        max_b = getattr(self.backend, "max_batch", None)
+        max_b = self.backend.max_batch
         if max_b:
             size = min(size, max_b)
         results: list[Prediction | Exception] = [None] * len(items)  # type: ignore[list-item]
