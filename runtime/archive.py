@@ -390,7 +390,7 @@ class ArchiveConfig:
     self_check: bool | None = None
     part_rows: int = 1000
     part_seconds: float = 30.0
-    block_rows: int = 0  # listing rows per Ray block (0 = 4 batches)
+    block_rows: int = 0  # listing rows per Ray block (0 = about 1/16 of each worker's share, 1 to 16 batches)
     object_store_mb: int = 0  # local instance only (0 = Ray's default)
     progress: bool = True
 
@@ -412,6 +412,9 @@ class ArchiveSummary:
     rows_total: int = 0
     interrupted: bool = False
     model: str = ""
+    #: Seconds from the job's start to the end of each start-up phase (model checked, listed, resume read, Ray
+    #: ready, first result rows) and to the last result: what a short job spends before classifying.
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 def _model_files(model: str | None) -> tuple[dict[str, bytes], str, str]:
@@ -467,21 +470,30 @@ def run_archive(cfg: ArchiveConfig) -> ArchiveSummary:
     t_start = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    phases: dict[str, float] = {}
+
+    def mark(name: str) -> None:
+        phases[name] = round(time.perf_counter() - t_start, 3)
+
     files, model_name, fingerprint = _model_files(cfg.model)
     _check_job(out, cfg, fingerprint, model_name)
+    mark("model")
     listing = list_source(cfg.source)
     for p in listing.problems[:20]:
         log.warning("%s", p)
+    mark("listed")
     done, rows_before, failed = done_images(out)
+    mark("resume_read")
     todo = pending(listing, done)
     todo_set = set(todo)
     summary = ArchiveSummary(listed=len(listing), already_done=len(listing) - len(todo), model=fingerprint,
                              errors_before=sum(1 for i, p in enumerate(listing.paths)
-                                               if p in failed and i not in todo_set))
+                                               if p in failed and i not in todo_set), phases=phases)
     log.info("%d images listed, %d already in %s, %d to classify", len(listing), summary.already_done, out, len(todo))
     writer = PartWriter(out, cfg.part_rows, cfg.part_seconds)
     if todo:
-        _classify(cfg, listing, todo, files, model_name, fingerprint, writer, summary, done)
+        _classify(cfg, listing, todo, files, model_name, fingerprint, writer, summary, done, mark)
+    mark("done")
     summary.parts_written = writer.parts
     summary.rows_total = rows_before + writer.written
     summary.seconds = time.perf_counter() - t_start
@@ -492,9 +504,9 @@ def run_archive(cfg: ArchiveConfig) -> ArchiveSummary:
 
 def _classify(cfg: ArchiveConfig, listing: Listing, todo: list[int], files: dict[str, bytes], model_name: str,
               fingerprint: str, writer: PartWriter, summary: ArchiveSummary,
-              done: dict[str, tuple[int, int]]) -> None:
-    pa = _need("pyarrow")
+              done: dict[str, tuple[int, int]], mark: Any = lambda name: None) -> None:
     ray = _init_ray(cfg)
+    mark("ray_ready")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours counts images; Ray's count blocks per operator
     ctx.print_on_execution_start = False
@@ -506,13 +518,12 @@ def _classify(cfg: ArchiveConfig, listing: Listing, todo: list[int], files: dict
         cpus = ray.cluster_resources().get("CPU", 1.0)
         workers = max(1, int(cpus // cfg.cpus_per_worker))
     summary.workers = workers
-    idx = np.asarray(todo)
-    table = pa.table({"path": pa.array([listing.paths[i] for i in idx], pa.string()),
-                      "size": pa.array(np.asarray(listing.sizes, np.int64)[idx]),
-                      "mtime_ns": pa.array(np.asarray(listing.mtimes, np.int64)[idx])})
-    # Blocks small enough that every actor gets some, large enough that a million images stay ~1000 objects.
-    block = cfg.block_rows or min(max(-(-len(todo) // (4 * workers)), cfg.batch_size), 64 * cfg.batch_size)
-    ds = ray.data.from_arrow([table.slice(s, block) for s in range(0, table.num_rows, block)])
+    # Blocks of a few batches: every actor gets work early and the last blocks end close together; capped so a
+    # million images stay a few thousand objects.
+    block = cfg.block_rows or min(max(-(-len(todo) // (16 * workers)), cfg.batch_size), 16 * cfg.batch_size)
+    # from_items builds the blocks and their metadata here; from_arrow would first wait for a worker process to
+    # read each block's metadata, which at start-up is the slowest part of a short job.
+    ds = ray.data.from_items(_Rows(listing, todo), override_num_blocks=-(-len(todo) // block))
     ds = ds.map_batches(read_bytes, batch_size=cfg.batch_size, batch_format="numpy", zero_copy_batch=False)
     threads = max(1, int(round(cfg.cpus_per_worker)))
     ds = ds.map_batches(
@@ -541,6 +552,9 @@ def _classify(cfg: ArchiveConfig, listing: Listing, todo: list[int], files: dict
                 batch = batch.take(fresh)
             for i in fresh:
                 done[paths[i]] = (sizes[i], mtimes[i])
+            if not summary.classified:
+                mark("first_rows")
+                log.info("started: %s", ", ".join(f"{k} {v:.1f} s" for k, v in summary.phases.items()))
             _count(batch, summary)
             writer.add(batch)
             bar.update(batch.num_rows)
@@ -557,6 +571,23 @@ def _classify(cfg: ArchiveConfig, listing: Listing, todo: list[int], files: dict
         for s, h in old.items():
             signal.signal(s, h)
         bar.close()
+
+
+class _Rows(Sequence[dict[str, Any]]):
+    """The listing rows still to classify, as the dicts ``ray.data.from_items`` asks for, made one at a time so the
+    driver never holds a dict per image."""
+
+    def __init__(self, listing: Listing, todo: list[int]) -> None:
+        self.listing, self.todo = listing, todo
+
+    def __len__(self) -> int:
+        return len(self.todo)
+
+    def __getitem__(self, j: Any) -> Any:
+        if isinstance(j, slice):
+            return [self[k] for k in range(*j.indices(len(self)))]
+        i = self.todo[j]
+        return {"path": self.listing.paths[i], "size": self.listing.sizes[i], "mtime_ns": self.listing.mtimes[i]}
 
 
 def _count(batch: Any, summary: ArchiveSummary) -> None:

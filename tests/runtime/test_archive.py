@@ -8,6 +8,7 @@ failure.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -179,6 +180,17 @@ def test_pending_skips_same_path_size_mtime_only() -> None:
     assert archive.pending(listing, done) == [1, 2]
 
 
+def test_dataset_rows_are_the_pending_listing_rows_made_on_demand() -> None:
+    listing = archive.Listing()
+    for i in range(5):
+        listing.add(f"/x/{i}.png", 10 + i, 100 + i)
+    rows = archive._Rows(listing, [1, 3, 4])
+    assert len(rows) == 3
+    assert rows[0] == {"path": "/x/1.png", "size": 11, "mtime_ns": 101}
+    assert rows[-1]["path"] == "/x/4.png" and [r["path"] for r in rows[1:]] == ["/x/3.png", "/x/4.png"]
+    assert [r["size"] for r in rows] == [11, 13, 14]
+
+
 def test_read_bytes_turns_an_unreadable_file_into_an_error(tmp_path: Path) -> None:
     (tmp_path / "empty.png").write_bytes(b"")
     out = archive.read_bytes({"path": np.array([str(tmp_path / "none.png"), str(tmp_path / "empty.png")],
@@ -276,6 +288,11 @@ def test_kill_the_driver_mid_job_then_rerun_loses_and_duplicates_nothing(cluster
     # The rerun's two actors (one CPU each) sat on the two nodes.
     rerun_nodes = {row["worker"].split(":")[0] for p, row in rows.items() if p not in before}
     assert len(rerun_nodes) == 2, rerun_nodes
+
+    # The rerun timed its start-up phases, in order, in its summary.
+    phases = json.loads((out / archive.SUMMARY_FILE).read_text())["phases"]
+    assert list(phases) == ["model", "listed", "resume_read", "ray_ready", "first_rows", "done"], phases
+    assert list(phases.values()) == sorted(phases.values())
 
     # A third run has nothing left to do and starts no Ray job.
     s = archive.run_archive(archive.ArchiveConfig(str(images), str(out), str(tiny), address=cluster,
