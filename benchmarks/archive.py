@@ -33,10 +33,13 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 # ------------------------------------------------------------------------------------------------ images
-def generate(folder: Path, n: int, size: int, pool: int = 32, seed: int = 0, progress: bool = True) -> Path:
-    """``n`` PNG files of ``size``² px under ``folder`` (1000 per sub-folder); kept if already there."""
+def generate(folder: Path, n: int, size: int, pool: int = 32, seed: int = 0, progress: bool = True,
+             links: bool = False) -> Path:
+    """``n`` PNG files of ``size``² px under ``folder`` (1000 per sub-folder); kept if already there. ``links``: the
+    ``pool`` distinct files are written once and the rest are hard links to them (distinct paths, each read and
+    decoded in full, but a 50k-image folder costs the disk only the pool)."""
     marker = folder / "_generated.json"
-    want = {"images": n, "size": size, "pool": pool, "seed": seed}
+    want = {"images": n, "size": size, "pool": pool, "seed": seed} | ({"links": True} if links else {})
     if marker.is_file() and json.loads(marker.read_text()) == want:
         return folder
     import cv2
@@ -53,12 +56,18 @@ def generate(folder: Path, n: int, size: int, pool: int = 32, seed: int = 0, pro
         img, _ = render_sample(cls, image_rng(seed, cls, k), size=size)
         blobs.append((cls, cv2.imencode(".png", img)[1].tobytes()))
     bar = _bar(n, "images", progress)
+    first: list[Path] = []
     for i in range(n):
         cls, blob = blobs[i % len(blobs)]
         sub = folder / f"d{i // 1000:04d}"
         if i % 1000 == 0:
             sub.mkdir(exist_ok=True)
-        (sub / f"{i:07d}_{cls}.png").write_bytes(blob)
+        path = sub / f"{i:07d}_{cls}.png"
+        if links and i >= len(blobs):
+            os.link(first[i % len(blobs)], path)
+        else:
+            path.write_bytes(blob)
+            first.append(path)
         bar.update(1)
     bar.close()
     marker.write_text(json.dumps(want) + "\n")
@@ -99,13 +108,23 @@ def _proc(pid: int) -> tuple[float, int, str] | None:
     return (int(fields[11]) + int(fields[12])) / CLK, rss, cmd
 
 
+def _is_model_worker(cmdline: str) -> bool:
+    return "MapWorker" in cmdline or "ArchiveWorker" in cmdline
+
+
 class Monitor(threading.Thread):
     """Samples the process trees under ``roots`` every ``interval`` s: peak RSS per process and in total, and the
     CPU seconds they used (processes already running at start count from then on)."""
 
-    def __init__(self, roots: Sequence[int], interval: float = 0.25) -> None:
+    def __init__(self, roots: Sequence[int], interval: float = 0.25, series_every: float = 0.0,
+                 progress: Any = None) -> None:
         super().__init__(daemon=True)
         self.roots, self.interval = list(roots), interval
+        #: Every ``series_every`` s (0: never) one row: seconds, images done (``progress()``), driver, largest
+        #: model worker and all processes' RSS in MB; shows whether memory grows with the images processed.
+        self.series_every, self.progress = series_every, progress
+        self.series: list[tuple[float, int, float, float, float]] = []
+        self.t0 = self.next_row = time.monotonic()
         self.stop_event = threading.Event()
         self.cpu0: dict[int, float] = {}
         self.cpu: dict[int, float] = {}
@@ -118,6 +137,7 @@ class Monitor(threading.Thread):
         kids = _children()
         todo, seen = list(self.roots), set()
         total = 0
+        rss_now: dict[int, int] = {}
         while todo:
             pid = todo.pop()
             if pid in seen:
@@ -135,7 +155,15 @@ class Monitor(threading.Thread):
             if cmd.strip():
                 self.cmd[pid] = cmd
             total += rss
+            rss_now[pid] = rss
         self.peak_total = max(self.peak_total, total)
+        now = time.monotonic()
+        if self.series_every and now >= self.next_row:
+            self.next_row = now + self.series_every
+            workers = [rss_now[p] for p in rss_now if _is_model_worker(self.cmd.get(p, ""))]
+            done = self.progress() if self.progress else 0
+            self.series.append((round(now - self.t0, 1), done, rss_now.get(self.roots[0], 0) / 2**20,
+                                max(workers, default=0) / 2**20, total / 2**20))
 
     def run(self) -> None:
         while not self.stop_event.wait(self.interval):
@@ -145,7 +173,7 @@ class Monitor(threading.Thread):
         self.stop_event.set()
         self.join()
         cpu = sum(self.cpu[p] - self.cpu0.get(p, 0.0) for p in self.cpu)
-        workers = [p for p, c in self.cmd.items() if "MapWorker" in c or "ArchiveWorker" in c]
+        workers = [p for p, c in self.cmd.items() if _is_model_worker(c)]
         driver = max((self.peak.get(r, 0) for r in self.roots[:1]), default=0)
         return {"cpu_s": cpu, "driver_peak_mb": driver / 2**20,
                 "worker_peak_mb": max((self.peak[p] for p in workers), default=0) / 2**20,
@@ -154,17 +182,45 @@ class Monitor(threading.Thread):
 
 # ------------------------------------------------------------------------------------------------ runs
 def _timed(cmd: list[str], roots_extra: Sequence[int] = (), env: dict[str, str] | None = None,
-           log: Path | None = None) -> dict[str, Any]:
-    t0 = time.perf_counter()
+           log: Path | None = None, rss_every: float = 0.0, progress: Any = None) -> dict[str, Any]:
+    t0, t0_unix = time.perf_counter(), time.time()
     with open(log or os.devnull, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    mon = Monitor([proc.pid, *roots_extra])
+    mon = Monitor([proc.pid, *roots_extra], series_every=rss_every, progress=progress)
     mon.start()
     rc = proc.wait()
     wall = time.perf_counter() - t0
     res = mon.stop()
-    res.update(rc=rc, wall_s=wall, cores=res["cpu_s"] / wall if wall else 0.0)
+    res.update(rc=rc, wall_s=wall, cores=res["cpu_s"] / wall if wall else 0.0, t0_unix=t0_unix,
+               rss_series=mon.series)
     return res
+
+
+def _result_times(res: dict[str, Any], times: list[float]) -> None:
+    """Seconds from the process start to its first result, and from its last result to its exit (start-up and
+    shut-down: what a short job does not amortise)."""
+    if times:
+        res["first_result_s"] = min(times) - res["t0_unix"]
+        res["exit_after_last_s"] = res["wall_s"] - (max(times) - res["t0_unix"])
+
+
+class _PartRows:
+    """Rows in the complete Parquet parts of an archive ``--out`` so far (read from each part's footer once)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.seen: dict[str, int] = {}
+
+    def __call__(self) -> int:
+        import pyarrow.parquet as pq
+
+        for part in self.out.glob("part-*.parquet"):
+            if part.name not in self.seen:
+                try:
+                    self.seen[part.name] = pq.read_metadata(part).num_rows
+                except OSError:
+                    continue
+        return sum(self.seen.values())
 
 
 def _steady(times: list[float]) -> float:
@@ -183,11 +239,13 @@ def run_single(images: Path, n: int, work: Path, model: str | None) -> dict[str,
     res = _timed(cmd, log=work / "single.log")
     times = [json.loads(line)["unix_time"] for line in rec.read_text().splitlines() if line.strip()]
     res.update(name="runtime.run (1 process)", rows=len(times), steady_ips=_steady(times))
+    _result_times(res, times)
     return res
 
 
 def run_archive(images: Path, n: int, work: Path, model: str | None, workers: int, address: str | None,
-                roots: Sequence[int] = (), name: str = "", batch_size: int = 16) -> dict[str, Any]:
+                roots: Sequence[int] = (), name: str = "", batch_size: int = 16,
+                rss_every: float = 0.0) -> dict[str, Any]:
     from runtime.archive import read_results
 
     out = work / f"archive_{name or workers}"
@@ -196,13 +254,18 @@ def run_archive(images: Path, n: int, work: Path, model: str | None, workers: in
            str(workers), "--batch-size", str(batch_size), "--no-progress"] + (["--model", model] if model else [])
     if address:
         cmd += ["--address", address]
-    res = _timed(cmd, roots, env={"RAY_AUTH_MODE": "disabled"}, log=work / f"archive_{name or workers}.log")
+    res = _timed(cmd, roots, env={"RAY_AUTH_MODE": "disabled"}, log=work / f"archive_{name or workers}.log",
+                 rss_every=rss_every, progress=_PartRows(out))
     t = read_results(out, latest=False)
     paths = t.column("path").to_pylist()
+    times = t.column("finished_at").to_pylist()
     res.update(name=f"runtime.archive, {name or 'local'} ({workers} worker{'s' * (workers > 1)})", rows=len(paths),
                duplicates=len(paths) - len(set(paths)),
-               errors=sum(1 for e in t.column("error").to_pylist() if e),
-               steady_ips=_steady(t.column("finished_at").to_pylist()))
+               errors=sum(1 for e in t.column("error").to_pylist() if e), steady_ips=_steady(times))
+    _result_times(res, times)
+    summary = out / "_summary.json"
+    if summary.is_file():
+        res["phases"] = json.loads(summary.read_text()).get("phases", {})
     return res
 
 
@@ -252,21 +315,36 @@ def stop_cluster(procs: list[subprocess.Popen]) -> None:
 
 def table(results: list[dict[str, Any]], n: int) -> str:
     best_single = max((r["rows"] / r["wall_s"] for r in results if r["name"].startswith("runtime.run")), default=0)
-    lines = ["| run | images/s end to end | steady images/s | vs 1 process | CPU cores | driver peak MB | "
-             "largest worker MB | all processes peak MB | rows | duplicates | rc |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | images/s end to end | steady images/s | vs 1 process | first result s | exit after last s | "
+             "CPU cores | driver peak MB | largest worker MB | all processes peak MB | rows | duplicates | rc |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ips = r["rows"] / r["wall_s"] if r["wall_s"] else 0.0
         lines.append(f"| {r['name']} | {ips:.1f} | {r['steady_ips']:.1f} | "
-                     f"{ips / best_single if best_single else 0:.2f}x | {r['cores']:.2f} | {r['driver_peak_mb']:.0f} | "
+                     f"{ips / best_single if best_single else 0:.2f}x | {r.get('first_result_s', 0):.1f} | "
+                     f"{r.get('exit_after_last_s', 0):.1f} | "
+                     f"{r['cores']:.2f} | {r['driver_peak_mb']:.0f} | "
                      f"{r['worker_peak_mb']:.0f} | {r['total_peak_mb']:.0f} | {r['rows']}/{n} | "
                      f"{r.get('duplicates', '-')} | {r['rc']} |")
     return "\n".join(lines)
 
 
+def rss_trend(series: list[tuple[float, int, float, float, float]]) -> str:
+    """RSS at a few points of the job (by images done): flat if memory does not grow with the images processed."""
+    done = [r for r in series if r[1] > 0]
+    if not done:
+        return "rss: no parts written while sampling"
+    last = done[-1][1]
+    lines = ["| images done | driver MB | largest worker MB | all processes MB |", "|---|---|---|---|"]
+    for frac in (0.1, 0.25, 0.5, 0.75, 1.0):
+        row = next(r for r in done if r[1] >= frac * last)
+        lines.append(f"| {row[1]} | {row[2]:.0f} | {row[3]:.0f} | {row[4]:.0f} |")
+    return "\n".join(lines)
+
+
 EPILOG = """examples:
   python -m benchmarks.archive --images 2000 --out runs/archive_bench
-  python -m benchmarks.archive --images 20000 --out runs/archive_bench --runs ray2      # memory on a large folder
+  python -m benchmarks.archive --images 50000 --links --out runs/archive_50k --runs ray2 --rss-every 1   # memory
 """
 
 
@@ -280,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--runs", nargs="+", default=["single", "ray1", "ray2", "cluster"],
                    choices=("single", "ray1", "ray2", "cluster"), help="which runs (default: all)")
+    p.add_argument("--pool", type=int, default=32, help="distinct generated frames (default %(default)s)")
+    p.add_argument("--links", action="store_true",
+                   help="images beyond the pool are hard links to it (distinct paths, real reads; little disk)")
+    p.add_argument("--rss-every", type=float, default=0.0, metavar="S",
+                   help="also record RSS every S seconds against images done (OUT/rss_<run>.csv), to see whether "
+                   "memory grows with the images processed")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 
@@ -290,23 +374,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()[0]
-    images = generate(work / "images", args.images, args.size, progress=args.progress)
+    images = generate(work / "images", args.images, args.size, pool=args.pool, progress=args.progress,
+                      links=args.links)
     results: list[dict[str, Any]] = []
     for run in args.runs:
         if run == "single":
             results.append(run_single(images, args.images, work, args.model))
         elif run in ("ray1", "ray2"):
             results.append(run_archive(images, args.images, work, args.model, int(run[-1]), None,
-                                       batch_size=args.batch_size))
+                                       batch_size=args.batch_size, rss_every=args.rss_every))
         else:
             addr, procs = start_cluster(work)
             try:
                 results.append(run_archive(images, args.images, work, args.model, 2, addr,
                                            [p.pid for p in procs], name="two-node cluster",
-                                           batch_size=args.batch_size))
+                                           batch_size=args.batch_size, rss_every=args.rss_every))
             finally:
                 stop_cluster(procs)
         print(table(results, args.images).splitlines()[-1], file=sys.stderr, flush=True)
+        if results[-1]["rss_series"]:
+            csv = work / f"rss_{run}.csv"
+            csv.write_text("seconds,images_done,driver_mb,largest_worker_mb,all_mb\n" + "".join(
+                f"{t},{n},{d:.0f},{w:.0f},{a:.0f}\n" for t, n, d, w, a in results[-1]["rss_series"]))
+            print(rss_trend(results[-1]["rss_series"]), file=sys.stderr, flush=True)
     text = table(results, args.images)
     print(f"{args.images} images of {args.size}² px, {os.cpu_count()} CPUs, load average {load:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after\n{text}")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.archive import Monitor, generate, main
+from benchmarks.archive import Monitor, generate, main, rss_trend
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,6 +44,33 @@ def test_generate_once_and_reuse(tmp_path: Path) -> None:
     assert files[0].stat().st_mtime_ns == stamp  # kept, not rewritten
 
 
+def test_generate_with_hard_links_gives_distinct_paths_to_the_pool(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    folder = generate(tmp_path / "images", 7, 64, pool=3, progress=False, links=True)
+    files = sorted(folder.rglob("*.png"))
+    assert len({str(f) for f in files}) == 7 and len({f.stat().st_ino for f in files}) == 3
+    assert files[0].read_bytes() == files[3].read_bytes() == files[6].read_bytes() != files[1].read_bytes()
+    assert files[0].stat().st_nlink == 3
+    plain = generate(tmp_path / "images", 7, 64, pool=3, progress=False)  # another layout: made again
+    assert len({f.stat().st_ino for f in plain.rglob("*.png")}) == 7
+
+
+def test_monitor_series_follows_progress_and_trend_table() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(80 << 20); time.sleep(1.2)"])
+    done = iter(range(0, 10_000, 100))
+    mon = Monitor([proc.pid], interval=0.05, series_every=0.1, progress=lambda: next(done))
+    mon.start()
+    proc.wait(timeout=60)
+    mon.stop()
+    assert len(mon.series) >= 3
+    seconds, images = [r[0] for r in mon.series], [r[1] for r in mon.series]
+    assert seconds == sorted(seconds) and images == sorted(images)
+    assert max(r[2] for r in mon.series) >= 80 and all(r[4] >= r[2] for r in mon.series)
+    table = rss_trend(mon.series)
+    assert table.splitlines()[0].startswith("| images done | driver MB") and len(table.splitlines()) == 7
+    assert rss_trend([(0.0, 0, 1.0, 0.0, 1.0)]).startswith("rss: no parts")
+
+
 @pytest.mark.slow
 def test_benchmark_single_process_and_ray(tmp_path: Path) -> None:
     try:
@@ -60,5 +87,8 @@ def test_benchmark_single_process_and_ray(tmp_path: Path) -> None:
     assert single["rows"] == ray2["rows"] == 12 and ray2["duplicates"] == 0
     assert ray2["model_workers"] >= 2 and ray2["worker_peak_mb"] > 50 and ray2["driver_peak_mb"] > 50
     assert single["wall_s"] > 0 and single["cpu_s"] > 0
+    # Start-up and shut-down are reported apart from the steady rate.
+    assert 0 < ray2["first_result_s"] < ray2["wall_s"] and 0 <= ray2["exit_after_last_s"] < ray2["wall_s"]
+    assert "first_rows" in ray2["phases"]
     md = (tmp_path / "archive_bench.md").read_text()
     assert "runtime.run (1 process)" in md and "runtime.archive, local (2 workers)" in md
