@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.artifacts import GOLDEN_SUFFIX  # beside artifacts that cannot hold metadata (the artifact table)
+from runtime.artifacts import GOLDEN_SUFFIX, read_onnx_props
 from runtime.backend import Backend
 from runtime.errors import MetadataError, SelfCheckError
 from runtime.files import sha256_bytes
@@ -235,19 +235,14 @@ def write_golden_sidecar(artifact: str | os.PathLike[str], goldens: Goldens) -> 
 
 def read_goldens(artifact: str | os.PathLike[str], props: Mapping[str, str] | None = None) -> Goldens | None:
     """The artifact's golden references: ``<artifact>.golden.json`` if present, else the ONNX metadata entry
-    (``props`` when the caller has them, else read through ONNX Runtime). ``None`` when it has none."""
+    (``props`` when the caller has them, else read from the file). ``None`` when it has none."""
     side = golden_sidecar_path(artifact)
     if side.is_file():
         return Goldens.from_json(side.read_text(encoding="utf-8"), str(side))
     if props is None:
         if Path(artifact).suffix.lower() != ".onnx":
             return None
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(str(artifact), so, providers=["CPUExecutionProvider"])
-        props = sess.get_modelmeta().custom_metadata_map
+        props = read_onnx_props(artifact)
     text = props.get(GOLDEN_KEY)
     return None if text is None else Goldens.from_json(text, f"{artifact} (metadata {GOLDEN_KEY!r})")
 
