@@ -212,6 +212,111 @@ def _float_tensors(model: onnx.ModelProto) -> set[str]:
     return names | {t.name for t in g.initializer if t.data_type == TensorProto.FLOAT}
 
 
+def _fp32_head(g: onnx.GraphProto, keep_fp32_outputs: Sequence[str]) -> tuple[set[int], set[str]]:
+    """The nodes (and their output tensors) that only the ``keep_fp32_outputs`` depend on: they stay float32."""
+    out_names = [o.name for o in g.output]
+    keep = set(keep_fp32_outputs)
+    unknown = keep - set(out_names)
+    if unknown:
+        raise ValueError(f"convert_to_fp16: keep_fp32_outputs {sorted(unknown)} are not graph outputs {out_names}")
+    fp32_nodes = _cone(g, sorted(keep)) - _cone(g, [o for o in out_names if o not in keep]) if keep else set()
+    return fp32_nodes, {o for i in fp32_nodes for o in g.node[i].output}
+
+
+def _prepare_qdq_for_fp16(m: onnx.ModelProto) -> None:
+    """Raise the opset of a Q/DQ graph to :data:`QDQ_FP16_OPSET`; refuse a scale FP16 cannot represent."""
+    from onnx import TensorProto, numpy_helper
+
+    qdq = [n for n in m.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    if not qdq:
+        return
+    for op in m.opset_import:
+        if op.domain in ("", "ai.onnx") and op.version < QDQ_FP16_OPSET:
+            op.version = QDQ_FP16_OPSET
+    scales = {n.input[1] for n in qdq}
+    for t in m.graph.initializer:
+        if t.name in scales and t.data_type == TensorProto.FLOAT:
+            a = np.abs(numpy_helper.to_array(t))
+            if (a[a > 0] < FP16_TINY).any():
+                raise ValueError(f"convert_to_fp16: Q/DQ scale {t.name!r} has values down to {a[a > 0].min():.3g}, "
+                                 f"below what FP16 can hold ({FP16_TINY:.3g}); recalibrate, or keep that layer "
+                                 "float (--cpu-keep-float / nodes_to_exclude)")
+
+
+def _to16(t: onnx.TensorProto) -> onnx.TensorProto:
+    """A float32 tensor as float16, clamped to FP16's range; any other tensor unchanged."""
+    from onnx import TensorProto, numpy_helper
+
+    if t.data_type != TensorProto.FLOAT:
+        return t
+    a = numpy_helper.to_array(t)
+    return numpy_helper.from_array(np.clip(a, -FP16_MAX, FP16_MAX).astype(np.float16), t.name)
+
+
+def _retype_to_fp16(g: onnx.GraphProto, fp16_nodes: Sequence[int], fp32_tensors: set[str]) -> None:
+    """Initialisers read by any FP16 node, the FP16 nodes' tensor attributes and ``Cast(to=FLOAT)`` targets, and
+    every float value type outside the FP32 head become float16 (an FP32 node reading one gets a cast later)."""
+    from onnx import TensorProto
+
+    fp16_inits = {x for i in fp16_nodes for x in g.node[i].input}
+    new_inits = [_to16(t) if t.name in fp16_inits else t for t in g.initializer]
+    del g.initializer[:]
+    g.initializer.extend(new_inits)
+    for i in fp16_nodes:
+        n = g.node[i]
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == TensorProto.FLOAT:
+                a.t.CopyFrom(_to16(a.t))
+            if n.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT:
+                a.i = TensorProto.FLOAT16
+    for vi in g.value_info:
+        if vi.type.tensor_type.elem_type == TensorProto.FLOAT and vi.name not in fp32_tensors:
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+
+
+def _cast(x: str, y: str, name: str, to: int) -> onnx.NodeProto:
+    from onnx import helper
+
+    return helper.make_node("Cast", [x], [y], name=name, to=to)
+
+
+def _insert_casts(g: onnx.GraphProto, fp32_nodes: set[int], floats: set[str], fp32_tensors: set[str]) -> None:
+    """Cast the float32 graph inputs down, each float32 output back up right after its producer (so nodes reading
+    an output see a valid float32 tensor), and each FP16 tensor the FP32 head reads up, once."""
+    from onnx import TensorProto
+
+    F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
+    init_names = {t.name for t in g.initializer}
+    fp16_init_names = {t.name for t in g.initializer if t.data_type == F16}
+    inputs16 = {inp.name: inp.name + "_fp16" for inp in g.input
+                if inp.type.tensor_type.elem_type == F32 and inp.name not in init_names}
+    outputs16 = {o.name: o.name + "_fp16" for o in g.output
+                 if o.type.tensor_type.elem_type == F32 and o.name not in fp32_tensors}
+    fp16_elsewhere = floats - fp32_tensors - init_names - inputs16.keys() - outputs16.keys()
+    nodes = [_cast(x, x16, x + "_to_fp16", F16) for x, x16 in inputs16.items()]
+    up_casts: dict[str, str] = {}
+    for i, n in enumerate(g.node):
+        if i in fp32_nodes:
+            for j, x in enumerate(n.input):
+                if x in fp16_init_names or x in fp16_elsewhere:  # an FP16 tensor read by the FP32 head
+                    if x not in up_casts:
+                        up_casts[x] = x + "_fp32"
+                        nodes.append(_cast(x, up_casts[x], x + "_to_fp32", F32))
+                    n.input[j] = up_casts[x]
+            nodes.append(n)
+            continue
+        n.input[:] = [inputs16.get(x, outputs16.get(x, x)) for x in n.input]
+        n.output[:] = [outputs16.get(x, x) for x in n.output]
+        nodes.append(n)
+        nodes += [_cast(x16, x, x + "_to_fp32", F32) for x, x16 in outputs16.items() if x16 in n.output]
+    del g.node[:]
+    g.node.extend(nodes)
+    outputs = {o.name for o in g.output}
+    kept = [vi for vi in g.value_info if vi.name not in outputs]  # an output's name now means its float32 cast
+    del g.value_info[:]
+    g.value_info.extend(kept)
+
+
 def convert_to_fp16(model: onnx.ModelProto, keep_fp32_outputs: Sequence[str] = ()) -> onnx.ModelProto:
     """Float32 graph → float16 inside, float32 at the inputs and outputs (like ``keep_io_types=True``).
 
@@ -226,92 +331,14 @@ def convert_to_fp16(model: onnx.ModelProto, keep_fp32_outputs: Sequence[str] = (
     DequantizeLinear outputs float16 and the layers between Q/DQ pairs run in FP16 in a strongly typed TensorRT
     build (with float32 scales they would all run in FP32). A scale that FP16 cannot represent is refused.
     """
-    from onnx import TensorProto, helper, numpy_helper
-
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
-    F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
     floats = _float_tensors(m)
-    out_names = [o.name for o in g.output]
-    keep = set(keep_fp32_outputs)
-    unknown = keep - set(out_names)
-    if unknown:
-        raise ValueError(f"convert_to_fp16: keep_fp32_outputs {sorted(unknown)} are not graph outputs {out_names}")
-    fp32_nodes = _cone(g, sorted(keep)) - _cone(g, [o for o in out_names if o not in keep]) if keep else set()
-    fp16_nodes = [i for i in range(len(g.node)) if i not in fp32_nodes]
-    fp32_tensors = {o for i in fp32_nodes for o in g.node[i].output}
-
-    qdq = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
-    if qdq:
-        for op in m.opset_import:
-            if op.domain in ("", "ai.onnx") and op.version < QDQ_FP16_OPSET:
-                op.version = QDQ_FP16_OPSET
-        scales = {n.input[1] for n in qdq}
-        for t in g.initializer:
-            if t.name in scales and t.data_type == F32:
-                a = np.abs(numpy_helper.to_array(t))
-                if (a[a > 0] < FP16_TINY).any():
-                    raise ValueError(f"convert_to_fp16: Q/DQ scale {t.name!r} has values down to {a[a > 0].min():.3g}, "
-                                     f"below what FP16 can hold ({FP16_TINY:.3g}); recalibrate, or keep that layer "
-                                     "float (--cpu-keep-float / nodes_to_exclude)")
-
-    def to16(t: TensorProto) -> TensorProto:
-        if t.data_type != F32:
-            return t
-        a = numpy_helper.to_array(t)
-        return numpy_helper.from_array(np.clip(a, -FP16_MAX, FP16_MAX).astype(np.float16), t.name)
-
-    # Initialisers read by any FP16 node become FP16 (an FP32 node reading one gets a cast, like any FP16 tensor).
-    fp16_inits = {x for i in fp16_nodes for x in g.node[i].input}
-    new_inits = [to16(t) if t.name in fp16_inits else t for t in g.initializer]
-    del g.initializer[:]
-    g.initializer.extend(new_inits)
-    init_names = {t.name for t in g.initializer}
-    fp16_init_names = {t.name for t in g.initializer if t.data_type == F16}
-    for i in fp16_nodes:
-        n = g.node[i]
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == F32:
-                a.t.CopyFrom(to16(a.t))
-            if n.op_type == "Cast" and a.name == "to" and a.i == F32:
-                a.i = F16
-    for vi in g.value_info:
-        if vi.type.tensor_type.elem_type == F32 and vi.name not in fp32_tensors:
-            vi.type.tensor_type.elem_type = F16
-
-    inputs16 = {inp.name: inp.name + "_fp16" for inp in g.input
-                if inp.type.tensor_type.elem_type == F32 and inp.name not in init_names}
-    outputs16 = {o.name: o.name + "_fp16" for o in g.output
-                 if o.type.tensor_type.elem_type == F32 and o.name not in fp32_tensors}
-    nodes = [helper.make_node("Cast", [x], [x16], name=x + "_to_fp16", to=F16) for x, x16 in inputs16.items()]
-    up_casts: dict[str, str] = {}
-    for i, n in enumerate(g.node):
-        if i in fp32_nodes:
-            for j, x in enumerate(n.input):
-                fp16_here = x in fp16_init_names or (x in floats and x not in fp32_tensors and x not in init_names
-                                                     and x not in inputs16 and x not in outputs16)
-                if fp16_here:  # an FP16 tensor read by the FP32 head: cast it up once
-                    if x not in up_casts:
-                        up_casts[x] = x + "_fp32"
-                        nodes.append(helper.make_node("Cast", [x], [up_casts[x]], name=x + "_to_fp32", to=F32))
-                    n.input[j] = up_casts[x]
-            nodes.append(n)
-            continue
-        for j, x in enumerate(n.input):
-            n.input[j] = inputs16.get(x, outputs16.get(x, x))
-        for j, x in enumerate(n.output):
-            n.output[j] = outputs16.get(x, x)
-        nodes.append(n)
-        for x, x16 in outputs16.items():
-            if x16 in n.output:  # the float32 output right after its producer: later readers see it in order
-                nodes.append(helper.make_node("Cast", [x16], [x], name=x + "_to_fp32", to=F32))
-    del g.node[:]
-    g.node.extend(nodes)
-    outputs = {o.name for o in g.output}
-    kept = [vi for vi in g.value_info if vi.name not in outputs]  # an output's name now means its float32 cast
-    del g.value_info[:]
-    g.value_info.extend(kept)
+    fp32_nodes, fp32_tensors = _fp32_head(g, keep_fp32_outputs)
+    _prepare_qdq_for_fp16(m)
+    _retype_to_fp16(g, [i for i in range(len(g.node)) if i not in fp32_nodes], fp32_tensors)
+    _insert_casts(g, fp32_nodes, floats, fp32_tensors)
     onnx.checker.check_model(m)
     return m
 
