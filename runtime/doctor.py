@@ -77,6 +77,11 @@ def _major(version: str) -> int:
         return 0
 
 
+def _known(cuda_version: str) -> bool:
+    """Whether a CUDA version read from the driver is a real one (not absent, "none" or "unknown")."""
+    return cuda_version not in ("", "none", "unknown")
+
+
 def _read(path: str) -> str:
     try:
         return Path(path).read_text(errors="replace").strip()
@@ -194,17 +199,25 @@ class Doctor:
                 driver_cuda, runtime_cuda = cb.driver_and_runtime_versions()
             except Exception:  # noqa: BLE001
                 driver_cuda = runtime_cuda = "unknown"
-        has_driver = bool(driver_text) or driver_cuda not in ("", "none", "unknown")
-        if self.trt is None and not has_driver:
-            self.applicable = False
-            why = ("no NVIDIA GPU or driver and no TensorRT on this machine: the TensorRT backend does not apply "
-                   "(this machine runs models with ONNX Runtime)")
-            self.add("gpu stack", "SKIP", why)
-            for name in ("cuda-python", "driver", "cuda runtime", "gpu", "tensorrt", "pinned memory", "engines"):
-                self.add(name, "SKIP", "no GPU stack here")
+        if self.trt is None and not (driver_text or _known(driver_cuda)):
+            self.not_applicable()
             return
-
         cp_version = cb.cuda_python_version() if self.cb is not None else ""
+        self.cuda_python(cp_version)
+        self.driver(driver_text, driver_cuda)
+        self.cuda_runtime(cp_version, driver_cuda, runtime_cuda)
+        self.gpu()
+        self.tensorrt(cp_version, driver_cuda)
+
+    def not_applicable(self) -> None:
+        self.applicable = False
+        why = ("no NVIDIA GPU or driver and no TensorRT on this machine: the TensorRT backend does not apply "
+               "(this machine runs models with ONNX Runtime)")
+        self.add("gpu stack", "SKIP", why)
+        for name in ("cuda-python", "driver", "cuda runtime", "gpu", "tensorrt", "pinned memory", "engines"):
+            self.add(name, "SKIP", "no GPU stack here")
+
+    def cuda_python(self, cp_version: str) -> None:
         if self.cb is None:
             self.add("cuda-python", "FAIL", "not installed (the TensorRT backend's CUDA buffers need it)",
                      f"{INSTALL} (CUDA 12 drivers, JetPack 6) or the [tensorrt-cu13] extra (driver >= 580)")
@@ -212,35 +225,39 @@ class Doctor:
             module = getattr(self.cb.cudart(), "__name__", "cuda-python")
             self.add("cuda-python", "PASS", f"{cp_version or 'unknown version'} ({module})")
 
+    def driver(self, driver_text: str, driver_cuda: str) -> None:
         if driver_cuda in ("none", "") and not driver_text:
             self.add("driver", "FAIL", "no NVIDIA driver is loaded", "install the NVIDIA driver (on Jetson: JetPack)")
         else:
             self.add("driver", "PASS", ", ".join(x for x in (driver_text, f"supports CUDA {driver_cuda}"
                                                               if driver_cuda else "") if x))
 
-        if self.cb is not None and driver_cuda not in ("", "none", "unknown") and runtime_cuda not in ("", "unknown"):
-            fits = _major(driver_cuda) >= _major(runtime_cuda)
-            self.add("cuda runtime", "PASS" if fits else "FAIL",
-                     f"cuda-python {cp_version} uses CUDA {runtime_cuda}; the driver supports CUDA {driver_cuda}"
-                     + ("" if fits else ": the driver is too old for it"),
-                     "" if fits else f"pip install 'cuda-python>=12.6,<13' ({INSTALL}), or update the driver "
-                                     f"to one for CUDA {_major(runtime_cuda)} (>= 580 for CUDA 13)")
-        else:
+    def cuda_runtime(self, cp_version: str, driver_cuda: str, runtime_cuda: str) -> None:
+        if self.cb is None or not _known(driver_cuda) or runtime_cuda in ("", "unknown"):
             self.add("cuda runtime", "SKIP", "needs cuda-python and a driver")
+            return
+        fits = _major(driver_cuda) >= _major(runtime_cuda)
+        self.add("cuda runtime", "PASS" if fits else "FAIL",
+                 f"cuda-python {cp_version} uses CUDA {runtime_cuda}; the driver supports CUDA {driver_cuda}"
+                 + ("" if fits else ": the driver is too old for it"),
+                 "" if fits else f"pip install 'cuda-python>=12.6,<13' ({INSTALL}), or update the driver "
+                                 f"to one for CUDA {_major(runtime_cuda)} (>= 580 for CUDA 13)")
 
-        if self.cb is not None:
-            problem = cb.gpu_problem(self.device)
-            if problem:
-                self.add("gpu", "FAIL", problem.split("; ", 1)[0],
-                         problem.split("; ", 1)[1] if "; " in problem else "check nvidia-smi")
-            else:
-                p = cb.gpu_properties(self.device)
-                self.gpu_ok = True
-                self.add("gpu", "PASS", f"{p.name}, compute capability {p.compute_capability[0]}."
-                         f"{p.compute_capability[1]}, {p.multiprocessors} SMs, {p.memory_bytes / 2**30:.1f} GiB")
-        else:
+    def gpu(self) -> None:
+        if self.cb is None:
             self.add("gpu", "SKIP", "needs cuda-python")
+            return
+        problem = self.cb.gpu_problem(self.device)
+        if problem:
+            self.add("gpu", "FAIL", problem.split("; ", 1)[0],
+                     problem.split("; ", 1)[1] if "; " in problem else "check nvidia-smi")
+            return
+        p = self.cb.gpu_properties(self.device)
+        self.gpu_ok = True
+        self.add("gpu", "PASS", f"{p.name}, compute capability {p.compute_capability[0]}."
+                 f"{p.compute_capability[1]}, {p.multiprocessors} SMs, {p.memory_bytes / 2**30:.1f} GiB")
 
+    def tensorrt(self, cp_version: str, driver_cuda: str) -> None:
         if self.trt is None:
             self.add("tensorrt", "FAIL", "not installed, though this machine has an NVIDIA driver",
                      f"{INSTALL} (CUDA 12 drivers), the [tensorrt-cu13] extra (driver >= 580), or on Jetson the "
@@ -252,7 +269,7 @@ class Doctor:
         if _major(version) < 10 or (_major(version) == 10 and tuple(map(int, version.split(".")[:2])) < (10, 3)):
             problems.append("TensorRT 10.3 or newer is needed")
             fixes.append(INSTALL)
-        if cuda_major and driver_cuda not in ("", "none", "unknown") and cuda_major > _major(driver_cuda):
+        if cuda_major and _known(driver_cuda) and cuda_major > _major(driver_cuda):
             problems.append(f"built for CUDA {cuda_major}, the driver supports CUDA {driver_cuda}")
             fixes.append(f"{INSTALL} (tensorrt-cu12 < 11), or update the driver")
         if cuda_major and cp_version and _major(cp_version) != cuda_major:
