@@ -266,21 +266,32 @@ class TrtBackend(ClosingContext):
                                             compute_capability=self.compute_capability, engine_bytes=blob):
                 warnings.warn(note, RuntimeWarning, stacklevel=2)
         self._rebuild = rebuild_command(self.path, sidecar)
+        self._deserialize(trt, blob)
+        del blob
+        shapes, dtypes = self._io_tensors(trt)
+        self._set_batch_range(shapes[self.input_name], max_batch)
+        self.input_shape = (self.meta.channels, *self.meta.input_size)
+        self.input_dtype = dtypes[self.input_name]
+        self._dtypes = dtypes
+        self._allocate(shapes, dtypes)
 
+    def _deserialize(self, trt: Any, blob: bytes) -> None:
+        """The engine from ``blob`` and its first execution context, on one user-managed device-memory block."""
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self._engine = self._runtime.deserialize_cuda_engine(blob)
-        del blob
         if self._engine is None:
             raise MetadataError(f"{self.path}: TensorRT {trt.__version__} could not deserialize this engine (built "
                                 f"for another TensorRT version or GPU, or corrupt). Rebuild it: {self._rebuild}")
         self._trt = trt
         # One device-memory block for every context of this engine (the graph contexts too): user-managed.
         self._memory_size = max(int(self._engine.device_memory_size_v2), 1)
-        self._context_memory = cb.DeviceBuffer(self._memory_size)
+        self._context_memory = self._cb.DeviceBuffer(self._memory_size)
         self._context = self._new_context()
         self._closed = False
 
+    def _io_tensors(self, trt: Any) -> tuple[dict[str, tuple[int, ...]], dict[str, np.dtype]]:
+        """The engine's input and output names, shapes and dtypes, checked against the metadata."""
         inputs: list[str] = []
         outputs: list[str] = []
         shapes: dict[str, tuple[int, ...]] = {}
@@ -299,10 +310,13 @@ class TrtBackend(ClosingContext):
                 raise MetadataError(f"{src}: metadata names output {wanted!r} but the engine's outputs are {outputs}")
         self.input_name = inputs[0]
         self.output_names = tuple(outputs)
-        in_shape = shapes[self.input_name]
         out_classes = shapes[self.meta.output_name][-1]
-        self.meta.validate_against_model(src, [d if d >= 0 else "N" for d in in_shape],
+        self.meta.validate_against_model(src, [d if d >= 0 else "N" for d in shapes[self.input_name]],
                                          out_classes if out_classes > 0 else None)
+        return shapes, dtypes
+
+    def _set_batch_range(self, in_shape: tuple[int, ...], max_batch: int | None) -> None:
+        """``min_batch``/``max_batch`` from the optimisation profile (dynamic batch) or the fixed batch."""
         if in_shape[0] < 0:
             pmin, _popt, pmax = self._engine.get_tensor_profile_shape(self.input_name, 0)
             self.min_batch, profile_max = int(pmin[0]), int(pmax[0])
@@ -310,16 +324,14 @@ class TrtBackend(ClosingContext):
             self.min_batch = profile_max = int(in_shape[0])
         self.max_batch = min(max_batch, profile_max) if max_batch else profile_max
         self.max_batch = max(self.max_batch, self.min_batch)
-        self.input_shape = (self.meta.channels, *self.meta.input_size)
-        self.input_dtype = dtypes[self.input_name]
-        self._dtypes = dtypes
 
-        # Buffers sized for the largest batch, bound once: addresses never change, which CUDA graphs rely on.
-        self._stream = cb.CudaStream()
+    def _allocate(self, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, np.dtype]) -> None:
+        """Buffers sized for the largest batch, bound once: addresses never change, which CUDA graphs rely on."""
+        self._stream = self._cb.CudaStream()
         for tname in (self.input_name, *self.output_names):
             shape = resolve_shape(shapes[tname], self.max_batch, tname)
-            self._host[tname] = cb.PinnedBuffer(shape, dtypes[tname])
-            self._device[tname] = cb.DeviceBuffer(self._host[tname].nbytes)
+            self._host[tname] = self._cb.PinnedBuffer(shape, dtypes[tname])
+            self._device[tname] = self._cb.DeviceBuffer(self._host[tname].nbytes)
         self._bind(self._context)
         self._staging = (np.empty((self.max_batch, *self.input_shape), np.float32)
                          if self.input_dtype != np.float32 else None)
