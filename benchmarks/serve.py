@@ -201,7 +201,54 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _in_process_pair(model: str, images: list[bytes], duration: float, batch: int,
+                     threads: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """In-process images/s at ``batch`` for ``duration`` s, then at batch 1 for half as long."""
+    return (in_process(model, images, duration, batch, threads),
+            in_process(model, images, duration / 2, 1, threads))
+
+
+def _server_rows(server: ServerProcess, images: list[bytes], counts: Sequence[int],
+                 duration: float) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
+    """Start ``server``, run a row per client count against it, stop it: (ready info, rows, memory)."""
+    ready = server.start()
+    url = f"grpc://127.0.0.1:{server.grpc}/sem_classifier"
+    rows = []
+    try:
+        run_clients(url, images, 1, min(1.0, duration))  # warm the server's paths
+        for n in counts:
+            print(f"{n} client(s) for {duration:g} s ...", file=sys.stderr)
+            rows.append(run_clients(url, images, n, duration))
+        memory = server.memory()
+    finally:
+        server.stop()
+    return ready, rows, memory
+
+
+def benchmark(model: str, out: Path, counts: Sequence[int], *, duration: float = 10.0, image_size: int = 512,
+              instances: int = 1, max_batch: int = 16, max_queue_delay_us: int = 2000, threads: int | None = None,
+              serve_python: str = sys.executable) -> dict[str, Any]:
+    """In-process, then the server at each client count, then in-process again; the result :func:`render` shows
+    (the server's log goes to ``out/server.log``)."""
+    images = make_images(16, image_size)
+    print(f"in-process Classifier.predict_batch for {duration:g} s ...", file=sys.stderr)
+    before, single_before = _in_process_pair(model, images, duration, max_batch, threads)
+    server = ServerProcess(serve_python, model, instances, max_batch, max_queue_delay_us, out / "server.log")
+    ready, rows, memory = _server_rows(server, images, counts, duration)
+    # Measured again after the server rows: on a shared machine the load drifts, and the mean of both is the
+    # fairer reference (both are reported).
+    print(f"in-process Classifier.predict_batch again for {duration:g} s ...", file=sys.stderr)
+    after, single_after = _in_process_pair(model, images, duration, max_batch, threads)
+    ip = {"images_per_s": (before["images_per_s"] + after["images_per_s"]) / 2, "batch": max_batch,
+          "before": before, "after": after,
+          "batch1_images_per_s": (single_before["images_per_s"] + single_after["images_per_s"]) / 2}
+    return {"model": model, "image_size": image_size, "duration_s": duration, "instances": instances,
+            "max_batch": max_batch, "max_queue_delay_us": max_queue_delay_us, "in_process": ip, "rows": rows,
+            "server": {"startup_s": ready["startup_s"], "wall_startup_s": ready["wall_startup_s"],
+                       "threads_per_instance": ready["threads"], "memory_mib": memory}}
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.serve", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None, help="ONNX model (default: the bundled model)")
@@ -215,6 +262,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="in-process ONNX Runtime threads (default: cores)")
     p.add_argument("--serve-python", default=os.environ.get("SEM_SERVE_PYTHON") or sys.executable,
                    help="interpreter with the serve extra, for the server")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
     try:
         counts = [int(v) for v in args.clients.split(",") if v.strip()]
@@ -227,37 +279,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = str(Path(args.model) if args.model else bundled_model_path())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    images = make_images(16, args.image_size)
-    print(f"in-process Classifier.predict_batch for {args.duration:g} s ...", file=sys.stderr)
-    before = in_process(model, images, args.duration, args.max_batch, args.threads)
-    single_before = in_process(model, images, args.duration / 2, 1, args.threads)
-    server = ServerProcess(args.serve_python, model, args.instances, args.max_batch, args.max_queue_delay_us,
-                           out / "server.log")
-    ready = server.start()
-    url = f"grpc://127.0.0.1:{server.grpc}/sem_classifier"
-    rows = []
-    try:
-        run_clients(url, images, 1, min(1.0, args.duration))  # warm the server's paths
-        for n in counts:
-            print(f"{n} client(s) for {args.duration:g} s ...", file=sys.stderr)
-            rows.append(run_clients(url, images, n, args.duration))
-        memory = server.memory()
-    finally:
-        server.stop()
-    # Measured again after the server rows: on a shared machine the load drifts, and the mean of both is the
-    # fairer reference (both are reported).
-    print(f"in-process Classifier.predict_batch again for {args.duration:g} s ...", file=sys.stderr)
-    after = in_process(model, images, args.duration, args.max_batch, args.threads)
-    single_after = in_process(model, images, args.duration / 2, 1, args.threads)
-    ip = {"images_per_s": (before["images_per_s"] + after["images_per_s"]) / 2, "batch": args.max_batch,
-          "before": before, "after": after,
-          "batch1_images_per_s": (single_before["images_per_s"] + single_after["images_per_s"]) / 2}
-    result = {"model": model, "image_size": args.image_size, "duration_s": args.duration,
-              "instances": args.instances, "max_batch": args.max_batch,
-              "max_queue_delay_us": args.max_queue_delay_us, "in_process": ip, "rows": rows,
-              "server": {"startup_s": ready["startup_s"], "wall_startup_s": ready["wall_startup_s"],
-                         "threads_per_instance": ready["threads"], "memory_mib": memory},
-              "command": "python -m benchmarks.serve " + " ".join(sys.argv[1:] if argv is None else argv)}
+    result = benchmark(model, out, counts, duration=args.duration, image_size=args.image_size,
+                       instances=args.instances, max_batch=args.max_batch,
+                       max_queue_delay_us=args.max_queue_delay_us, threads=args.threads,
+                       serve_python=args.serve_python)
+    result["command"] = "python -m benchmarks.serve " + " ".join(sys.argv[1:] if argv is None else argv)
     table = render(result)
     atomic_write_text(out / "serve.json", json.dumps(result, indent=2) + "\n")
     atomic_write_text(out / "serve.md", table + "\n")
