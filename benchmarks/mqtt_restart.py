@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import sem_extras
 
@@ -45,28 +46,25 @@ def _start(exe: str, conf: Path, port: int, log: Path) -> subprocess.Popen[bytes
     raise RuntimeError(f"mosquitto did not start: {log.read_text(errors='replace')[-500:]}")
 
 
-@sem_extras.cli("benchmarks.mqtt_restart")
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.mqtt_restart", description=__doc__.split("\n\n")[0])
-    p.add_argument("--frames", type=int, default=2000, help="generated 64x64 images to classify (default 2000)")
-    p.add_argument("--kill-after", type=float, default=1.0, help="seconds of flowing results before the kill")
-    p.add_argument("--down", type=float, default=3.0, help="seconds the broker stays dead (default 3)")
-    args = p.parse_args(argv)
+def _require_extras() -> None:
+    """Import what the benchmark needs first, so a missing extra is reported (exit 3) before anything starts."""
+    import cv2  # noqa: F401
+    import numpy  # noqa: F401
+    import paho.mqtt.client  # noqa: F401
+
+
+def _write_images(folder: Path, n: int) -> None:
     import cv2
     import numpy as np
-    import paho.mqtt.client as mqtt
 
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not os.path.exists(exe):
-        print("needs Debian's mosquitto (apt-get install mosquitto)", file=sys.stderr)
-        return 2
-    root = Path(tempfile.mkdtemp(prefix="mqtt_restart_"))
-    imgs = root / "imgs"
-    imgs.mkdir()
+    folder.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(args.frames):
-        cv2.imwrite(str(imgs / f"{i:05d}.png"), rng.integers(0, 255, (64, 64), np.uint8))
-    port = _free_port()
+    for i in range(n):
+        cv2.imwrite(str(folder / f"{i:05d}.png"), rng.integers(0, 255, (64, 64), np.uint8))
+
+
+def _broker_conf(root: Path, port: int) -> Path:
+    """A mosquitto config under ``root``: password file, persistence saved every change, one local listener."""
     pw = root / "passwd"
     subprocess.run([shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd", "-b", "-c", str(pw), USER,
                     PASSWORD], check=True, capture_output=True)
@@ -74,7 +72,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     conf.write_text("\n".join([f"persistence true\npersistence_location {root}/\nautosave_interval 1",
                                "autosave_on_changes true\nallow_anonymous false", f"password_file {pw}",
                                f"listener {port} 127.0.0.1"] + (["user root"] if os.geteuid() == 0 else [])) + "\n")
-    broker = _start(exe, conf, port, root / "broker.log")
+    return conf
+
+
+def _subscribe(port: int) -> tuple[Any, list[tuple[int, bool]], threading.Event]:
+    """A persistent QoS 1 subscriber to ``bench/results``: (client, (seq, dup) per message, subscribed event)."""
+    import paho.mqtt.client as mqtt
+
     got: list[tuple[int, bool]] = []
     subscribed = threading.Event()
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-count", clean_session=False)
@@ -86,19 +90,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.connect("127.0.0.1", port)
     c.loop_start()
     subscribed.wait(5)
+    return c, got, subscribed
+
+
+def _launch_run(root: Path, port: int) -> subprocess.Popen[str]:
+    """``python -m runtime.run`` over ``root/imgs`` into the broker (spooling while it is down) and a JSONL file."""
     env = {**os.environ, "SEM_MQTT_USERNAME": USER, "SEM_MQTT_PASSWORD": PASSWORD}
-    run = subprocess.Popen([sys.executable, "-m", "runtime.run", "--source", str(imgs), "--headless", "--quiet",
-                            "--output", f"mqtt://127.0.0.1:{port}/bench/results?spool={root}/spool&drain=30",
-                            "--output", str(root / "res.jsonl")], env=env, stderr=subprocess.PIPE, text=True)
+    mqtt_url = f"mqtt://127.0.0.1:{port}/bench/results?spool={root}/spool&drain=30"
+    return subprocess.Popen([sys.executable, "-m", "runtime.run", "--source", str(root / "imgs"), "--headless",
+                             "--quiet", "--output", mqtt_url, "--output", str(root / "res.jsonl")],
+                            env=env, stderr=subprocess.PIPE, text=True)
+
+
+def _tally(root: Path, got: list[tuple[int, bool]], records: int, err: str) -> tuple[dict[str, Any], bool]:
+    """Counts from the received (seq, dup) pairs, and whether any file or line written holds the password."""
+    seqs = [s for s, _ in got]
+    fresh = [s for s, d in got if not d]
+    written = [err] + [f.read_text(errors="replace") for f in root.rglob("*") if f.is_file() and f.name != "passwd"
+                       and f.suffix != ".db" and f.name != "mosquitto.conf"]
+    return {"records": records, "received": len(seqs), "distinct": len(set(seqs)),
+            "broker_redeliveries": len(seqs) - len(fresh), "published_twice": len(fresh) - len(set(fresh)),
+            "lost": records - len(set(seqs))}, any(PASSWORD in t for t in written)
+
+
+def restart_benchmark(exe: str, frames: int = 2000, kill_after: float = 1.0, down: float = 3.0) -> dict[str, Any]:
+    """Run ``runtime.run`` into the broker at ``exe``, SIGKILL the broker once results flow, restart it ``down`` s
+    later; the counts the module docstring lists."""
+    root = Path(tempfile.mkdtemp(prefix="mqtt_restart_"))
+    _write_images(root / "imgs", frames)
+    port = _free_port()
+    conf = _broker_conf(root, port)
+    broker = _start(exe, conf, port, root / "broker.log")
+    c, got, subscribed = _subscribe(port)
+    run = _launch_run(root, port)
     t0 = time.time()
     while not got and time.time() - t0 < 120:
         time.sleep(0.05)
-    time.sleep(args.kill_after)
+    time.sleep(kill_after)
     before = len(got)
     subscribed.clear()
     broker.send_signal(signal.SIGKILL)
     broker.wait()
-    time.sleep(args.down)
+    time.sleep(down)
     broker = _start(exe, conf, port, root / "broker.log")
     subscribed.wait(10)
     err = run.communicate(timeout=1200)[1]
@@ -110,16 +143,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.loop_stop()
     broker.terminate()
     broker.wait()
-    seqs = [s for s, _ in got]
-    fresh = [s for s, d in got if not d]
-    written = [err] + [f.read_text(errors="replace") for f in root.rglob("*") if f.is_file() and f.name != "passwd"
-                       and f.suffix != ".db" and f.name != "mosquitto.conf"]
-    result = {"records": records, "received": len(seqs), "distinct": len(set(seqs)),
-              "broker_redeliveries": len(seqs) - len(fresh), "published_twice": len(fresh) - len(set(fresh)),
-              "lost": records - len(set(seqs)), "received_before_kill": before, "broker_down_s": args.down,
-              "run_exit": run.returncode, "password_written": any(PASSWORD in t for t in written)}
-    print(json.dumps(result, indent=1))
+    counts, password_written = _tally(root, got, records, err)
     shutil.rmtree(root, ignore_errors=True)
+    return {**counts, "received_before_kill": before, "broker_down_s": down, "run_exit": run.returncode,
+            "password_written": password_written}
+
+
+@sem_extras.cli("benchmarks.mqtt_restart")
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.mqtt_restart", description=__doc__.split("\n\n")[0])
+    p.add_argument("--frames", type=int, default=2000, help="generated 64x64 images to classify (default 2000)")
+    p.add_argument("--kill-after", type=float, default=1.0, help="seconds of flowing results before the kill")
+    p.add_argument("--down", type=float, default=3.0, help="seconds the broker stays dead (default 3)")
+    args = p.parse_args(argv)
+    _require_extras()
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not os.path.exists(exe):
+        print("needs Debian's mosquitto (apt-get install mosquitto)", file=sys.stderr)
+        return 2
+    result = restart_benchmark(exe, args.frames, args.kill_after, args.down)
+    print(json.dumps(result, indent=1))
     return 0 if result["lost"] == 0 and result["published_twice"] == 0 and not result["password_written"] else 1
 
 
