@@ -227,6 +227,78 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class NoReferenceError(ValueError):
+    """The model's metadata holds no validation statistics to use as the alarm's reference."""
+
+
+def drift_config(window: int, mix_limit: str, z: float, min_excess: float) -> DriftConfig:
+    """The alarm settings as ``runtime.run`` makes them from its ``--drift-*`` flags (``mix_limit`` may be off)."""
+    mix = None if mix_limit.lower() == "off" else float(mix_limit)
+    return DriftConfig(window=window, min_frames=min(200, window), mix_limit=mix,
+                       mix_clear=0.6 * mix if mix else 0.15, z=z, min_excess=min_excess).validate()
+
+
+def load_or_classify(clf: Any, out: Path, saved: str | None, *, val_per_class: int, pool_per_class: int, novel: int,
+                     seed: int, size: int, progress: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(validation, stream) outcomes per class: read from ``saved`` (an earlier ``outcomes.json``), or classified
+    now and saved to ``out/outcomes.json``."""
+    if saved:
+        doc = json.loads(Path(saved).read_text())
+        return ({c: np.array(v, dtype=np.int64) for c, v in doc["val"].items()},
+                {c: np.array(v, dtype=np.int64) for c, v in doc["stream"].items()})
+    val = outcomes(clf, val_per_class, 0, 1000 + seed, size, progress)
+    stream_out = outcomes(clf, pool_per_class, novel, 2000 + seed, size, progress)
+    (out / "outcomes.json").write_text(json.dumps({
+        "model": clf.describe(), "val": {c: v.tolist() for c, v in val.items()},
+        "stream": {c: v.tolist() for c, v in stream_out.items()}}) + "\n")
+    return val, stream_out
+
+
+def novel_outcomes(nov: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
+    """How the model answered the new defect type: rejected, invalid, and the share of each label it gave."""
+    labels_nov = {labels[int(i)] if i >= 0 else INVALID_LABEL: float(np.mean((nov[:, 0] == i) & (nov[:, 1] == 0)))
+                  for i in np.unique(nov[:, 0])}
+    return {"rejected": float(np.mean((nov[:, 1] == 1) & (nov[:, 0] >= 0))),
+            "invalid": float(np.mean(nov[:, 0] < 0)),
+            "labels": {k: v for k, v in sorted(labels_nov.items(), key=lambda kv: -kv[1]) if v > 0}}
+
+
+def alarm_study(clf: Any, val: dict[str, np.ndarray], stream_out: dict[str, np.ndarray], cfg: DriftConfig, *,
+                reference_from: str = "sample", rates: Sequence[float] = (0.05, 0.1, 0.2), trials: int = 200,
+                warmup: int = 1000, max_delay: int = 20000, hours: float = 10.0, fps: float = 30.0, seed: int = 0,
+                progress: bool = True) -> dict[str, Any]:
+    """Alarm delays per rate of the new type and false alarms per hour, from the per-class outcomes; the
+    reference is the validation stand-in (``sample``) or the model's ``extra.val_stats`` (``model``)."""
+    finals = np.concatenate([val[c][:, 0] for c in CLASSES])
+    rejected = np.concatenate([val[c][:, 1] for c in CLASSES]).astype(bool)
+    valid = finals >= 0
+    reference = val_stats(finals[valid].tolist(), rejected[valid].tolist(), clf.labels)
+    if reference_from == "model":
+        reference = (clf.meta.extra or {}).get(VAL_STATS_KEY)
+        if not reference:
+            raise NoReferenceError(f"{clf.describe()}: no extra.{VAL_STATS_KEY} in its metadata")
+    pool = _pool(stream_out, clf.labels)
+    delay = [delay_trials(pool, reference, clf.labels, cfg, r, trials, warmup, max_delay, seed + k)
+             for k, r in enumerate(rates)]
+    fa = false_alarms(pool, reference, clf.labels, cfg, hours, fps, seed + 99, progress)
+    return {"config": asdict(cfg), "reference": reference,
+            "reference_from": "the model's extra.val_stats" if reference_from == "model" else "validation stand-in",
+            "novel_outcomes": novel_outcomes(stream_out[NOVEL], clf.labels),
+            "pool_rejection_rate": float(np.mean([np.mean(stream_out[c][:, 1]) for c in CLASSES])),
+            "invalid": {"reference": int((~valid).sum()),
+                        "stream": {c: int((v[:, 0] < 0).sum()) for c, v in stream_out.items()}},
+            "max_delay": max_delay, "delay": delay, "false_alarms": fa}
+
+
+def write_report(result: dict[str, Any], out: Path) -> str:
+    """``result.json``, ``table.md`` and ``delay.png`` under ``out``; returns the table."""
+    (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    text = table(result)
+    (out / "table.md").write_text(text + "\n")
+    plot(result, out / "delay.png")
+    return text
+
+
 @sem_extras.cli("benchmarks.drift")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -235,56 +307,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    mix = None if args.mix_limit.lower() == "off" else float(args.mix_limit)
-    cfg = DriftConfig(window=args.window, min_frames=min(200, args.window), mix_limit=mix,
-                      mix_clear=0.6 * mix if mix else 0.15, z=args.z, min_excess=args.min_excess).validate()
+    cfg = drift_config(args.window, args.mix_limit, args.z, args.min_excess)
     clf = Classifier(args.model, threads=1)
     t0 = time.perf_counter()
-    if args.outcomes:
-        saved = json.loads(Path(args.outcomes).read_text())
-        val = {c: np.array(v, dtype=np.int64) for c, v in saved["val"].items()}
-        stream_out = {c: np.array(v, dtype=np.int64) for c, v in saved["stream"].items()}
-    else:
-        val = outcomes(clf, args.val_per_class, 0, 1000 + args.seed, args.size, not args.no_progress)
-        stream_out = outcomes(clf, args.pool_per_class, args.novel, 2000 + args.seed, args.size,
-                              not args.no_progress)
-        (out / "outcomes.json").write_text(json.dumps({
-            "model": clf.describe(), "val": {c: v.tolist() for c, v in val.items()},
-            "stream": {c: v.tolist() for c, v in stream_out.items()}}) + "\n")
-    finals = np.concatenate([val[c][:, 0] for c in CLASSES])
-    rejected = np.concatenate([val[c][:, 1] for c in CLASSES]).astype(bool)
-    valid = finals >= 0
-    finals, rejected = finals[valid], rejected[valid]
-    reference = val_stats(finals.tolist(), rejected.tolist(), clf.labels)
-    if args.reference == "model":
-        reference = (clf.meta.extra or {}).get(VAL_STATS_KEY)
-        if not reference:
-            print(f"{clf.describe()}: no extra.{VAL_STATS_KEY} in its metadata", file=sys.stderr)
-            return 2
-    pool = _pool(stream_out, clf.labels)
-    nov = stream_out[NOVEL]
-    labels_nov = {clf.labels[int(i)] if i >= 0 else INVALID_LABEL: float(np.mean((nov[:, 0] == i) & (nov[:, 1] == 0)))
-                  for i in np.unique(nov[:, 0])}
-    novel_outcomes = {"rejected": float(np.mean((nov[:, 1] == 1) & (nov[:, 0] >= 0))),
-                      "invalid": float(np.mean(nov[:, 0] < 0)),
-                      "labels": {k: v for k, v in sorted(labels_nov.items(), key=lambda kv: -kv[1]) if v > 0}}
-    rates = [float(r) for r in args.rates.split(",")]
-    delay = [delay_trials(pool, reference, clf.labels, cfg, r, args.trials, args.warmup, args.max_delay,
-                          args.seed + k) for k, r in enumerate(rates)]
-    fa = false_alarms(pool, reference, clf.labels, cfg, args.hours, args.fps, args.seed + 99, not args.no_progress)
+    val, stream_out = load_or_classify(clf, out, args.outcomes, val_per_class=args.val_per_class,
+                                       pool_per_class=args.pool_per_class, novel=args.novel, seed=args.seed,
+                                       size=args.size, progress=not args.no_progress)
+    try:
+        study = alarm_study(clf, val, stream_out, cfg, reference_from=args.reference,
+                            rates=[float(r) for r in args.rates.split(",")], trials=args.trials, warmup=args.warmup,
+                            max_delay=args.max_delay, hours=args.hours, fps=args.fps, seed=args.seed,
+                            progress=not args.no_progress)
+    except NoReferenceError as e:
+        print(e, file=sys.stderr)
+        return 2
     result = {"model": clf.describe(), "command": "python -m benchmarks.drift " + " ".join(argv or sys.argv[1:]),
-              "config": asdict(cfg), "reference": reference,
-              "reference_from": ("the model's extra.val_stats" if args.reference == "model"
-                                 else "validation stand-in"), "novel_outcomes": novel_outcomes,
-              "pool_rejection_rate": float(np.mean([np.mean(stream_out[c][:, 1]) for c in CLASSES])),
-              "invalid": {"reference": int((~valid).sum()),
-                          "stream": {c: int((v[:, 0] < 0).sum()) for c, v in stream_out.items()}},
-              "max_delay": args.max_delay, "delay": delay, "false_alarms": fa,
-              "elapsed_s": round(time.perf_counter() - t0, 1), "reject_label": REJECT_LABEL}
-    (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
-    text = table(result)
-    (out / "table.md").write_text(text + "\n")
-    plot(result, out / "delay.png")
+              **study, "elapsed_s": round(time.perf_counter() - t0, 1), "reject_label": REJECT_LABEL}
+    text = write_report(result, out)
     print(text)
     print(f"\n{out / 'result.json'}, {out / 'table.md'}, {out / 'delay.png'}")
     return 0
