@@ -269,8 +269,9 @@ def run_archive(images: Path, n: int, work: Path, model: str | None, workers: in
     return res
 
 
-def start_cluster(work: Path) -> tuple[str, list[subprocess.Popen]]:
-    """Two Ray nodes on this host (one CPU each), as `ray start` makes them; returns the address and processes."""
+def start_cluster(work: Path, nodes: int = 2) -> tuple[str, list[subprocess.Popen]]:
+    """Ray nodes on this host as `ray start` makes them: two with one CPU each, or one with every CPU (a local
+    instance started before the job, so the job only connects); returns the address and processes."""
     import socket
 
     with socket.socket() as s:
@@ -281,10 +282,11 @@ def start_cluster(work: Path) -> tuple[str, list[subprocess.Popen]]:
     temp = f"/tmp/ray_bench_{os.getpid()}"
     procs = []
     addr = f"127.0.0.1:{port}"
+    cpus = "1" if nodes > 1 else str(os.cpu_count() or 1)
     for i, args in enumerate((["--head", "--port", str(port), "--include-dashboard=false", "--temp-dir", temp],
-                              ["--address", addr])):
+                              ["--address", addr])[:nodes]):
         log = work / f"node{i}.log"
-        procs.append(subprocess.Popen([ray_cli, "start", *args, "--num-cpus", "1", "--node-ip-address", "127.0.0.1",
+        procs.append(subprocess.Popen([ray_cli, "start", *args, "--num-cpus", cpus, "--node-ip-address", "127.0.0.1",
                                        "--block", "--disable-usage-stats"], env=env, stdout=log.open("w"),
                                       stderr=subprocess.STDOUT, start_new_session=True))
         end = time.monotonic() + 180
@@ -357,7 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model (default: the bundled one)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--runs", nargs="+", default=["single", "ray1", "ray2", "cluster"],
-                   choices=("single", "ray1", "ray2", "cluster"), help="which runs (default: all)")
+                   choices=("single", "ray1", "ray2", "cluster", "started"),
+                   help="which runs (default: all but started; started: 2 workers on a Ray instance that `ray start "
+                   "--head` made before the job, so the job only connects to it)")
     p.add_argument("--pool", type=int, default=32, help="distinct generated frames (default %(default)s)")
     p.add_argument("--links", action="store_true",
                    help="images beyond the pool are hard links to it (distinct paths, real reads; little disk)")
@@ -384,11 +388,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.append(run_archive(images, args.images, work, args.model, int(run[-1]), None,
                                        batch_size=args.batch_size, rss_every=args.rss_every))
         else:
-            addr, procs = start_cluster(work)
+            addr, procs = start_cluster(work, 1 if run == "started" else 2)
             try:
                 results.append(run_archive(images, args.images, work, args.model, 2, addr,
-                                           [p.pid for p in procs], name="two-node cluster",
-                                           batch_size=args.batch_size, rss_every=args.rss_every))
+                                           [p.pid for p in procs], batch_size=args.batch_size,
+                                           name="two-node cluster" if run == "cluster" else "started instance",
+                                           rss_every=args.rss_every))
             finally:
                 stop_cluster(procs)
         print(table(results, args.images).splitlines()[-1], file=sys.stderr, flush=True)
