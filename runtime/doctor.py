@@ -309,10 +309,7 @@ class Doctor:
                                  lambda e=engine, p=precision, g=graphs: self.compare(e, p, g, reference))
 
     def build(self, precision: str, tmp: Path) -> Path | None:
-        from runtime.artifacts import engine_sidecar
-        from runtime.contract import ModelMetadata, write_sidecar
-        from runtime.files import sha256_bytes, sha256_file
-        from runtime.trt_build import EngineBuildError, build_serialized_engine
+        from runtime.trt_build import EngineBuildError
 
         name = f"build {precision}"
         src = MODELS[precision]
@@ -322,6 +319,26 @@ class Doctor:
         profile = {"input": "images", "min": [PROFILE[0], 3, 16, 16], "opt": [PROFILE[1], 3, 16, 16],
                    "max": [PROFILE[2], 3, 16, 16]}
         cache = tmp / f"timing-{precision}.cache"
+        try:
+            blob, times, warned = self._build_twice(src, profile, cache)
+        except EngineBuildError as e:
+            self.add(name, "FAIL", str(e), "the TensorRT log above says why; report it with this output")
+            return None
+        if not cache.is_file() or warned:
+            self.add(name, "FAIL", "the engine builds, but the timing cache was not written or not accepted back: "
+                     + ("; ".join(warned) or "no cache file"),
+                     "delete stale timing-cache-*.bin files beside your engines; report the TensorRT log")
+            return None
+        engine = self._write_engine(tmp / f"doctor.{precision}.engine", blob, src, precision, profile)
+        self.add(name, "PASS", f"built twice from {src.name}: {times[0]:.2f} s, then {times[1]:.2f} s with the "
+                 f"timing cache ({cache.stat().st_size} bytes)")
+        return engine
+
+    def _build_twice(self, src: Path, profile: dict[str, Any], cache: Path) -> tuple[bytes, list[float], list[str]]:
+        """Build from ``src`` with a timing cache, then again reading it back: (engine, build seconds, the
+        builder's warnings about the cache)."""
+        from runtime.trt_build import build_serialized_engine
+
         warned: list[str] = []
         handler = _Collect(warned)
         log = logging.getLogger("runtime.trt_build")
@@ -334,25 +351,22 @@ class Doctor:
                 times.append(time.perf_counter() - t0)
                 if not cache.is_file():
                     break
-        except EngineBuildError as e:
-            self.add(name, "FAIL", str(e), "the TensorRT log above says why; report it with this output")
-            return None
         finally:
             log.removeHandler(handler)
-        if not cache.is_file() or warned:
-            self.add(name, "FAIL", "the engine builds, but the timing cache was not written or not accepted back: "
-                     + ("; ".join(warned) or "no cache file"),
-                     "delete stale timing-cache-*.bin files beside your engines; report the TensorRT log")
-            return None
-        engine = tmp / f"doctor.{precision}.engine"
+        return blob, times, warned
+
+    def _write_engine(self, engine: Path, blob: bytes, src: Path, precision: str, profile: dict[str, Any]) -> Path:
+        """Write the engine and its sidecar (source hash, TensorRT version, GPU, profile) for the run checks."""
+        from runtime.artifacts import engine_sidecar
+        from runtime.contract import ModelMetadata, write_sidecar
+        from runtime.files import sha256_bytes, sha256_file
+
         engine.write_bytes(blob)
         gpu = self.cb.gpu_properties(self.device)
         write_sidecar(engine, ModelMetadata(input_size=(16, 16), arch="doctor_tiny", precision=precision),
                       engine_sidecar(sha256_file(src), self.trt.__version__, gpu.name,
                                      f"{gpu.compute_capability[0]}.{gpu.compute_capability[1]}", precision, profile,
                                      "python -m runtime.doctor", onnx=str(src), engine_sha256=sha256_bytes(blob)))
-        self.add(name, "PASS", f"built twice from {src.name}: {times[0]:.2f} s, then {times[1]:.2f} s with the "
-                 f"timing cache ({cache.stat().st_size} bytes)")
         return engine
 
     def reference(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
