@@ -28,7 +28,7 @@ from runtime.preprocess import Preprocessor
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
-#: Max |Δlogit| allowed between PyTorch and ONNX Runtime (FP32; typical is ~1e-5).
+#: Max |Δlogit| allowed between PyTorch and ONNX Runtime (FP32).
 DEFAULT_PARITY_TOLERANCE = 1e-3
 PRODUCER = "sem-defect-classifier export"
 
