@@ -26,10 +26,14 @@ between QLinearConvs; nodes named in ``nodes_to_exclude`` stay float. Which weig
 (:data:`CPU_TARGETS`): ONNX Runtime fuses the Q/DQ pairs into integer kernels, and on x86 without VNNI (AVX2,
 AVX-512BW) its U8S8 GEMM multiplies adjacent u8·s8 pairs with ``vpmaddubsw``, whose int16 sum saturates once
 ``a1·w1 + a2·w2`` exceeds 32767 (two activations near 255 with weights near ±127): the fused model then differs from
-the Q/DQ graph it was built from by whole logits. ``portable`` (the default) chooses each output channel's weight
-scale so that no two adjacent weights along K sum to more than 128 in magnitude (``255·128 = 32640`` cannot
-saturate, whatever the activations; :func:`limit_pair_sums`), which is exact on every x86 kernel and keeps nearly
-all of the 8 bits (plain 7-bit weights, ``reduce_range``, are safe too but cost a point of agreement); ``vnni``
+the Q/DQ graph it was built from by whole logits. ``portable`` (the default) quantises each output channel's weights
+so that no two adjacent weights along K sum to more than 128 in magnitude (``255·128 = 32640`` cannot saturate,
+whatever the activations; :func:`limit_pair_sums`): per channel the scale with the smallest weight error between the
+full 8-bit scale (offending pairs moved toward zero) and the scale at which no pair exceeds the limit
+(:func:`pair_limited_int8`). That is exact on every x86 kernel and keeps nearly all of the 8 bits (plain 7-bit
+weights, ``reduce_range``, are safe too but cost a point of agreement). Depthwise convs keep plain 8-bit weights:
+ONNX Runtime's depthwise kernels (SSE2/AVX2 and the symmetric AVX2/AVX-512/VNNI ones) never add two products in
+int16 (:func:`is_depthwise`). ``vnni``
 keeps onnxruntime's plain 8-bit weights, for CPUs whose dot-product instructions accumulate in int32 (AVX-512 VNNI,
 AVX-VNNI, AMX). The target and the build machine's instruction set are recorded in the artifact, and the
 on-target self-check (:mod:`runtime.check`) catches a kernel that still disagrees. See ``docs/int8.md``.
@@ -328,28 +332,80 @@ def max_pair_sum(q: np.ndarray, op: str) -> np.ndarray:
     return out
 
 
-def _safe_quantize(w: np.ndarray, op: str) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-channel INT8 (channels on axis 0) with every adjacent pair sum within :data:`PAIR_LIMIT`."""
-    amax = np.abs(w.reshape(w.shape[0], -1)).max(axis=1).astype(np.float64)
+#: Candidate scales per channel between full 8 bits (pairs fixed by shrinking) and a scale at which no pair needs it.
+SCALE_CANDIDATES = 12
+
+
+def _fit_pairs(q: np.ndarray, op: str) -> np.ndarray:
+    """``q`` (channels first, int) with every adjacent pair sum brought within :data:`PAIR_LIMIT` in every order a
+    kernel may walk K, by moving both weights of an offending pair toward zero. Only same-sign pairs can exceed the
+    limit, and shrinking a weight never lifts another pair above it (an opposite-sign pair sums to at most 127), so
+    one pass per order suffices."""
+    q = q.astype(np.int32, copy=True)
+    c = q.shape[0]
+    two_orders = q.ndim == 4 and op == "Conv" and q.shape[1] > 1 and q.shape[2] * q.shape[3] > 1
+    for hwc in (False, True) if two_orders else (False,):
+        m = (q.transpose(0, 2, 3, 1) if hwc else q).reshape(c, -1).copy()
+        for k in range(m.shape[1] - 1):
+            total = m[:, k] + m[:, k + 1]
+            excess = np.maximum(np.abs(total) - PAIR_LIMIT, 0)
+            if not excess.any():
+                continue
+            sign = np.sign(total)
+            later = np.minimum((excess + 1) // 2, np.abs(m[:, k + 1]))
+            m[:, k + 1] -= sign * later
+            m[:, k] -= sign * (excess - later)
+        q = m.reshape(c, q.shape[2], q.shape[3], q.shape[1]).transpose(0, 3, 1, 2) if hwc else m.reshape(q.shape)
+    return q
+
+
+def pair_limited_int8(w: np.ndarray, op: str) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-channel INT8 (channels on axis 0) with every adjacent pair sum within :data:`PAIR_LIMIT`.
+
+    Per channel, the scale with the smallest squared weight error among :data:`SCALE_CANDIDATES` between the full
+    8-bit scale (``amax / 127``, offending pairs shrunk by :func:`_fit_pairs`) and the scale at which no pair
+    exceeds the limit (``max pair / 128``): most channels keep nearly all of their 8 bits, and a few large
+    neighbours cost a little of their own value instead of the whole channel's resolution."""
+    wc = w.astype(np.float64).reshape(w.shape[0], -1)
+    amax = np.abs(wc).max(axis=1)
     pair = amax.copy()
     for m in _k_orders(w.astype(np.float64), op):
         if m.shape[1] > 1:
             pair = np.maximum(pair, np.abs(m[:, :-1] + m[:, 1:]).max(axis=1))
-    scale = np.maximum(np.maximum(amax / INT8_MAX, pair / PAIR_LIMIT), MIN_AMAX / INT8_MAX).astype(np.float32)
+    lo = np.maximum(amax / INT8_MAX, MIN_AMAX / INT8_MAX)
+    hi = np.maximum(np.maximum(pair / PAIR_LIMIT, lo), MIN_AMAX / INT8_MAX) * 1.0001  # safe without shrinking
     shape = (-1,) + (1,) * (w.ndim - 1)
-    for _ in range(16):  # rounding can push a pair to 129: widen that channel's scale a little and redo it
-        q = np.clip(np.round(w / scale.reshape(shape)), -INT8_MAX, INT8_MAX).astype(np.int8)
-        over = max_pair_sum(q, op) > PAIR_LIMIT
-        if not over.any():
-            return q, scale
-        scale = np.where(over, scale * np.float32(1.01), scale).astype(np.float32)
-    raise RuntimeError("could not fit INT8 weights under the pair-sum limit")  # pragma: no cover
+    best_q = np.zeros(w.shape, np.int8)
+    best_s = hi.astype(np.float32)
+    best_err = np.full(w.shape[0], np.inf)
+    for t in np.linspace(0.0, 1.0, SCALE_CANDIDATES):
+        scale = (lo * (hi / lo) ** t).astype(np.float32)
+        q = np.clip(np.round(w / scale.reshape(shape)), -INT8_MAX, INT8_MAX)
+        q = _fit_pairs(q, op)
+        err = ((wc - q.reshape(w.shape[0], -1) * scale.astype(np.float64)[:, None]) ** 2).sum(axis=1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_s = np.where(better, scale, best_s).astype(np.float32)
+        best_q[better] = q[better].astype(np.int8)
+    if (max_pair_sum(best_q, op) > PAIR_LIMIT).any():  # pragma: no cover - _fit_pairs guarantees it
+        raise RuntimeError("could not fit INT8 weights under the pair-sum limit")
+    return best_q, best_s
 
 
-def limit_pair_sums(model: onnx.ModelProto, float_weights: dict[str, np.ndarray] | None = None) -> dict[str, int]:
+def is_depthwise(node: onnx.NodeProto, weight_shape: Sequence[int]) -> bool:
+    """A Conv with one input and one output channel per group: ONNX Runtime's depthwise kernels, which never add two
+    products in 16 bits (each int16 pair holds one product and a zero, or the sum is in int32)."""
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    return node.op_type == "Conv" and len(weight_shape) == 4 and group > 1 and weight_shape[0] == group \
+        and weight_shape[1] == 1
+
+
+def limit_pair_sums(model: onnx.ModelProto, float_weights: dict[str, np.ndarray] | None = None,
+                    depthwise: bool = False) -> dict[str, int]:
     """Requantise, in place, every INT8 weight an integer GEMM/conv kernel reads so that no two adjacent products
-    can saturate int16 (see the module docstring); conv/Gemm biases follow their new scales. ``float_weights``
-    (name → array of the float model) avoids rounding twice. Returns counts for the report."""
+    can saturate int16 (see the module docstring); conv/Gemm biases follow their new scales. Depthwise convs keep their
+    weights (their kernels cannot saturate) unless ``depthwise``. ``float_weights`` (name → array of the float model)
+    avoids rounding twice. Returns counts for the report."""
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
@@ -365,7 +421,7 @@ def limit_pair_sums(model: onnx.ModelProto, float_weights: dict[str, np.ndarray]
         qname, sname = dq.input[0], dq.input[1]
         q = numpy_helper.to_array(inits[qname])
         s = numpy_helper.to_array(inits[sname]).astype(np.float32)
-        if q.dtype != np.int8 or sname not in inits:
+        if q.dtype != np.int8 or sname not in inits or (not depthwise and is_depthwise(node, q.shape)):
             continue
         axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) % q.ndim if s.ndim else 0
         base = qname[: -len("_quantized")] if qname.endswith("_quantized") else ""
@@ -375,7 +431,7 @@ def limit_pair_sums(model: onnx.ModelProto, float_weights: dict[str, np.ndarray]
         wc = np.moveaxis(w, axis, 0)
         if s.ndim == 0:  # per-tensor: one channel over everything
             wc = wc.reshape(1, -1)
-        new_q, new_s = _safe_quantize(wc, node.op_type if q.ndim == 4 else "Gemm")
+        new_q, new_s = pair_limited_int8(wc, node.op_type if q.ndim == 4 else "Gemm")
         old_s = np.broadcast_to(s, new_s.shape) if s.ndim == 0 else s
         stats["weights"] += 1
         stats["channels"] += len(new_s)
@@ -429,8 +485,8 @@ def write_cpu_int8(model_path: str | Path, tensors_data: Any, out_path: str | Pa
         floats = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(model_path)).graph.initializer
                   if i.data_type == TensorProto.FLOAT}
         st = limit_pair_sums(model, floats)
-        log.info("CPU INT8 (portable): %d of %d weight channels rescaled so no int16 pair sum can saturate",
-                 st["channels_rescaled"], st["channels"])
+        log.info("CPU INT8 (portable): %d of %d GEMM-type weight channels rescaled or fitted so no int16 pair sum "
+                 "can saturate", st["channels_rescaled"], st["channels"])
     _set_props(model, metadata_props)
     atomic_write_bytes(out_path, model.SerializeToString())
     return Path(out_path)

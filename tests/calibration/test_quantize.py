@@ -21,7 +21,9 @@ from calibration.quantize import (
     compute_ranges,
     count_qdq_consumers,
     cpu_target_ok,
+    is_depthwise,
     max_pair_sum,
+    pair_limited_int8,
     prepare_for_quantization,
     ranges_as_dict,
     tensorrt_qdq_placement,
@@ -68,15 +70,18 @@ def _run(path: Path, x: np.ndarray, optimize: bool = True) -> np.ndarray:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
 
 
-def _gemm_weights(model: onnx.ModelProto) -> list[tuple[np.ndarray, str]]:
-    """(INT8 weight, op type) for every Conv/Gemm/MatMul whose weight comes from a DequantizeLinear."""
+def _gemm_weights(model: onnx.ModelProto, depthwise: bool = False) -> list[tuple[np.ndarray, str]]:
+    """(INT8 weight, op type) for every Conv/Gemm/MatMul whose weight comes from a DequantizeLinear; depthwise convs
+    only with ``depthwise``."""
     inits = {i.name: i for i in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
     out = []
     for n in model.graph.node:
         dq = producer.get(n.input[1]) if n.op_type in ("Conv", "Gemm", "MatMul") else None
         if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits:
-            out.append((onnx.numpy_helper.to_array(inits[dq.input[0]]), n.op_type))
+            q = onnx.numpy_helper.to_array(inits[dq.input[0]])
+            if depthwise or not is_depthwise(n, q.shape):
+                out.append((q, n.op_type))
     return out
 
 
@@ -163,10 +168,15 @@ def test_cpu_int8_is_u8s8_and_close_to_fp32(learned: tuple[Path, np.ndarray, np.
     act_q = [n for n in q.graph.node if n.op_type == "QuantizeLinear"]
     assert act_q and all(inits[n.input[2]].data_type == onnx.TensorProto.UINT8 for n in act_q)
     assert {p.key: p.value for p in q.metadata_props}["k"] == "v"
-    # Portable target: no two adjacent INT8 weights can overflow vpmaddubsw's int16 pair sum (255 · 128 < 32768),
-    # in either order a conv kernel may walk K; the largest weight of a channel still uses the full 8 bits.
+    # Portable target: no two adjacent INT8 weights of a GEMM-type kernel can overflow vpmaddubsw's int16 pair sum
+    # (255 · 128 < 32768), in either order a conv kernel may walk K; the largest weight of a channel still uses the
+    # full 8 bits. Depthwise convs keep plain 8-bit weights (their kernels never add two products in int16:
+    # test_depthwise_kernels_never_saturate).
     weights = _gemm_weights(q)
-    assert len(weights) == sum(n.op_type in ("Conv", "Gemm") for n in onnx.load(str(path)).graph.node)
+    src = onnx.load(str(path))
+    dense = [n for n in src.graph.node if n.op_type in ("Conv", "Gemm")
+             and not is_depthwise(n, next(i.dims for i in src.graph.initializer if i.name == n.input[1]))]
+    assert len(weights) == len(dense) and len(_gemm_weights(q, depthwise=True)) > len(dense)
     assert all(qw.dtype == np.int8 and max_pair_sum(qw, op).max() <= PAIR_LIMIT for qw, op in weights)
     assert max(np.abs(qw.astype(int)).max() for qw, _ in weights) == 127
     # ONNX Runtime with its fused integer kernels on this CPU, as the runtime runs it.
@@ -203,6 +213,70 @@ def test_cpu_targets(learned: tuple[Path, np.ndarray, np.ndarray, np.ndarray], t
         _check(ref, _run(out, x), INT8_CPU_BOUND)
     with pytest.raises(ValueError, match="unknown CPU target"):
         write_cpu_int8(path, compute_ranges(path, calib, "minmax"), tmp_path / "w.onnx", target="avx2")
+
+
+@pytest.mark.parametrize(("shape", "op"), [((16, 3, 3, 3), "Conv"), ((16, 1152, 1, 1), "Conv"), ((8, 320), "Gemm")])
+def test_pair_limited_weights(shape: tuple[int, ...], op: str) -> None:
+    """Every adjacent pair within the limit in both K orders; per channel never a larger weight error than the scale
+    at which nothing has to be shrunk (the previous recipe), and a smaller one over the whole layer."""
+    rng = np.random.default_rng(3)
+    w = rng.laplace(0, 1, shape).astype(np.float32)  # trained conv weights are heavy-tailed
+    q, scale = pair_limited_int8(w, op)
+    assert q.dtype == np.int8 and scale.shape == (shape[0],) and max_pair_sum(q, op).max() <= PAIR_LIMIT
+    if op == "Conv" and shape[2] > 1:  # the (kh, kw, C_in) walk as well as (C_in, kh, kw)
+        hwc = q.transpose(0, 2, 3, 1).reshape(shape[0], -1).astype(int)
+        assert np.abs(hwc[:, 1:] + hwc[:, :-1]).max() <= PAIR_LIMIT
+    flat = w.reshape(shape[0], -1).astype(np.float64)
+    err = ((flat - q.reshape(shape[0], -1) * scale[:, None].astype(np.float64)) ** 2).sum(1)
+    pair = np.maximum(np.abs(flat).max(1), np.abs(flat[:, 1:] + flat[:, :-1]).max(1))
+    if op == "Conv" and shape[2] > 1:
+        t = w.transpose(0, 2, 3, 1).reshape(shape[0], -1)
+        pair = np.maximum(pair, np.abs(t[:, 1:] + t[:, :-1]).max(1))
+    old_s = np.maximum(np.abs(flat).max(1) / 127, pair / PAIR_LIMIT) * 1.0001
+    old = ((flat - np.clip(np.round(flat / old_s[:, None]), -127, 127) * old_s[:, None]) ** 2).sum(1)
+    wide = not (op == "Conv" and shape[2] > 1)  # 27 weights per channel leave little to gain
+    assert (err <= old * (1 + 1e-4)).all() and (not wide or err.sum() < old.sum())
+
+
+def _adversarial_conv(depthwise: bool, channels: int = 32) -> bytes:
+    """Q/DQ conv whose INT8 weights are all +127 (one -127 per kernel) and whose inputs quantise to 255: every adjacent
+    pair of products is 2 · 255 · 127, twice what an int16 holds."""
+    from onnx import TensorProto, helper
+    from onnx.numpy_helper import from_array
+
+    w = np.full((channels, 1 if depthwise else channels, 3, 3), 127, np.int8)
+    w[:, :, 0, 0] = -127
+    inits = [from_array(np.float32(1 / 255), "xs"), from_array(np.uint8(0), "xz"), from_array(w, "wq"),
+             from_array(np.full(channels, 0.01, np.float32), "ws"), from_array(np.zeros(channels, np.int8), "wz"),
+             from_array(np.float32(0.05 if depthwise else 2.0), "ys"), from_array(np.uint8(0), "yz")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd"], ["y"], group=channels if depthwise else 1, pads=[1, 1, 1, 1]),
+             helper.make_node("QuantizeLinear", ["y", "ys", "yz"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["out"])]
+    shape = [1, channels, 8, 8]
+    graph = helper.make_graph(nodes, "adversarial", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, shape)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString()
+
+
+def test_depthwise_kernels_never_saturate() -> None:
+    """Why the portable target leaves depthwise weights at 8 bits: ONNX Runtime's fused depthwise kernels compute each
+    product exactly, even where the dense kernel with the same weights and inputs saturates."""
+    x = np.ones((1, 32, 8, 8), np.float32)
+
+    def fused_vs_qdq(model: bytes) -> float:
+        fused = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        qdq = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        return float(np.abs(fused - qdq).max())
+
+    # At most one output step (0.05, float rounding at a .5 boundary); a saturating pair would be off by dozens.
+    assert fused_vs_qdq(_adversarial_conv(depthwise=True)) <= 0.05 + 1e-6, cpu_info()
+    if not cpu_target_ok("vnni", cpu_info()["isa"]):  # the probe can see saturation where vpmaddubsw is used
+        assert fused_vs_qdq(_adversarial_conv(depthwise=False)) > 10.0, cpu_info()
 
 
 def test_missing_ranges_are_an_error(prepared: tuple[Path, np.ndarray], tmp_path: Path) -> None:
