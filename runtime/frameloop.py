@@ -417,7 +417,8 @@ class FrameLoop:
         self._write(feed, result)
         for h in self.hooks:
             h.on_result(self, feed, result)
-        self.status_line.update(self._status_text(result), force=self.console)
+        if self.status_line.enabled:  # the text is built per frame only when a status line is shown
+            self.status_line.update(self._status_text(result), force=self.console)
         return self._stop_reason()
 
     def _write(self, feed: SourceFeed, result: FrameResult) -> None:

@@ -96,11 +96,11 @@ STREAMS_SUFFIX = ".streams"
 
 
 def default_threads() -> int:
-    """ONNX Runtime threads for a run when ``--threads`` is not given: the physical cores (``benchmarks.latency
-    --pipeline-only`` compares it with one core left to decoding)."""
+    """ONNX Runtime threads for a run when ``--threads`` is not given: the physical cores but one, which is left to
+    the capture/decode and preparation threads that run beside inference (docs/station.md, overlap); at least one."""
     from runtime.ort_backend import physical_cores
 
-    return physical_cores()
+    return max(1, physical_cores() - 1)
 
 
 def expand_sources(sources: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -178,7 +178,7 @@ class RunConfig:
         if self.max_frames is not None and self.max_frames < 1:
             raise ValueError(f"max_frames must be >= 1 (or None for no limit), got {self.max_frames}")
         if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1 (or None for the physical cores), got {self.threads}")
+            raise ValueError(f"threads must be >= 1 (or None for the default), got {self.threads}")
         if self.on_output_error not in ON_OUTPUT_ERROR:
             raise ValueError(f"on_output_error must be one of {', '.join(ON_OUTPUT_ERROR)}, "
                              f"got {self.on_output_error!r}")
@@ -493,7 +493,7 @@ def _model_args(g: Any) -> None:
     g.add_argument("--smoothing", type=_int_at_least(0, "0 is off"), default=0, metavar="N",
                    help="video: average probabilities over the last N frames (default off)")
     g.add_argument("--threads", type=_int_at_least(1, "ONNX Runtime threads"), metavar="N",
-                   help="ONNX Runtime threads (default: physical cores)")
+                   help="ONNX Runtime threads (default: physical cores minus one, left to decoding; at least 1)")
 
 
 def _output_args(g: Any) -> None:
