@@ -34,6 +34,7 @@ EXTRA_FOR_MODULE: dict[str, str] = {
     "tensorrt": "tensorrt",
     "cuda": "tensorrt",
     "paho": "station",  # benchmarks.mqtt_restart (MQTT subscriber)
+    "pyarrow": "scale",  # benchmarks.archive (reads the Parquet rows; comes with ray[data])
 }
 #: Exit code of a tool whose extra is not installed (the same meaning as ``export.build_engine``'s 3: no TensorRT).
 EXIT_MISSING_EXTRA = 3
