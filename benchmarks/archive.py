@@ -117,13 +117,16 @@ class Monitor(threading.Thread):
     CPU seconds they used (processes already running at start count from then on)."""
 
     def __init__(self, roots: Sequence[int], interval: float = 0.25, series_every: float = 0.0,
-                 progress: Any = None) -> None:
+                 progress: Any = None, series_csv: Path | None = None) -> None:
         super().__init__(daemon=True)
         self.roots, self.interval = list(roots), interval
         #: Every ``series_every`` s (0: never) one row: seconds, images done (``progress()``), driver, largest
         #: model worker and all processes' RSS in MB; shows whether memory grows with the images processed.
         self.series_every, self.progress = series_every, progress
         self.series: list[tuple[float, int, float, float, float]] = []
+        self.series_csv = series_csv  # written as it is sampled, so a long run cut short keeps its trend
+        if series_csv and series_every:
+            series_csv.write_text("seconds,images_done,driver_mb,largest_worker_mb,all_mb\n")
         self.t0 = self.next_row = time.monotonic()
         self.stop_event = threading.Event()
         self.cpu0: dict[int, float] = {}
@@ -164,6 +167,9 @@ class Monitor(threading.Thread):
             done = self.progress() if self.progress else 0
             self.series.append((round(now - self.t0, 1), done, rss_now.get(self.roots[0], 0) / 2**20,
                                 max(workers, default=0) / 2**20, total / 2**20))
+            if self.series_csv:
+                with open(self.series_csv, "a") as f:
+                    f.write("{},{},{:.0f},{:.0f},{:.0f}\n".format(*self.series[-1]))
 
     def run(self) -> None:
         while not self.stop_event.wait(self.interval):
@@ -182,11 +188,12 @@ class Monitor(threading.Thread):
 
 # ------------------------------------------------------------------------------------------------ runs
 def _timed(cmd: list[str], roots_extra: Sequence[int] = (), env: dict[str, str] | None = None,
-           log: Path | None = None, rss_every: float = 0.0, progress: Any = None) -> dict[str, Any]:
+           log: Path | None = None, rss_every: float = 0.0, progress: Any = None,
+           rss_csv: Path | None = None) -> dict[str, Any]:
     t0, t0_unix = time.perf_counter(), time.time()
     with open(log or os.devnull, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    mon = Monitor([proc.pid, *roots_extra], series_every=rss_every, progress=progress)
+    mon = Monitor([proc.pid, *roots_extra], series_every=rss_every, progress=progress, series_csv=rss_csv)
     mon.start()
     rc = proc.wait()
     wall = time.perf_counter() - t0
@@ -245,7 +252,7 @@ def run_single(images: Path, n: int, work: Path, model: str | None) -> dict[str,
 
 def run_archive(images: Path, n: int, work: Path, model: str | None, workers: int, address: str | None,
                 roots: Sequence[int] = (), name: str = "", batch_size: int = 16,
-                rss_every: float = 0.0) -> dict[str, Any]:
+                rss_every: float = 0.0, rss_csv: Path | None = None) -> dict[str, Any]:
     from runtime.archive import read_results
 
     out = work / f"archive_{name or workers}"
@@ -255,7 +262,7 @@ def run_archive(images: Path, n: int, work: Path, model: str | None, workers: in
     if address:
         cmd += ["--address", address]
     res = _timed(cmd, roots, env={"RAY_AUTH_MODE": "disabled"}, log=work / f"archive_{name or workers}.log",
-                 rss_every=rss_every, progress=_PartRows(out))
+                 rss_every=rss_every, progress=_PartRows(out), rss_csv=rss_csv)
     t = read_results(out, latest=False)
     paths = t.column("path").to_pylist()
     times = t.column("finished_at").to_pylist()
@@ -386,21 +393,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.append(run_single(images, args.images, work, args.model))
         elif run in ("ray1", "ray2"):
             results.append(run_archive(images, args.images, work, args.model, int(run[-1]), None,
-                                       batch_size=args.batch_size, rss_every=args.rss_every))
+                                       batch_size=args.batch_size, rss_every=args.rss_every,
+                                       rss_csv=work / f"rss_{run}.csv"))
         else:
             addr, procs = start_cluster(work, 1 if run == "started" else 2)
             try:
                 results.append(run_archive(images, args.images, work, args.model, 2, addr,
                                            [p.pid for p in procs], batch_size=args.batch_size,
                                            name="two-node cluster" if run == "cluster" else "started instance",
-                                           rss_every=args.rss_every))
+                                           rss_every=args.rss_every, rss_csv=work / f"rss_{run}.csv"))
             finally:
                 stop_cluster(procs)
         print(table(results, args.images).splitlines()[-1], file=sys.stderr, flush=True)
         if results[-1]["rss_series"]:
-            csv = work / f"rss_{run}.csv"
-            csv.write_text("seconds,images_done,driver_mb,largest_worker_mb,all_mb\n" + "".join(
-                f"{t},{n},{d:.0f},{w:.0f},{a:.0f}\n" for t, n, d, w, a in results[-1]["rss_series"]))
             print(rss_trend(results[-1]["rss_series"]), file=sys.stderr, flush=True)
     text = table(results, args.images)
     print(f"{args.images} images of {args.size}² px, {os.cpu_count()} CPUs, load average {load:.1f} before, "

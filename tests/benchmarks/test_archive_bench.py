@@ -55,14 +55,17 @@ def test_generate_with_hard_links_gives_distinct_paths_to_the_pool(tmp_path: Pat
     assert len({f.stat().st_ino for f in plain.rglob("*.png")}) == 7
 
 
-def test_monitor_series_follows_progress_and_trend_table() -> None:
+def test_monitor_series_follows_progress_and_trend_table(tmp_path: Path) -> None:
+    csv = tmp_path / "rss.csv"
     proc = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(80 << 20); time.sleep(1.2)"])
     done = iter(range(0, 10_000, 100))
-    mon = Monitor([proc.pid], interval=0.05, series_every=0.1, progress=lambda: next(done))
+    mon = Monitor([proc.pid], interval=0.05, series_every=0.1, progress=lambda: next(done), series_csv=csv)
     mon.start()
     proc.wait(timeout=60)
     mon.stop()
     assert len(mon.series) >= 3
+    lines = csv.read_text().splitlines()  # written while sampling, one line a row
+    assert lines[0].startswith("seconds,images_done") and len(lines) == len(mon.series) + 1
     seconds, images = [r[0] for r in mon.series], [r[1] for r in mon.series]
     assert seconds == sorted(seconds) and images == sorted(images)
     assert max(r[2] for r in mon.series) >= 80 and all(r[4] >= r[2] for r in mon.series)
