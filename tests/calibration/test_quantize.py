@@ -80,9 +80,15 @@ def _gemm_weights(model: onnx.ModelProto, depthwise: bool = False) -> list[tuple
         dq = producer.get(n.input[1]) if n.op_type in ("Conv", "Gemm", "MatMul") else None
         if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits:
             q = onnx.numpy_helper.to_array(inits[dq.input[0]])
-            if depthwise or not is_depthwise(n, q.shape):
+            if depthwise or not _depthwise(n, q.shape):
                 out.append((q, n.op_type))
     return out
+
+
+def _depthwise(node: onnx.NodeProto, shape: tuple[int, ...]) -> bool:
+    """One input and one output channel per group (written out here, independent of the code under test)."""
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    return node.op_type == "Conv" and len(shape) == 4 and group > 1 and shape[0] == group and shape[1] == 1
 
 
 def _check(ref: np.ndarray, got: np.ndarray, bound: float) -> None:
@@ -175,7 +181,7 @@ def test_cpu_int8_is_u8s8_and_close_to_fp32(learned: tuple[Path, np.ndarray, np.
     weights = _gemm_weights(q)
     src = onnx.load(str(path))
     dense = [n for n in src.graph.node if n.op_type in ("Conv", "Gemm")
-             and not is_depthwise(n, next(i.dims for i in src.graph.initializer if i.name == n.input[1]))]
+             and not _depthwise(n, tuple(next(i.dims for i in src.graph.initializer if i.name == n.input[1])))]
     assert len(weights) == len(dense) and len(_gemm_weights(q, depthwise=True)) > len(dense)
     assert all(qw.dtype == np.int8 and max_pair_sum(qw, op).max() <= PAIR_LIMIT for qw, op in weights)
     assert max(np.abs(qw.astype(int)).max() for qw, _ in weights) == 127
@@ -265,6 +271,9 @@ def test_depthwise_kernels_never_saturate() -> None:
     """Why the portable target leaves depthwise weights at 8 bits: ONNX Runtime's fused depthwise kernels compute each
     product exactly, even where the dense kernel with the same weights and inputs saturates."""
     x = np.ones((1, 32, 8, 8), np.float32)
+    for dw in (True, False):  # the portable recipe's classification matches the kernels ONNX Runtime picks
+        conv = next(n for n in onnx.load_from_string(_adversarial_conv(dw)).graph.node if n.op_type == "Conv")
+        assert is_depthwise(conv, (32, 1 if dw else 32, 3, 3)) is dw
 
     def fused_vs_qdq(model: bytes) -> float:
         fused = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
