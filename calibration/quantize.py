@@ -16,9 +16,8 @@ for EfficientNet under TensorRT and onnxruntime's quantiser cannot express it): 
 
 SiLU (Sigmoid + Mul) stays in the conv's output precision (TensorRT fuses it as a pointwise epilogue), and the
 final classifier (Gemm/MatMul) stays in float by default (``keep_head_float``). This is the placement NVIDIA gives
-for EfficientNet and the one NVIDIA ModelOpt (``modelopt.onnx.quantization``, which did run on this CPU-only machine
-in a throwaway venv with ``--no-deps`` installs) writes: its B0 output has Q/DQ on 81 Conv (input + weight),
-17 GlobalAveragePool, 16 SE Mul (both inputs) and 9 Add (one input).
+for EfficientNet and the one NVIDIA ModelOpt (``modelopt.onnx.quantization``) writes: its B0 output has Q/DQ on
+81 Conv (input + weight), 17 GlobalAveragePool, 16 SE Mul (both inputs) and 9 Add (one input).
 
 CPU file (:func:`write_cpu_int8`): ``onnxruntime.quantization.quantize_static`` in QDQ format with unsigned
 activations (asymmetric) and signed per-channel weights, all supported ops quantised so activations stay INT8
@@ -303,6 +302,12 @@ def _set_props(model: onnx.ModelProto, props: dict[str, str] | None) -> None:
 # ------------------------------------------------------------------ CPU (ONNX Runtime) INT8
 #: CPU targets for :func:`write_cpu_int8` (see the module docstring).
 CPU_TARGETS = ("portable", "vnni")
+#: What each CPU target does to the weights, recorded in the artifact's metadata (``extra.calibration.weights``).
+CPU_TARGET_WEIGHTS = {
+    "portable": "dense Conv/Gemm: adjacent weight pairs <= 128 in magnitude, least-error per-channel scale; "
+                "depthwise Conv: plain 8-bit per-channel",
+    "vnni": "plain 8-bit per-channel (onnxruntime quantize_static)",
+}
 #: Instruction-set flags (``/proc/cpuinfo``) whose integer dot products accumulate in int32 without saturation.
 NON_SATURATING_ISA = ("avx512_vnni", "avx_vnni", "amx_int8")
 #: Op types whose weights ONNX Runtime's integer GEMM/conv kernels multiply with u8 activations.

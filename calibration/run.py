@@ -39,6 +39,7 @@ def run_calibration(onnx_path: Path, data: Path, trt_out: Path, cpu_out: Path, s
     ``cpu_target`` picks the CPU file's weights (:data:`calibration.quantize.CPU_TARGETS`); it and the building
     machine's instruction set are recorded in the metadata (``extra.calibration``)."""
     from calibration.quantize import (
+        CPU_TARGET_WEIGHTS,
         compute_ranges,
         prepare_for_quantization,
         ranges_as_dict,
@@ -54,7 +55,8 @@ def run_calibration(onnx_path: Path, data: Path, trt_out: Path, cpu_out: Path, s
     x = load_calibration_array(cset, meta, skipped)
     int8_meta = meta.with_updates(precision="int8", extra={**meta.extra, "calibration": {
         "images": int(len(x)), "per_class": cset.per_class, "method": method, "seed": seed,
-        "source": str(cset.source), "cpu_target": cpu_target, "built_on": machine}})
+        "source": str(cset.source), "cpu_target": cpu_target,
+        "weights": CPU_TARGET_WEIGHTS[cpu_target], "built_on": machine}})
     out_props = {METADATA_KEY: int8_meta.to_json()}
     with tempfile.TemporaryDirectory(prefix="calibration.") as tmp:
         prepared = prepare_for_quantization(onnx_path, Path(tmp) / "prepared.onnx")

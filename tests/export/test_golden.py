@@ -11,6 +11,7 @@ import onnx
 import pytest
 from tiny_models import learned_tiny, tiny_meta, write_dataset
 
+from calibration.quantize import CPU_TARGET_WEIGHTS
 from export import build_engine as be
 from export import golden
 from export.onnx_export import export_onnx
@@ -84,6 +85,7 @@ def test_build_engine_int8_writes_goldens_and_self_checks(model: tuple[Path, Pat
     assert report["gate"]["int8-cpu"]["machine"]["isa"] is not None  # the CPU's instruction set travels along
     meta = be.read_onnx_metadata(out / "tiny.int8.cpu.onnx")
     assert meta.extra["calibration"]["cpu_target"] == "portable" and "isa" in meta.extra["calibration"]["built_on"]
+    assert meta.extra["calibration"]["weights"] == CPU_TARGET_WEIGHTS["portable"]
     assert self_check(out / "tiny.int8.cpu.onnx", "cpu").ok
     rc = be.main(["--onnx", str(src), "--int8", "--calib-data", str(data), "--val-data", str(data / "val"),
                   "--out", str(tmp_path / "v"), "--max-drop", "100", "--calib-method", "percentile", "-v"])
