@@ -63,7 +63,6 @@ outputs (--output, repeatable; default: a line per frame on stdout):
                 rate, source states; listens on --host (127.0.0.1); beyond it a token is required (--http-token)
 records: {fields}
   (JSON and MQTT records add drift: ok/alarm while the drift alarm runs).
-
   label is a class, "other" (rejected), "invalid" (no usable content; reason says why: blank, saturated, noise,
   defocus, out_of_range), or empty with error set (the input could not be read or classified). Record files are
   appended to, never truncated; a CSV with another header is left alone and res-1.csv started next to it.
