@@ -4,9 +4,9 @@ Fake device memory is numpy arrays keyed by pointer; copies, engine runs and eve
 only on synchronize, as on a GPU. The fake engine computes ``x.reshape(N, -1) @ WEIGHTS`` from the bytes copied to its
 bound input address, for the shape the context had when ``execute_async_v3`` was last called — so a CUDA graph replayed
 after ``set_input_shape`` moved the context to another size computes with the stale size, as on a GPU
-(NVIDIA/TensorRT#3798). User-managed contexts need their device memory set; a release can be made to fail. This checks TrtBackend's own logic (tensor
-discovery, profile batch range, binding, chunking, padding, fp16 staging, output copies, timing, CUDA graphs,
-freeing), not TensorRT or CUDA: that is the ``gpu`` test in test_trt_backend.py.
+(NVIDIA/TensorRT#3798). User-managed contexts need their device memory set; a release can be made to fail. This checks
+TrtBackend's own logic (tensor discovery, profile batch range, binding, chunking, padding, fp16 staging, output
+copies, timing, CUDA graphs, freeing), not TensorRT or CUDA: that is the ``gpu`` test in test_trt_backend.py.
 """
 
 from __future__ import annotations
