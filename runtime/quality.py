@@ -19,7 +19,8 @@ side (cheap, and small source frames that were enlarged look as they did before)
   defocused scene or a smooth gradient.
 * ``band`` — share of the structure (the variance beyond white noise) in a mid-scale band (difference of Gaussian
   blurs σ 1 and σ 3, which passes little white noise), beyond the noise's share: low for a noisy frame whose only
-  structure is a smooth blur, where ``detail`` drowns in the noise.
+  structure is a smooth blur, where ``detail`` drowns in the noise. Measured only for noisy frames
+  (``signal`` < :data:`DEFOCUS_MIN_SIGNAL`), the only ones its rule applies to; NaN for the others.
 * ``level`` — mean of the stretched frame; ``mean`` — mean as a share of the full scale; ``raw_spread`` and
   ``raw_mean`` — robust range and mean as shares of the dtype's maximum (255, 65535, 1: what a ``full_scale``
   model divides by).
@@ -163,7 +164,9 @@ def frame_stats(grey: np.ndarray, native: np.ndarray | None = None) -> dict[str,
     fine = s - cv2.GaussianBlur(s, (0, 0), _BLUR_SIGMA, borderType=cv2.BORDER_REFLECT)
     detail = max(0.0, float(fine.var()) - _NOISE_PASS * noise_var) / var
     return {"spread": spread, "clipped": float(clipped), "signal": signal, "detail": detail,
-            "band": _band(s, var, float(np.square(lap).mean()) / 36.0), "level": float(s.mean()), **raw}
+            # band is read only for noisy frames (the defocus rule and its fit), so only they pay for its blurs
+            "band": _band(s, var, float(np.square(lap).mean()) / 36.0) if signal < DEFOCUS_MIN_SIGNAL else math.nan,
+            "level": float(s.mean()), **raw}
 
 
 def _band(s: np.ndarray, var: float, noise_var: float) -> float:
@@ -216,7 +219,8 @@ def fit_limits(stats: Iterable[Mapping[str, float]], intensity: str = "percentil
     if len(rows) < 20:
         raise ValueError(f"{source}: {len(rows)} images are too few to fit the frame-quality gate (need 20)")
     arr = {k: np.array([r[k] for r in rows], np.float64) for k in STATS}
-    q = {k: {p: float(np.percentile(v, p)) for p in (0.1, 1, 50, 99, 99.9)} for k, v in arr.items()}
+    measured = {k: v[np.isfinite(v)] for k, v in arr.items()}  # band: only the noisy frames have one
+    q = {k: {p: float(np.percentile(v, p)) for p in (0.1, 1, 50, 99, 99.9)} for k, v in measured.items() if v.size}
     limits: dict[str, Any] = {
         "blank_spread": min(DEFAULT_LIMITS["blank_spread"], 0.25 * q["spread"][0.1]),
         "saturated_clipped": min(0.95, max(DEFAULT_LIMITS["saturated_clipped"], q["clipped"][99.9] + 0.1)),
