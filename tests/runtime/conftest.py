@@ -8,6 +8,7 @@ mid-grey ones are uniform (MSP 1/8) — so confidence, and therefore rejection, 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -22,6 +23,8 @@ from onnx import TensorProto, helper, numpy_helper
 from runtime.contract import METADATA_KEY, ModelMetadata
 
 SIZE = 32
+#: ``.ci/run`` sets SEM_SERVE_REQUIRED=1 in the serve venv, where a missing serving piece is a failure, not a skip.
+SERVE_REQUIRED = os.environ.get("SEM_SERVE_REQUIRED") == "1"
 SLOPES = np.array([-3.0, 3.0, 0, 0, 0, 0, 0, 0], np.float32)
 
 
@@ -178,3 +181,18 @@ def video_writer():
 @pytest.fixture(scope="session")
 def meta_factory():
     return tiny_meta
+
+
+def serve_skip_or_fail(reason: str) -> None:
+    """Skip a serving test whose environment is missing; fail it instead under SEM_SERVE_REQUIRED=1."""
+    if SERVE_REQUIRED:
+        pytest.fail(f"SEM_SERVE_REQUIRED=1 but {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def require_tritonclient() -> None:
+    """Serving tests need the Triton client, which the serve venv has (.ci/run)."""
+    try:
+        import tritonclient.grpc  # noqa: F401
+    except ImportError:
+        serve_skip_or_fail("tritonclient is not installed here; serving tests run in the serve venv (.ci/run)")

@@ -28,21 +28,13 @@ import pytest
 
 from runtime.errors import InputError
 
-REQUIRED = os.environ.get("SEM_SERVE_REQUIRED") == "1"
 SERVE_PYTHON = os.environ.get("SEM_SERVE_PYTHON") or sys.executable
 ROOT = Path(__file__).resolve().parents[2]
 
+from tests.runtime.conftest import require_tritonclient  # noqa: E402
+from tests.runtime.conftest import serve_skip_or_fail as _skip_or_fail  # noqa: E402
 
-def _skip_or_fail(reason: str) -> None:
-    if REQUIRED:
-        pytest.fail(f"SEM_SERVE_REQUIRED=1 but {reason}", pytrace=False)
-    pytest.skip(reason, allow_module_level=True)
-
-
-try:
-    import tritonclient.grpc  # noqa: F401
-except ImportError:
-    _skip_or_fail("tritonclient is not installed here; serving tests run in the serve venv (.ci/run)")
+require_tritonclient()
 
 from runtime.remote import ModelMismatch, RemoteClassifier, ServerUnavailable, model_fingerprint  # noqa: E402
 from runtime.serve import libpython_dir  # noqa: E402
