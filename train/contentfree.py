@@ -12,6 +12,9 @@ Kinds (:data:`KINDS`):
 * ``defocus`` — a real scene blurred far beyond what imaging does (beam out of focus), maybe with noise.
 
 Every frame is float32 in [0, 1]; :func:`quantise` turns it into uint8 or uint16 data of a given bit depth.
+:func:`station_frame` renders one as a station sends it (another size, 8 to 16 bits) and resizes it to the model
+input as the runtime does; with a frame-quality gate it can insist on a frame the gate lets through, the only
+content-free frames the deployed network ever sees.
 """
 
 from __future__ import annotations
@@ -22,7 +25,15 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 
+from runtime.preprocess import resize_grey
+
 KINDS = ("blank", "noise", "gradient", "saturated", "defocus")
+#: The kinds the frame-quality gate can let through (mildly blurred scenes, gradients, partly clipped scenes).
+GATE_PASSING_KINDS = ("gradient", "saturated", "defocus")
+#: Source sides of :func:`station_frame`, as multiples of the model input's side: smaller frames are enlarged,
+#: larger ones area-shrunk, which changes what is left of blur, noise and quantisation.
+STATION_SCALES = (0.5, 0.75, 1.0, 2.0, 4.0)
+STATION_BITS = (8, 8, 10, 12, 16)
 #: Largest side at which scenes are drawn and blurred before enlarging to the frame size.
 SMOOTH_SIDE = 512
 
@@ -125,3 +136,30 @@ def quantise(img: np.ndarray, bits: int) -> np.ndarray:
     if bits not in (10, 12, 14, 16):
         raise ValueError(f"bits must be 8, 10, 12, 14 or 16, got {bits}")
     return np.round(img * float((1 << bits) - 1)).astype(np.uint16)
+
+
+def station_frame(rng: np.random.Generator, input_size: tuple[int, int],
+                  scene: Callable[[np.random.Generator, tuple[int, int]], np.ndarray] | None = None,
+                  gate: Callable[[np.ndarray, np.ndarray | None], str] | None = None, tries: int = 30,
+                  resize: str = "area") -> np.ndarray:
+    """A content-free frame as the network would receive it: drawn at a source size of :data:`STATION_SCALES` × the
+    input and a bit depth of :data:`STATION_BITS`, then resized to ``input_size`` (h, w) as the runtime resizes it.
+
+    With ``gate`` (``gate(frame, native) -> reason``, called as ``runtime.classifier.Classifier.prepare`` calls
+    the frame-quality gate) it draws :data:`GATE_PASSING_KINDS` until the gate lets a frame through (at most
+    ``tries`` draws; the last one otherwise): those are the content-free frames the network must send to ``other``
+    itself. Without it any kind. Returns the resized frame (uint8, or uint16 holding 10- to 16-bit data).
+    """
+    h, w = input_size
+    out = np.zeros(input_size, np.uint8)
+    for _ in range(max(1, tries) if gate is not None else 1):
+        kinds = GATE_PASSING_KINDS if gate is not None else KINDS
+        kind = kinds[int(rng.integers(0, len(kinds)))]
+        k = float(STATION_SCALES[int(rng.integers(0, len(STATION_SCALES)))])
+        bits = int(STATION_BITS[int(rng.integers(0, len(STATION_BITS)))])
+        native = quantise(frame(kind, rng, (max(8, int(round(h * k))), max(8, int(round(w * k)))), scene), bits)
+        small = native.shape[0] <= h and native.shape[1] <= w
+        out = resize_grey(native, input_size, resize)
+        if gate is None or not (gate(native, None) if small else gate(out, native)):
+            break
+    return out

@@ -18,7 +18,7 @@ import hashlib
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -265,20 +265,26 @@ def paste_anomaly(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ datasets
+#: Share of the generated content-free frames drawn until the model's frame-quality gate lets them through.
+HARD_CONTENT_FREE = 0.5
+
+
 class ImageFolderDataset(Dataset):
     """``root/<class>/*`` → ``(float32 (C,H,W) tensor, class index)`` through the runtime's preprocessing stages.
 
     ``augment=None`` is evaluation: exactly ``Preprocessor``'s path (load_grey → resize_grey → Intensity →
     Normalizer). ``intensity`` is the model's :class:`~runtime.preprocess.Intensity` (default ``full_scale``).
     ``content_free`` appends that many generated content-free frames (:mod:`train.contentfree`, drawn afresh
-    each epoch) labelled ``other``. Call :meth:`set_epoch` each epoch so augmentations differ between epochs but
-    are reproducible.
+    each epoch, at the sizes and bit depths a station sends, resized as the runtime resizes) labelled ``other``;
+    with ``gate`` (the model's frame-quality gate) :data:`HARD_CONTENT_FREE` of them are frames that gate lets
+    through, the ones the network has to refuse itself. Call :meth:`set_epoch` each epoch so augmentations differ
+    between epochs but are reproducible.
     """
 
     def __init__(self, root: str | os.PathLike[str], size: tuple[int, int], mean: Sequence[float],
                  std: Sequence[float], augment: AugmentConfig | None = None, classes: Sequence[str] = CLASSES,
                  resize: str = "area", cache: bool = True, seed: int = 0, intensity: Intensity | None = None,
-                 content_free: int = 0) -> None:
+                 content_free: int = 0, gate: Callable[[np.ndarray, np.ndarray | None], str] | None = None) -> None:
         self.root = Path(root)
         self.size = (int(size[0]), int(size[1]))
         self.classes = tuple(classes)
@@ -287,6 +293,7 @@ class ImageFolderDataset(Dataset):
         self.intensity = intensity or Intensity()
         self.normalize = Normalizer(tuple(mean), tuple(std))
         self.seed = int(seed)
+        self.gate = gate
         self.epoch = 0
         report = scan_folder(self.root, self.classes, verify=not cache)
         self.problems = list(report.problems)
@@ -344,15 +351,16 @@ class ImageFolderDataset(Dataset):
         return self._cached_form(load_grey(self.samples[i][0]))
 
     def content_free_frame(self, i: int) -> np.ndarray:
-        """Generated content-free frame number ``i - n_images`` of this epoch, uint8 at the input size."""
+        """Generated content-free frame number ``i - n_images`` of this epoch at the input size (uint8, or uint16
+        holding 10- to 16-bit data)."""
         rng = np.random.default_rng((self.seed, self.epoch, i, 7))
-        kind = contentfree.KINDS[int(rng.integers(0, len(contentfree.KINDS)))]
+        hard = self.gate is not None and rng.random() < HARD_CONTENT_FREE
 
         def scene(r: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
             g = resize_grey(self.grey(int(r.integers(0, self.n_images))), size, self.resize)
             return _to_unit_float(g)
 
-        return contentfree.quantise(contentfree.frame(kind, rng, self.size, scene), 8)
+        return contentfree.station_frame(rng, self.size, scene, self.gate if hard else None, resize=self.resize)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         label = self.samples[i][1]

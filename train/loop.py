@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Sampler, Subset
 from runtime.contract import CLASSES, INTENSITY_MODES, ModelMetadata
 from runtime.files import atomic_write_bytes, atomic_write_text
 from runtime.preprocess import Intensity
+from runtime.quality import QualityGate, default_limits
 from runtime.scores import is_rejected, softmax
 from train import distributed
 from train.checkpoint import cpu_state_dict, get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
@@ -351,16 +352,28 @@ def build_datasets(cfg: TrainConfig, ckpt: dict[str, Any] | None) -> tuple[Image
         raise ValueError(f"--content-free {cfg.content_free}: need a share between 0 and 1")
     intensity = Intensity(cfg.intensity)
     n_free = int(round(cfg.content_free * len(scan_folder(splits["train"], CLASSES, verify=False).samples)))
+    fingerprint = ckpt["metadata"]["data_fingerprint"] if ckpt is not None else fingerprint_dataset(cfg.data)
+    meta = ModelMetadata(labels=CLASSES, input_size=size, mean=mean, std=std, arch=cfg.arch,
+                         data_fingerprint=fingerprint, intensity=cfg.intensity, extra={"train_args": asdict(cfg)})
     train_ds = ImageFolderDataset(splits["train"], size, mean, std, augment=aug, cache=cfg.cache, seed=cfg.seed,
-                                  intensity=intensity, content_free=n_free)
+                                  intensity=intensity, content_free=n_free,
+                                  gate=content_free_gate(splits["train"], meta) if n_free else None)
     val_ds = ImageFolderDataset(splits["val"], size, mean, std, augment=None, cache=cfg.cache, intensity=intensity)
     counts = train_ds.class_counts(len(CLASSES))
     log.info("train %d images %s; val %d images; %d file(s) skipped", len(train_ds),
              dict(zip(CLASSES, counts.tolist())), len(val_ds), len(train_ds.problems) + len(val_ds.problems))
-    fingerprint = ckpt["metadata"]["data_fingerprint"] if ckpt is not None else fingerprint_dataset(cfg.data)
-    meta = ModelMetadata(labels=CLASSES, input_size=size, mean=mean, std=std, arch=cfg.arch,
-                         data_fingerprint=fingerprint, intensity=cfg.intensity, extra={"train_args": asdict(cfg)})
     return train_ds, val_ds, meta
+
+
+def content_free_gate(train_dir: Path, meta: ModelMetadata) -> QualityGate:
+    """The frame-quality gate the trained model will ship with (fitted on the training split as :func:`finalise`
+    fits it; the default limits where too few images): the content-free frames it lets through are the ones the
+    network has to send to ``other`` itself."""
+    q = fit_quality(train_dir, meta)
+    limits = default_limits(meta.intensity)
+    if q is not None:
+        limits.update(q["limits"])
+    return QualityGate(limits, fitted=q is not None, input_size=tuple(meta.input_size))
 
 
 def build_loaders(cfg: TrainConfig, train_ds: ImageFolderDataset, val_ds: ImageFolderDataset, device: str,

@@ -88,6 +88,53 @@ def test_acquisition_changes_stay_in_range_on_8_bit_levels():
         assert not np.allclose(out, img, atol=1e-3)
 
 
+def test_station_frames_come_at_the_input_size_from_other_sizes_and_bit_depths():
+    seen_dtypes = set()
+    for s in range(30):
+        rng = np.random.default_rng(s)
+        out = contentfree.station_frame(rng, (32, 40), _scene)
+        assert out.shape == (32, 40)
+        seen_dtypes.add(out.dtype)
+    assert seen_dtypes == {np.dtype(np.uint8), np.dtype(np.uint16)}
+    # Reproducible from the generator's state.
+    np.testing.assert_array_equal(contentfree.station_frame(np.random.default_rng(4), (32, 40), _scene),
+                                  contentfree.station_frame(np.random.default_rng(4), (32, 40), _scene))
+
+
+def test_station_frames_with_a_gate_are_the_ones_it_lets_through():
+    calls: list[tuple[int, ...]] = []
+
+    def gate(frame: np.ndarray, native: np.ndarray | None) -> str:
+        calls.append((native if native is not None else frame).shape)
+        # A stand-in gate: lets through only frames that came from a source larger than the input.
+        return "" if native is not None else "defocus"
+
+    for s in range(10):
+        calls.clear()
+        out = contentfree.station_frame(np.random.default_rng(s), (32, 32), _scene, gate, tries=50)
+        assert out.shape == (32, 32)
+        # Drawn until the gate let one through, called as the runtime calls it (the native frame when shrunk).
+        assert calls[-1][0] > 32 and all(c[0] <= 32 for c in calls[:-1])
+    # A gate that refuses everything: the last draw after `tries` attempts, never an endless loop.
+    calls.clear()
+    contentfree.station_frame(np.random.default_rng(0), (32, 32), _scene, lambda f, n: calls.append(1) or "noise",
+                              tries=7)
+    assert len(calls) == 7
+
+
+def test_training_draws_half_its_content_free_frames_past_the_real_gate(tmp_path: Path,
+                                                                        make_class_dataset: Callable[..., Path]):
+    root = make_class_dataset(tmp_path / "d", per_class=2, size=32, splits=())
+    gate = QualityGate(default_limits("percentile"), input_size=(32, 32))
+    ds = ImageFolderDataset(root, (32, 32), MEAN, STD, seed=5, intensity=Intensity("percentile"), content_free=60,
+                            gate=gate)
+    passed = sum(gate(ds.content_free_frame(i)) == "" for i in range(ds.n_images, len(ds)))
+    plain = ImageFolderDataset(root, (32, 32), MEAN, STD, seed=5, intensity=Intensity("percentile"),
+                               content_free=60)
+    passed_plain = sum(gate(plain.content_free_frame(i)) == "" for i in range(plain.n_images, len(plain)))
+    assert passed >= passed_plain + 15, (passed, passed_plain)
+
+
 def test_training_set_gets_content_free_frames_as_other(tmp_path: Path, make_class_dataset: Callable[..., Path]):
     root = make_class_dataset(tmp_path / "d", per_class=2, size=32, splits=())
     ds = ImageFolderDataset(root, (32, 32), MEAN, STD, augment=AugmentConfig.strength("light"), seed=5,
@@ -142,3 +189,16 @@ def test_batchnorm_statistics_are_re_estimated_on_real_images(tmp_path: Path,
         conv = model[0](x)
     torch.testing.assert_close(bn.running_mean, conv.mean((0, 2, 3)), rtol=1e-3, atol=1e-4)
     assert torch.allclose(bn.running_var, conv.var((0, 2, 3)), rtol=0.1)
+
+
+def test_training_uses_the_gate_the_model_will_ship_with(tmp_path: Path, make_class_dataset: Callable[..., Path]):
+    from train.loop import content_free_gate
+
+    meta = ModelMetadata(input_size=(32, 32), intensity="percentile")
+    root = make_class_dataset(tmp_path / "d", per_class=3, size=48, splits=())
+    gate = content_free_gate(root, meta)
+    assert gate.fitted and gate.input_size == (32, 32)
+    assert dict(gate.limits) == {**default_limits("percentile"), **fit_quality(root, meta)["limits"]}
+    few = make_class_dataset(tmp_path / "s", per_class=1, size=32, splits=())
+    fallback = content_free_gate(few, meta)  # too few images to fit: the runtime's default limits
+    assert not fallback.fitted and dict(fallback.limits) == default_limits("percentile")
