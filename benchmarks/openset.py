@@ -264,7 +264,7 @@ def extract_fold(best: Path, data_dirs: dict[str, Path], batch_size: int) -> dic
     model, meta = model_from_checkpoint(best)
     out: dict[str, Any] = {}
     for split, d in data_dirs.items():
-        ds = ImageFolderDataset(d, meta.input_size, meta.mean, meta.std, augment=None, classes=meta.labels)
+        ds = ImageFolderDataset.for_model(d, meta)
         o = collect_outputs(model, DataLoader(ds, batch_size=batch_size), desc=split)
         out[split] = {"logits": o.logits, "features": o.features, "labels": o.labels}
     lin = final_linear(model)

@@ -15,8 +15,8 @@ side (cheap, and small source frames that were enlarged look as they did before)
 * ``signal`` — share of the stretched frame's variance that is not white noise (white noise of any distribution
   has a 3×3 Laplacian variance of 36 times its own), at half resolution where the frame is large enough.
 * ``detail`` — share of the variance in fine and mid-scale structure (what a difference of the frame and its
-  Gaussian blur holds beyond the noise, noise estimated from the finest scale as in Immerkær 1996): near 0 for a
-  defocused scene or a smooth gradient.
+  Gaussian blur holds beyond the noise, noise estimated from the finest scale as in Immerkær 1996 and never taken
+  below the quantisation noise of integer data): near 0 for a defocused scene or a smooth gradient.
 * ``band`` — share of the structure (the variance beyond white noise) in a mid-scale band (difference of Gaussian
   blurs σ 1 and σ 3, which passes little white noise), beyond the noise's share: low for a noisy frame whose only
   structure is a smooth blur, where ``detail`` drowns in the noise. Measured only for noisy frames
@@ -161,6 +161,10 @@ def frame_stats(grey: np.ndarray, native: np.ndarray | None = None) -> dict[str,
     lap = cv2.filter2D(s, cv2.CV_32F, _LAPLACE, borderType=cv2.BORDER_REFLECT)[1:-1, 1:-1]
     # For the detail, the noise level from the absolute deviation (Immerkær), which edges inflate less.
     noise_var = (math.sqrt(math.pi / 2) * float(np.abs(lap).mean()) / 6.0) ** 2
+    if grey.dtype.kind == "u":
+        # Never below the quantisation noise (LSB^2 / 12, in stretched units): a noise-free frame of few grey levels
+        # has contour steps that would otherwise count as detail.
+        noise_var = max(noise_var, 1.0 / (12.0 * (spread * fs) ** 2))
     fine = s - cv2.GaussianBlur(s, (0, 0), _BLUR_SIGMA, borderType=cv2.BORDER_REFLECT)
     detail = max(0.0, float(fine.var()) - _NOISE_PASS * noise_var) / var
     return {"spread": spread, "clipped": float(clipped), "signal": signal, "detail": detail,

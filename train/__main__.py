@@ -122,6 +122,10 @@ def _regularisation_args(g: argparse._ArgumentGroup, d: Any) -> None:
     g.add_argument("--content-free", type=float, default=d.content_free, metavar="SHARE",
                    help="generated content-free frames (blank, noise, gradient, saturated, defocused) added to "
                    f"`other`, as a share of the training images (default {d.content_free}; 0 = none)")
+    g.add_argument("--content-free-hard", type=float, default=d.content_free_hard, metavar="SHARE",
+                   help="share of the content-free frames drawn until the model's own frame-quality gate lets them "
+                   "through, so the network learns to refuse those itself; fewer reach a class, but smooth classes "
+                   f"(cmp) lose recall (default {d.content_free_hard})")
 
 
 def config_from_args(args: argparse.Namespace) -> Any:

@@ -265,8 +265,8 @@ def paste_anomaly(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ datasets
-#: Share of the generated content-free frames drawn until the model's frame-quality gate lets them through.
-HARD_CONTENT_FREE = 0.5
+#: Classes whose scenes are smooth by nature: a mildly blurred one still looks like its class.
+SMOOTH_CLASSES = ("cmp",)
 
 
 class ImageFolderDataset(Dataset):
@@ -276,15 +276,16 @@ class ImageFolderDataset(Dataset):
     Normalizer). ``intensity`` is the model's :class:`~runtime.preprocess.Intensity` (default ``full_scale``).
     ``content_free`` appends that many generated content-free frames (:mod:`train.contentfree`, drawn afresh
     each epoch, at the sizes and bit depths a station sends, resized as the runtime resizes) labelled ``other``;
-    with ``gate`` (the model's frame-quality gate) :data:`HARD_CONTENT_FREE` of them are frames that gate lets
-    through, the ones the network has to refuse itself. Call :meth:`set_epoch` each epoch so augmentations differ
+    with ``gate`` (the model's frame-quality gate) a ``hard_share`` of them are frames that gate lets through, the
+    ones the network has to refuse itself. Call :meth:`set_epoch` each epoch so augmentations differ
     between epochs but are reproducible.
     """
 
     def __init__(self, root: str | os.PathLike[str], size: tuple[int, int], mean: Sequence[float],
                  std: Sequence[float], augment: AugmentConfig | None = None, classes: Sequence[str] = CLASSES,
                  resize: str = "area", cache: bool = True, seed: int = 0, intensity: Intensity | None = None,
-                 content_free: int = 0, gate: Callable[[np.ndarray, np.ndarray | None], str] | None = None) -> None:
+                 content_free: int = 0, gate: Callable[[np.ndarray, np.ndarray | None], str] | None = None,
+                 hard_share: float = 0.5) -> None:
         self.root = Path(root)
         self.size = (int(size[0]), int(size[1]))
         self.classes = tuple(classes)
@@ -294,6 +295,7 @@ class ImageFolderDataset(Dataset):
         self.normalize = Normalizer(tuple(mean), tuple(std))
         self.seed = int(seed)
         self.gate = gate
+        self.hard_share = float(hard_share)
         self.epoch = 0
         report = scan_folder(self.root, self.classes, verify=not cache)
         self.problems = list(report.problems)
@@ -322,6 +324,18 @@ class ImageFolderDataset(Dataset):
                 raise DatasetError(f"{self.root}: content-free frames go to 'other', which this label set lacks")
             self.samples += [(Path(f"<content-free {k}>"), self._other) for k in range(int(content_free))]
         self.labels = np.array([lbl for _, lbl in self.samples], np.int64)
+        # Scenes for the gate-passing content-free frames: not the smooth classes, whose blurred frames look like
+        # the class itself rather than like nothing.
+        smooth = [self.classes.index(c) for c in SMOOTH_CLASSES if c in self.classes]
+        self._patterned = np.nonzero(~np.isin(self.labels[: self.n_images], smooth))[0]
+
+    @classmethod
+    def for_model(cls, root: str | os.PathLike[str], meta: Any, cache: bool = True) -> ImageFolderDataset:
+        """``root`` as the runtime shows it to ``meta``'s model: its input size, labels, resize method, intensity
+        mode and normalisation, no augmentation. Evaluation, calibration and BatchNorm statistics of a trained
+        model use this, so none can drift from the runtime's preprocessing (e.g. by missing the intensity mode)."""
+        return cls(root, meta.input_size, meta.mean, meta.std, augment=None, classes=meta.labels, resize=meta.resize,
+                   cache=cache, intensity=Intensity.of(meta))
 
     def _cached_form(self, grey: np.ndarray) -> np.ndarray:
         if self.augment is None:
@@ -354,11 +368,13 @@ class ImageFolderDataset(Dataset):
         """Generated content-free frame number ``i - n_images`` of this epoch at the input size (uint8, or uint16
         holding 10- to 16-bit data)."""
         rng = np.random.default_rng((self.seed, self.epoch, i, 7))
-        hard = self.gate is not None and rng.random() < HARD_CONTENT_FREE
+        hard = self.gate is not None and rng.random() < self.hard_share
+
+        pool = self._patterned if hard and self._patterned.size else None
 
         def scene(r: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
-            g = resize_grey(self.grey(int(r.integers(0, self.n_images))), size, self.resize)
-            return _to_unit_float(g)
+            k = int(pool[r.integers(0, pool.size)]) if pool is not None else int(r.integers(0, self.n_images))
+            return _to_unit_float(resize_grey(self.grey(k), size, self.resize))
 
         return contentfree.station_frame(rng, self.size, scene, self.gate if hard else None, resize=self.resize)
 

@@ -245,8 +245,7 @@ def evaluate_checkpoint(path: str | Path, data: str | Path, batch_size: int = 32
 
     model, meta = model_from_checkpoint(path)
     model = model.to(device).to(memory_format=__import__("torch").channels_last)
-    ds = ImageFolderDataset(data, meta.input_size, meta.mean, meta.std, augment=None, classes=meta.labels,
-                            resize=meta.resize)
+    ds = ImageFolderDataset.for_model(data, meta)
     logits, labels = predict_logits(model, DataLoader(ds, batch_size=batch_size), device, tta)
     thr = meta.threshold if threshold is None else threshold
     rejected = reject_mask(logits, meta.temperature, meta.score, thr)

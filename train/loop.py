@@ -101,6 +101,9 @@ class TrainConfig:
     intensity: str = "percentile"
     acquisition_p: float = 0.3  # share of training images dimmed/flattened/gamma'd and requantised (train.data)
     content_free: float = 0.05  # generated content-free frames added to `other`, as a share of the training images
+    # Share of those drawn until the model's own frame-quality gate lets them through (mildly blurred scenes): fewer
+    # content-free frames reach a class, at a cost in smooth-class recall (docs/frame-quality.md).
+    content_free_hard: float = 0.0
     # Early stopping on val macro-F1 (epochs without improvement; 0 = never stop early), long enough to keep a late
     # best epoch while cutting plateaued runs (docs/training.md).
     patience: int = 12
@@ -350,6 +353,8 @@ def build_datasets(cfg: TrainConfig, ckpt: dict[str, Any] | None) -> tuple[Image
         raise ValueError(f"unknown --intensity {cfg.intensity!r}; choose one of {', '.join(INTENSITY_MODES)}")
     if not 0.0 <= cfg.content_free <= 1.0:
         raise ValueError(f"--content-free {cfg.content_free}: need a share between 0 and 1")
+    if not 0.0 <= cfg.content_free_hard <= 1.0:
+        raise ValueError(f"--content-free-hard {cfg.content_free_hard}: need a share between 0 and 1")
     intensity = Intensity(cfg.intensity)
     n_free = int(round(cfg.content_free * len(scan_folder(splits["train"], CLASSES, verify=False).samples)))
     fingerprint = ckpt["metadata"]["data_fingerprint"] if ckpt is not None else fingerprint_dataset(cfg.data)
@@ -357,7 +362,8 @@ def build_datasets(cfg: TrainConfig, ckpt: dict[str, Any] | None) -> tuple[Image
                          data_fingerprint=fingerprint, intensity=cfg.intensity, extra={"train_args": asdict(cfg)})
     train_ds = ImageFolderDataset(splits["train"], size, mean, std, augment=aug, cache=cfg.cache, seed=cfg.seed,
                                   intensity=intensity, content_free=n_free,
-                                  gate=content_free_gate(splits["train"], meta) if n_free else None)
+                                  gate=content_free_gate(splits["train"], meta) if n_free and cfg.content_free_hard
+                                  else None, hard_share=cfg.content_free_hard)
     val_ds = ImageFolderDataset(splits["val"], size, mean, std, augment=None, cache=cfg.cache, intensity=intensity)
     counts = train_ds.class_counts(len(CLASSES))
     log.info("train %d images %s; val %d images; %d file(s) skipped", len(train_ds),
@@ -631,8 +637,7 @@ def recompute_batchnorm(model: nn.Module, ds: Any, device: str, seed: int = 0, b
 
 def _plain_dataset(folder: Path, meta: ModelMetadata, cfg: TrainConfig) -> ImageFolderDataset:
     """A split as the runtime sees it: the model's input size, normalisation and intensity, no augmentation."""
-    return ImageFolderDataset(folder, meta.input_size, meta.mean, meta.std, augment=None, cache=cfg.cache,
-                              intensity=Intensity.of(meta))
+    return ImageFolderDataset.for_model(folder, meta, cache=cfg.cache)
 
 
 def finalise(cfg: TrainConfig, out: Path, device: str, history: list[dict[str, Any]]) -> dict[str, Any]:

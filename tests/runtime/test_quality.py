@@ -276,3 +276,19 @@ def test_fragmented_clipping_is_counted_on_the_frame_as_it_came(gated):
     small = resize_grey(img, (32, 32))
     assert frame_stats(small)["clipped"] < 0.5
     assert gated.prepare(img).reason == "saturated"
+
+
+@pytest.mark.parametrize(("pitch", "sigma"), [(24, 10), (32, 10), (64, 8)])
+def test_quantisation_contours_of_a_smooth_8_bit_frame_are_not_detail(pitch: int, sigma: float):
+    """A noise-free defocused frame spanning 16 grey levels: its 8-bit contour steps would measure as fine detail
+    (several times what the same frame has in 16 bits); the noise floor never goes below the quantisation noise."""
+    x = np.arange(256)
+    img = np.tile(np.where((x // (pitch // 2)) % 2 == 0, 0.0, 1.0), (256, 1)).astype(np.float32)
+    img[100:140, 100:140] = 1.0
+    b = cv2.GaussianBlur(img, (0, 0), sigma)
+    b = 0.2 + 0.06 * (b - b.min()) / (b.max() - b.min())
+    f8, f16 = np.round(b * 255).astype(np.uint8), np.round(b * 65535).astype(np.uint16)
+    assert len(np.unique(f8)) == 16
+    d8 = frame_stats(cv2.resize(f8, (128, 128), interpolation=cv2.INTER_AREA), f8)["detail"]
+    d16 = frame_stats(cv2.resize(f16, (128, 128), interpolation=cv2.INTER_AREA), f16)["detail"]
+    assert d8 == pytest.approx(d16, rel=0.35)

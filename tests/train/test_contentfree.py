@@ -202,3 +202,4 @@ def test_training_uses_the_gate_the_model_will_ship_with(tmp_path: Path, make_cl
     few = make_class_dataset(tmp_path / "s", per_class=1, size=32, splits=())
     fallback = content_free_gate(few, meta)  # too few images to fit: the runtime's default limits
     assert not fallback.fitted and dict(fallback.limits) == default_limits("percentile")
+

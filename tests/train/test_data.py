@@ -171,3 +171,18 @@ def test_anomaly_p_relabels_only_clean_training_images_as_other(tmp_path: Path,
         half.set_epoch(epoch)
         relabelled += [half[i][1] == other for i in np.flatnonzero(half.labels == clean)]
     assert 0 < sum(relabelled) < len(relabelled)  # some, not all: the share is drawn per image and epoch
+
+
+@pytest.mark.parametrize("intensity", ["percentile", "bit_depth", "full_scale"])
+def test_a_models_dataset_is_exactly_what_the_runtime_feeds_it(tmp_path: Path, intensity: str,
+                                                                make_class_dataset: Callable[..., Path]):
+    """Evaluating a checkpoint must see what the runtime sees: a dim folder under a percentile model differs
+    from its full_scale reading, so a dataset that dropped the model's intensity mode is caught."""
+    root = make_class_dataset(tmp_path / "d", per_class=1, size=40, splits=())
+    for f in root.rglob("*.png"):  # dim them: the intensity modes disagree on these
+        cv2.imwrite(str(f), (cv2.imread(str(f), cv2.IMREAD_GRAYSCALE) * 0.3).astype(np.uint8))
+    meta = ModelMetadata(input_size=(32, 32), intensity=intensity, mean=MEAN, std=STD)
+    ds = ImageFolderDataset.for_model(root, meta)
+    pre = Preprocessor(meta)
+    for i, (path, _) in enumerate(ds.samples):
+        np.testing.assert_allclose(ds[i][0].numpy(), pre(str(path)), atol=1e-6, err_msg=str(path))
