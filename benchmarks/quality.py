@@ -14,7 +14,9 @@ deployed path, gate included) on three things:
    gamma changes and as 10/12/14-bit data in uint16, against the unmodified images; plus how the ``clean`` images
    come out (the false alarms an inspection station sees, listed with their scores for the unmodified images).
 
-Output: Markdown tables on stdout and ``quality.json`` + ``quality.md`` under ``--out``.
+Output: Markdown tables on stdout and ``quality.json`` + ``quality.md`` under ``--out``; corpus frames that came
+out ``clean`` or a defect are listed (kind, size, bit depth, index: the same seed draws them again) and pictured in
+``corpus_leaks.png``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import cv2
 import numpy as np
 
 from runtime.contract import CLASSES, INVALID_LABEL, REJECT_LABEL
-from runtime.files import atomic_write_text
+from runtime.files import atomic_write_bytes, atomic_write_text
 from runtime.folders import list_images
 
 SCHEMA = "sem-bench-quality/1"
@@ -111,20 +113,48 @@ def corpus(per_cell: int, sizes: Sequence[int], seed: int) -> Iterable[tuple[str
                                                                  bits)
 
 
-def run_corpus(clf: Any, per_cell: int, sizes: Sequence[int], seed: int, progress: bool = True) -> dict[str, Any]:
+def run_corpus(clf: Any, per_cell: int, sizes: Sequence[int], seed: int, progress: bool = True,
+               leaked: list[np.ndarray] | None = None) -> dict[str, Any]:
+    """Counts per kind/size and outcome; every frame that came out ``clean`` or a defect is listed under ``leaks``
+    (kind, size, bits, index within its cell: :func:`corpus` with the same seed draws it again) and, when
+    ``leaked`` is given, appended to it for a picture."""
     cells: dict[str, Counter] = {}
     total: Counter = Counter()
+    leaks: list[dict[str, Any]] = []
     n = len(sizes) * 2 * 5 * per_cell
     t0 = time.perf_counter()
-    for k, (kind, size, _bits, img) in enumerate(corpus(per_cell, sizes, seed)):
-        o = outcome(clf.predict(img))
+    for k, (kind, size, bits, img) in enumerate(corpus(per_cell, sizes, seed)):
+        p = clf.predict(img)
+        o = outcome(p)
         cells.setdefault(f"{kind}/{size}", Counter())[o] += 1
         total[o] += 1
+        if o in ("clean", "defect"):
+            leaks.append({"kind": kind, "size": size, "bits": bits, "index": k % per_cell, "label": p.label,
+                          "confidence": round(float(p.confidence), 4), "score": round(float(p.score), 4)})
+            if leaked is not None:
+                leaked.append(img)
         if progress and (k + 1) % 50 == 0:
             print(f"  corpus {k + 1}/{n} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     return {"per_cell": per_cell, "sizes": list(sizes), "seed": seed, "bits": [8, 16], "frames": sum(total.values()),
             "total": dict(total), "cells": {k: dict(v) for k, v in cells.items()},
-            "classified": total["clean"] + total["defect"]}
+            "classified": total["clean"] + total["defect"], "leaks": leaks}
+
+
+def leak_picture(frames: Sequence[np.ndarray], leaks: Sequence[dict[str, Any]], side: int = 160) -> np.ndarray:
+    """One row of tiles (8-bit, ``side`` px, stretched to their own range) of the corpus frames that came out
+    ``clean`` or a defect, each captioned with its kind, size, bit depth and label."""
+    tiles = []
+    for img, leak in zip(frames, leaks):
+        t = cv2.resize(img.astype(np.float32), (side, side), interpolation=cv2.INTER_AREA if img.shape[0] > side
+                       else cv2.INTER_LINEAR)
+        lo, hi = float(t.min()), float(t.max())
+        t = np.round((t - lo) / max(hi - lo, 1e-9) * 255).astype(np.uint8)
+        t = cv2.copyMakeBorder(t, 0, 28, 0, 2, cv2.BORDER_CONSTANT, value=255)
+        for row, text in enumerate((f"{leak['kind']} {leak['size']}px {leak['bits']}-bit #{leak['index']}",
+                                    f"-> {leak['label']} {leak['confidence']:.2f}")):
+            cv2.putText(t, text, (3, side + 11 + 13 * row), cv2.FONT_HERSHEY_PLAIN, 0.8, 0, 1, cv2.LINE_AA)
+        tiles.append(t)
+    return np.hstack(tiles)
 
 
 # ------------------------------------------------------------------------------------------ 2. false invalid
@@ -207,6 +237,11 @@ def format_report(doc: dict[str, Any]) -> str:
         if c:
             lines.append(f"Content-free corpus: {c['frames']} frames ({c['per_cell']} per kind × size × bit depth, "
                          f"8 and 16 bit, seed {c['seed']}); **{c['classified']} classified as clean or a defect**.\n")
+            if c.get("leaks"):
+                lines.append("Classified: " + "; ".join(
+                    f"{x['kind']} {x['size']}px {x['bits']}-bit #{x['index']} → {x['label']} {x['confidence']:.2f}"
+                    for x in c["leaks"]) + (f" (picture: `{c['leak_picture']}`)" if c.get("leak_picture") else "")
+                    + "\n")
             reasons = sorted({k for cell in c["cells"].values() for k in cell})
             lines.append("| kind/size | " + " | ".join(reasons) + " |")
             lines.append("|---|" + "---:|" * len(reasons))
@@ -241,7 +276,9 @@ def format_report(doc: dict[str, Any]) -> str:
 
 def run(models: Sequence[Path], parts: Sequence[str], *, synthetic: Path, real: Path, per_cell: int,
         sizes: Sequence[int], seed: int, per_class: int | None, transforms: Sequence[str], threads: int | None,
-        progress: bool = True, gate: bool = True) -> dict[str, Any]:
+        progress: bool = True, gate: bool = True, pictures: dict[int, np.ndarray] | None = None) -> dict[str, Any]:
+    """Every part for every model; ``pictures`` (when given) gets, per model index, the :func:`leak_picture` of
+    its corpus frames that came out ``clean`` or a defect."""
     from runtime.classifier import Classifier
 
     doc: dict[str, Any] = {"schema": SCHEMA, "parts": list(parts), "models": []}
@@ -250,7 +287,10 @@ def run(models: Sequence[Path], parts: Sequence[str], *, synthetic: Path, real: 
         rec: dict[str, Any] = {"model": str(path), "intensity": clf.meta.intensity, "gate": gate,
                                "quality_fitted": clf.meta.quality is not None}
         if "corpus" in parts:
-            rec["corpus"] = run_corpus(clf, per_cell, sizes, seed, progress)
+            frames: list[np.ndarray] = []
+            rec["corpus"] = run_corpus(clf, per_cell, sizes, seed, progress, leaked=frames)
+            if frames and pictures is not None:
+                pictures[len(doc["models"])] = leak_picture(frames, rec["corpus"]["leaks"])
         if "false_invalid" in parts:
             rec["false_invalid"] = []
             real_splits = [real / s for s in ("train", "val", "test")] if real.is_dir() else [real]
@@ -316,10 +356,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     doc = run(models, parts, synthetic=args.synthetic, real=args.real, per_cell=args.per_cell,
               sizes=[int(s) for s in args.sizes.split(",")], seed=args.corpus_seed, per_class=args.per_class,
-              transforms=names, threads=args.threads, progress=not args.quiet, gate=not args.no_gate)
+              transforms=names, threads=args.threads, progress=not args.quiet, gate=not args.no_gate,
+              pictures=(pictures := {}))
+    args.out.mkdir(parents=True, exist_ok=True)
+    for i, picture in pictures.items():
+        name = f"corpus_leaks_{i}.png" if len(doc["models"]) > 1 else "corpus_leaks.png"
+        atomic_write_bytes(args.out / name, cv2.imencode(".png", picture)[1].tobytes())
+        doc["models"][i]["corpus"]["leak_picture"] = name
     text = format_report(doc)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "quality.json", json.dumps(doc, indent=2) + "\n")
     atomic_write_text(args.out / "quality.md", text + "\n")
     return 0

@@ -15,7 +15,7 @@ from runtime.contract import INVALID_LABEL
 
 
 def _pred(label: str, reason: str = "", index: int = 0, top: int = 0, score: float = 2.0) -> SimpleNamespace:
-    return SimpleNamespace(label=label, reason=reason, index=index, top_index=top, score=score)
+    return SimpleNamespace(label=label, reason=reason, index=index, top_index=top, score=score, confidence=0.9)
 
 
 class _Always:
@@ -64,7 +64,29 @@ def test_corpus_counts_a_classifier_that_calls_everything_clean():
     res = bq.run_corpus(_Always(_pred("clean")), 1, [64], seed=1, progress=False)
     assert res["frames"] == 10 and res["classified"] == 10 and res["total"] == {"clean": 10}
     ok = bq.run_corpus(_Always(_pred(INVALID_LABEL, "noise", -1, -1)), 1, [64], seed=1, progress=False)
-    assert ok["classified"] == 0 and ok["cells"]["noise/64"] == {"invalid:noise": 2}
+    assert ok["classified"] == 0 and ok["cells"]["noise/64"] == {"invalid:noise": 2} and ok["leaks"] == []
+
+
+def test_corpus_frames_that_became_a_class_are_listed_drawable_again_and_pictured():
+    class _DefocusIsCmp:
+        def predict(self, img: np.ndarray) -> SimpleNamespace:
+            return _pred("cmp", index=5, top=5) if img.dtype == np.uint16 and img.shape == (96, 96) else \
+                _pred("other", index=7, top=0)
+
+    frames: list[np.ndarray] = []
+    res = bq.run_corpus(_DefocusIsCmp(), 2, [64, 96], seed=3, progress=False, leaked=frames)
+    assert res["classified"] == 10 == len(res["leaks"]) == len(frames)
+    assert {(x["size"], x["bits"], x["label"]) for x in res["leaks"]} == {(96, 16, "cmp")}
+    # Each listed leak is the frame the corpus draws again at that kind/size/bits/index.
+    again: dict[tuple[str, int, int], list[np.ndarray]] = {}
+    for kind, size, bits, img in bq.corpus(2, [64, 96], seed=3):
+        again.setdefault((kind, size, bits), []).append(img)
+    for x, img in zip(res["leaks"], frames):
+        np.testing.assert_array_equal(again[(x["kind"], x["size"], x["bits"])][x["index"]], img)
+    pic = bq.leak_picture(frames, res["leaks"], side=64)
+    assert pic.dtype == np.uint8 and pic.shape[0] == 64 + 28 and pic.shape[1] == 10 * 66
+    text = bq.format_report({"models": [{"model": "m", "corpus": {**res, "leak_picture": "corpus_leaks.png"}}]})
+    assert "defocus 96px 16-bit #1 → cmp" in text and "`corpus_leaks.png`" in text
 
 
 def test_clean_images_called_a_defect_are_listed_with_their_scores(tmp_path: Path,
@@ -98,4 +120,7 @@ def test_main_writes_the_report_and_skips_missing_real_data(tmp_path: Path, tiny
     assert m["false_invalid"][1]["images"] == 16
     assert list(m["robustness"]["rows"]) == ["original", "brightness 0.1x", "12-bit"]
     assert "Content-free corpus" in (out / "quality.md").read_text()
+    leaks = m["corpus"]["leaks"]  # the tiny model classifies whatever the gate lets through
+    assert (out / "corpus_leaks.png").is_file() == bool(leaks)
+    assert m["corpus"].get("leak_picture") == ("corpus_leaks.png" if leaks else None)
     assert bq.main(["--models", str(tmp_path / "nope.onnx")]) == 2
