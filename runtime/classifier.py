@@ -346,13 +346,10 @@ class Classifier(ClassifierBase):
         name = self._input_name(x)
         try:
             grey = self._load_grey(x, name)
-            small = grey.shape[0] <= self.meta.input_size[0] and grey.shape[1] <= self.meta.input_size[1]
             resized = resize_grey(grey, self.meta.input_size, self.meta.resize)
             out = np.asarray(resized).view(PreparedFrame)
             if self.quality_gate is not None:
-                # A frame smaller than the input is judged before enlarging (which would smooth its noise); a larger
-                # one after shrinking (cheap), with clipping counted on the frame as it came.
-                out.reason = self.quality_gate(grey, None) if small else self.quality_gate(resized, grey)
+                out.reason = self.quality_gate.judge(grey, resized)
             return out
         except (InputError, OSError):
             raise

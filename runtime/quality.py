@@ -323,3 +323,17 @@ class QualityGate:
 
     def __call__(self, grey: np.ndarray, native: np.ndarray | None = None) -> str:
         return self.reason(frame_stats(grey, native), self.zoom(grey.shape))
+
+    def judge(self, native: np.ndarray, resized: np.ndarray) -> str:
+        """The verdict on a frame as it came (``native``) and as resized for the model (``resized``), measured
+        where :func:`measured_view` says."""
+        return self(*measured_view(native, resized))
+
+
+def measured_view(native: np.ndarray, resized: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """What the gate measures of a frame and of its copy resized to the model input, as ``(grey, native)`` for
+    :func:`frame_stats`: a frame no larger than the input as it came, before enlarging smooths its noise; a larger
+    one after shrinking (cheap), with clipping counted on the frame as it came."""
+    if native.shape[0] <= resized.shape[0] and native.shape[1] <= resized.shape[1]:
+        return native, None
+    return resized, native

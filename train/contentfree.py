@@ -140,13 +140,13 @@ def quantise(img: np.ndarray, bits: int) -> np.ndarray:
 
 def station_frame(rng: np.random.Generator, input_size: tuple[int, int],
                   scene: Callable[[np.random.Generator, tuple[int, int]], np.ndarray] | None = None,
-                  gate: Callable[[np.ndarray, np.ndarray | None], str] | None = None, tries: int = 30,
+                  gate: Callable[[np.ndarray, np.ndarray], str] | None = None, tries: int = 30,
                   resize: str = "area") -> np.ndarray:
     """A content-free frame as the network would receive it: drawn at a source size of :data:`STATION_SCALES` × the
     input and a bit depth of :data:`STATION_BITS`, then resized to ``input_size`` (h, w) as the runtime resizes it.
 
-    With ``gate`` (``gate(frame, native) -> reason``, called as ``runtime.classifier.Classifier.prepare`` calls
-    the frame-quality gate) it draws :data:`GATE_PASSING_KINDS` until the gate lets a frame through (at most
+    With ``gate`` (``gate(native, resized) -> reason``, e.g. a model's ``runtime.quality.QualityGate.judge``, which
+    the runtime calls on every frame) it draws :data:`GATE_PASSING_KINDS` until the gate lets a frame through (at most
     ``tries`` draws; the last one otherwise): those are the content-free frames the network must send to ``other``
     itself. Without it any kind. Returns the resized frame (uint8, or uint16 holding 10- to 16-bit data).
     """
@@ -158,8 +158,7 @@ def station_frame(rng: np.random.Generator, input_size: tuple[int, int],
         k = float(STATION_SCALES[int(rng.integers(0, len(STATION_SCALES)))])
         bits = int(STATION_BITS[int(rng.integers(0, len(STATION_BITS)))])
         native = quantise(frame(kind, rng, (max(8, int(round(h * k))), max(8, int(round(w * k)))), scene), bits)
-        small = native.shape[0] <= h and native.shape[1] <= w
         out = resize_grey(native, input_size, resize)
-        if gate is None or not (gate(native, None) if small else gate(out, native)):
+        if gate is None or not gate(native, out):
             break
     return out

@@ -276,15 +276,15 @@ class ImageFolderDataset(Dataset):
     Normalizer). ``intensity`` is the model's :class:`~runtime.preprocess.Intensity` (default ``full_scale``).
     ``content_free`` appends that many generated content-free frames (:mod:`train.contentfree`, drawn afresh
     each epoch, at the sizes and bit depths a station sends, resized as the runtime resizes) labelled ``other``;
-    with ``gate`` (the model's frame-quality gate) a ``hard_share`` of them are frames that gate lets through, the
-    ones the network has to refuse itself. Call :meth:`set_epoch` each epoch so augmentations differ
-    between epochs but are reproducible.
+    with ``gate`` (``gate(native, resized) -> reason``, e.g. the model's ``QualityGate.judge``) a ``hard_share`` of
+    them are frames that gate lets through, the ones the network has to refuse itself. Call :meth:`set_epoch` each
+    epoch so augmentations differ between epochs but are reproducible.
     """
 
     def __init__(self, root: str | os.PathLike[str], size: tuple[int, int], mean: Sequence[float],
                  std: Sequence[float], augment: AugmentConfig | None = None, classes: Sequence[str] = CLASSES,
                  resize: str = "area", cache: bool = True, seed: int = 0, intensity: Intensity | None = None,
-                 content_free: int = 0, gate: Callable[[np.ndarray, np.ndarray | None], str] | None = None,
+                 content_free: int = 0, gate: Callable[[np.ndarray, np.ndarray], str] | None = None,
                  hard_share: float = 0.5) -> None:
         self.root = Path(root)
         self.size = (int(size[0]), int(size[1]))
@@ -424,11 +424,8 @@ def fit_quality(train_dir: str | os.PathLike[str], meta: Any, max_images: int = 
             log.warning("%s: unusable image (%s); left out of the frame-quality fit", path, e)
             continue
         # As the runtime measures it (runtime.classifier.Classifier.prepare).
-        h, w = meta.input_size
-        if native.shape[0] <= h and native.shape[1] <= w:
-            feats.append(quality.frame_stats(native))
-        else:
-            feats.append(quality.frame_stats(resize_grey(native, meta.input_size, meta.resize), native))
+        feats.append(quality.frame_stats(*quality.measured_view(native, resize_grey(native, meta.input_size,
+                                                                                     meta.resize))))
     try:
         return quality.fit_limits(feats, intensity=meta.intensity, source=str(train_dir))
     except ValueError as e:

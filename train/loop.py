@@ -362,8 +362,8 @@ def build_datasets(cfg: TrainConfig, ckpt: dict[str, Any] | None) -> tuple[Image
                          data_fingerprint=fingerprint, intensity=cfg.intensity, extra={"train_args": asdict(cfg)})
     train_ds = ImageFolderDataset(splits["train"], size, mean, std, augment=aug, cache=cfg.cache, seed=cfg.seed,
                                   intensity=intensity, content_free=n_free,
-                                  gate=content_free_gate(splits["train"], meta) if n_free and cfg.content_free_hard
-                                  else None, hard_share=cfg.content_free_hard)
+                                  gate=content_free_gate(splits["train"], meta).judge
+                                  if n_free and cfg.content_free_hard else None, hard_share=cfg.content_free_hard)
     val_ds = ImageFolderDataset(splits["val"], size, mean, std, augment=None, cache=cfg.cache, intensity=intensity)
     counts = train_ds.class_counts(len(CLASSES))
     log.info("train %d images %s; val %d images; %d file(s) skipped", len(train_ds),

@@ -292,3 +292,15 @@ def test_quantisation_contours_of_a_smooth_8_bit_frame_are_not_detail(pitch: int
     d8 = frame_stats(cv2.resize(f8, (128, 128), interpolation=cv2.INTER_AREA), f8)["detail"]
     d16 = frame_stats(cv2.resize(f16, (128, 128), interpolation=cv2.INTER_AREA), f16)["detail"]
     assert d8 == pytest.approx(d16, rel=0.35)
+
+
+def test_the_gate_judges_small_frames_as_they_came_and_large_ones_as_resized():
+    small, large = np.zeros((64, 80), np.uint8), np.zeros((256, 256), np.uint8)
+    resized = np.zeros((128, 128), np.uint8)
+    assert quality.measured_view(small, resized) == (small, None)
+    grey, native = quality.measured_view(large, resized)
+    assert grey is resized and native is large
+    wide = np.zeros((64, 300), np.uint8)  # larger than the input on one side: shrunk, so judged resized
+    assert quality.measured_view(wide, resized)[0] is resized
+    gate = QualityGate(default_limits("percentile"), input_size=(128, 128))
+    assert gate.judge(small, resized) == gate(small) == "blank"

@@ -104,20 +104,21 @@ def test_station_frames_come_at_the_input_size_from_other_sizes_and_bit_depths()
 def test_station_frames_with_a_gate_are_the_ones_it_lets_through():
     calls: list[tuple[int, ...]] = []
 
-    def gate(frame: np.ndarray, native: np.ndarray | None) -> str:
-        calls.append((native if native is not None else frame).shape)
+    def gate(native: np.ndarray, resized: np.ndarray) -> str:
+        assert resized.shape == (32, 32)
+        calls.append(native.shape)
         # A stand-in gate: lets through only frames that came from a source larger than the input.
-        return "" if native is not None else "defocus"
+        return "" if native.shape[0] > resized.shape[0] else "defocus"
 
     for s in range(10):
         calls.clear()
         out = contentfree.station_frame(np.random.default_rng(s), (32, 32), _scene, gate, tries=50)
         assert out.shape == (32, 32)
-        # Drawn until the gate let one through, called as the runtime calls it (the native frame when shrunk).
+        # Drawn until the gate let one through, judged on the frame as it came and as resized.
         assert calls[-1][0] > 32 and all(c[0] <= 32 for c in calls[:-1])
     # A gate that refuses everything: the last draw after `tries` attempts, never an endless loop.
     calls.clear()
-    contentfree.station_frame(np.random.default_rng(0), (32, 32), _scene, lambda f, n: calls.append(1) or "noise",
+    contentfree.station_frame(np.random.default_rng(0), (32, 32), _scene, lambda n, r: calls.append(1) or "noise",
                               tries=7)
     assert len(calls) == 7
 
@@ -127,7 +128,7 @@ def test_training_draws_half_its_content_free_frames_past_the_real_gate(tmp_path
     root = make_class_dataset(tmp_path / "d", per_class=2, size=32, splits=())
     gate = QualityGate(default_limits("percentile"), input_size=(32, 32))
     ds = ImageFolderDataset(root, (32, 32), MEAN, STD, seed=5, intensity=Intensity("percentile"), content_free=60,
-                            gate=gate)
+                            gate=gate.judge)
     passed = sum(gate(ds.content_free_frame(i)) == "" for i in range(ds.n_images, len(ds)))
     plain = ImageFolderDataset(root, (32, 32), MEAN, STD, seed=5, intensity=Intensity("percentile"),
                                content_free=60)
