@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import socket
+import time
 import urllib.request
 from typing import Any
 
@@ -24,10 +25,12 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 class Scraper(LoopHook):
-    """Scrapes the run's metrics endpoint after ``at`` results (from the loop thread, while the run goes on)."""
+    """Scrapes the run's metrics endpoint after ``at`` results (from the loop thread, while the run goes on). With
+    ``until``, scrapes again (the loop waits) until that sample is at least 1: events of a source's own thread,
+    such as a reopen attempt after its backoff, need not have happened yet on a loaded machine."""
 
-    def __init__(self, at: int) -> None:
-        self.at, self.n, self.text, self.url = at, 0, "", ""
+    def __init__(self, at: int, until: tuple[str, tuple[tuple[str, str], ...]] | None = None) -> None:
+        self.at, self.n, self.text, self.url, self.until = at, 0, "", "", until
 
     def on_start(self, loop: Any) -> None:
         self.url = next(h.url for h in loop.hooks if hasattr(h, "registry"))
@@ -35,8 +38,13 @@ class Scraper(LoopHook):
     def on_result(self, loop: Any, feed: Any, result: Any) -> None:
         self.n += 1
         if self.n == self.at:
-            with urllib.request.urlopen(self.url, timeout=10) as r:
-                self.text = r.read().decode()
+            deadline = time.monotonic() + 20
+            while True:
+                with urllib.request.urlopen(self.url, timeout=10) as r:
+                    self.text = r.read().decode()
+                if self.until is None or samples(self.text).get(self.until, 0) >= 1 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
 
 
 def test_metrics_endpoint_during_a_two_source_run(clf, video_writer, fake_capture, tmp_path):
@@ -51,7 +59,7 @@ def test_metrics_endpoint_during_a_two_source_run(clf, video_writer, fake_captur
 
         return cv2.VideoCapture(location)
 
-    scraper = Scraper(at=24)
+    scraper = Scraper(at=24, until=("sem_source_reconnects_total", (("source", "/dev/video7"),)))
     err = io.StringIO()
     summary = run([str(video), "/dev/video7"], classifier=clf, outputs=[], quiet=True, err=err, metrics_port=0,
                   hooks=[scraper], capture_factory=factory, backoff=(0.01, 0.02), max_frames=30, loop=True)
