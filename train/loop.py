@@ -376,10 +376,9 @@ def content_free_gate(train_dir: Path, meta: ModelMetadata) -> QualityGate:
     fits it; the default limits where too few images): the content-free frames it lets through are the ones the
     network has to send to ``other`` itself."""
     q = fit_quality(train_dir, meta)
-    limits = default_limits(meta.intensity)
-    if q is not None:
-        limits.update(q["limits"])
-    return QualityGate(limits, fitted=q is not None, input_size=tuple(meta.input_size))
+    if q is None:
+        return QualityGate(default_limits(meta.intensity), fitted=False, input_size=tuple(meta.input_size))
+    return QualityGate.for_model(meta.with_updates(quality=q), str(train_dir))
 
 
 def build_loaders(cfg: TrainConfig, train_ds: ImageFolderDataset, val_ds: ImageFolderDataset, device: str,
