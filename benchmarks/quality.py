@@ -13,6 +13,10 @@ deployed path, gate included) on three things:
 3. ``robustness`` — accuracy on the ``--synthetic`` test images (``DIR/<class>/``) after brightness, contrast and
    gamma changes and as 10/12/14-bit data in uint16, against the unmodified images; plus how the ``clean`` images
    come out (the false alarms an inspection station sees, listed with their scores for the unmodified images).
+4. ``defocus`` (not in the default parts) — synthetic scenes of every class (drawn from ``--corpus-seed``) blurred by
+   a growing share of the frame side at several sizes: how many the network still gets right, calls a wrong class
+   (and a defect ``clean``), rejects to ``other``, or the gate refuses. It shows where a blurred frame stops carrying
+   its class and whether the gate takes over there; plotted in ``defocus.png``.
 
 Output: Markdown tables on stdout and ``quality.json`` + ``quality.md`` under ``--out``; corpus frames that came
 out ``clean`` or a defect are listed (kind, size, bit depth, index: the same seed draws them again) and pictured in
@@ -46,6 +50,12 @@ SYNTHETIC_HINT = ("generate it: python -m train.synthetic --out data/synth2_test
 #: Far from the tests' seeds (0-99) so the gate is never tuned on this corpus.
 DEFAULT_CORPUS_SEED = 20261207
 DEFAULT_SIZES = (64, 256, 1024, 4096)
+PARTS = ("corpus", "false_invalid", "robustness", "defocus")
+DEFAULT_PARTS = ("corpus", "false_invalid", "robustness")
+#: ``defocus`` part: Gaussian blur σ as a share of the frame side, frame sides, and scenes per class by default.
+DEFOCUS_BLURS = (0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08)
+DEFOCUS_SIZES = (64, 128, 1024)
+DEFOCUS_PER_CLASS = 25
 
 #: name → (kind, parameter); applied to 8-bit images as floats in [0, 1].
 TRANSFORMS: dict[str, tuple[str, float]] = {
@@ -158,6 +168,79 @@ def leak_picture(frames: Sequence[np.ndarray], leaks: Sequence[dict[str, Any]], 
 
 
 # ------------------------------------------------------------------------------------------ 2. false invalid
+# ------------------------------------------------------------------------------------------------ 4. defocus
+def defocus_frames(per_class: int, sizes: Sequence[int], blurs: Sequence[float],
+                   seed: int) -> Iterable[tuple[int, float, str, np.ndarray]]:
+    """(size, blur, class, 8-bit frame): ``per_class`` synthetic scenes of every class but ``other`` (rendered at
+    256 px), resized to each size and blurred by σ = blur × size."""
+    from train.contentfree import quantise
+    from train.synthetic import render_sample
+
+    scenes = [(cls, render_sample(cls, np.random.default_rng((seed, ci, i)), 256, min_visibility=0)[0])
+              for ci, cls in enumerate(CLASSES) if cls != "other" for i in range(per_class)]
+    for size in sizes:
+        for blur in blurs:
+            for cls, img in scenes:
+                x = cv2.resize(img.astype(np.float32) / 255.0, (size, size),
+                               interpolation=cv2.INTER_AREA if size < 256 else cv2.INTER_LINEAR)
+                if blur > 0:
+                    x = cv2.GaussianBlur(x, (0, 0), blur * size)
+                yield size, blur, cls, quantise(np.clip(x, 0.0, 1.0), 8)
+
+
+def run_defocus(clf: Any, per_class: int, sizes: Sequence[int], blurs: Sequence[float], seed: int,
+                progress: bool = True) -> dict[str, Any]:
+    """Per size and blur: frames classified right, as a wrong class (of them, defects called ``clean``), rejected
+    to ``other``, refused by the gate."""
+    rows: dict[tuple[int, float], Counter] = {}
+    t0 = time.perf_counter()
+    for k, (size, blur, cls, img) in enumerate(defocus_frames(per_class, sizes, blurs, seed)):
+        o = outcome(p := clf.predict(img))
+        c = rows.setdefault((size, blur), Counter())
+        c["n"] += 1
+        if o.startswith("invalid"):
+            c["invalid"] += 1
+        elif o == "other":
+            c["other"] += 1
+        elif p.label == cls:
+            c["right"] += 1
+        else:
+            c["wrong"] += 1
+            c["defect_to_clean"] += int(p.label == "clean")
+        if progress and (k + 1) % 200 == 0:
+            print(f"  defocus {k + 1} frames ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    keys = ("n", "right", "wrong", "defect_to_clean", "other", "invalid")
+    return {"per_class": per_class, "seed": seed, "sizes": list(sizes), "blurs": list(blurs),
+            "rows": [{"size": size, "blur": blur, **{k: c[k] for k in keys}} for (size, blur), c in rows.items()]}
+
+
+def defocus_plot(res: dict[str, Any], path: Path, title: str = "") -> None:
+    """Share of frames right / wrong class / ``other`` / refused against the blur, one panel per size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = res["sizes"]
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4 * len(sizes), 3.4), sharey=True, squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        rows = [r for r in res["rows"] if r["size"] == size]
+        x = [100 * r["blur"] for r in rows]
+        for key, style in (("right", "g-o"), ("wrong", "r-o"), ("other", "b-s"), ("invalid", "k-^")):
+            ax.plot(x, [r[key] / max(1, r["n"]) for r in rows], style, label=key, ms=4)
+        ax.set_title(f"{size}×{size}")
+        ax.set_xlabel("blur σ, % of the side")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("share of frames")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title or "Blurred synthetic scenes: what the classifier reports")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def images_under(folder: Path) -> list[Path]:
     return list_images(folder, recursive=True)
 
@@ -271,6 +354,16 @@ def format_report(doc: dict[str, Any]) -> str:
             if alarms:
                 lines.append("Clean images called a defect (unmodified): " + ", ".join(
                     f"{Path(a['file']).name} → {a['label']} (score {a['score']})" for a in alarms) + "\n")
+        dfc = m.get("defocus")
+        if dfc:
+            lines.append(f"Blurred synthetic scenes ({dfc['per_class']} per class, seed {dfc['seed']}; blur σ as a "
+                         "share of the side):\n")
+            lines.append("| size | blur | right | wrong class (defect → clean) | other | invalid |")
+            lines.append("|---|---:|---:|---:|---:|---:|")
+            for row in dfc["rows"]:
+                lines.append(f"| {row['size']}² | {100 * row['blur']:.0f}% | {row['right']} | {row['wrong']} "
+                             f"({row['defect_to_clean']}) | {row['other']} | {row['invalid']} |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -300,6 +393,9 @@ def run(models: Sequence[Path], parts: Sequence[str], *, synthetic: Path, real: 
                     rec["false_invalid"].append({"folder": str(folder), "skipped": hint})
                     continue
                 rec["false_invalid"].append(run_false_invalid(clf, folder))
+        if "defocus" in parts:
+            rec["defocus"] = run_defocus(clf, per_class or DEFOCUS_PER_CLASS, DEFOCUS_SIZES, DEFOCUS_BLURS, seed,
+                                         progress)
         if "robustness" in parts:
             if synthetic.is_dir():
                 rec["robustness"] = run_robustness(clf, labelled(synthetic, per_class), transforms,
@@ -316,16 +412,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", type=Path, help="ONNX models (default: the bundled FP32 model)")
-    ap.add_argument("--parts", default="corpus,false_invalid,robustness",
-                    help="comma-separated: corpus, false_invalid, robustness (default all)")
+    ap.add_argument("--parts", default=",".join(DEFAULT_PARTS),
+                    help=f"comma-separated, of: {', '.join(PARTS)} (default {','.join(DEFAULT_PARTS)})")
     ap.add_argument("--synthetic", type=Path, default=DEFAULT_SYNTHETIC,
                     help=f"synthetic test images DIR/<class>/ (default {DEFAULT_SYNTHETIC})")
     ap.add_argument("--real", type=Path, default=DEFAULT_REAL,
                     help=f"real images; its train/val/test splits are used when present (default {DEFAULT_REAL})")
     ap.add_argument("--per-cell", type=int, default=10, help="corpus frames per kind × size × bit depth")
     ap.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="corpus frame sides")
-    ap.add_argument("--corpus-seed", type=int, default=DEFAULT_CORPUS_SEED)
-    ap.add_argument("--per-class", type=int, default=None, help="robustness: at most this many images per class")
+    ap.add_argument("--corpus-seed", type=int, default=DEFAULT_CORPUS_SEED,
+                    help="seed of the corpus and of the defocus part's scenes")
+    ap.add_argument("--per-class", type=int, default=None,
+                    help=f"robustness: at most this many images per class; defocus: scenes per class "
+                         f"(default {DEFOCUS_PER_CLASS})")
     ap.add_argument("--transforms", default=",".join(TRANSFORMS),
                     help="robustness rows, comma-separated names (default all)")
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")
@@ -340,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from runtime.classifier import bundled_model_path
 
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    bad = [p for p in parts if p not in ("corpus", "false_invalid", "robustness")]
+    bad = [p for p in parts if p not in PARTS]
     names = [t.strip() for t in args.transforms.split(",") if t.strip()]
     unknown = [t for t in names if t not in TRANSFORMS]
     if bad or unknown:
@@ -363,6 +462,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = f"corpus_leaks_{i}.png" if len(doc["models"]) > 1 else "corpus_leaks.png"
         atomic_write_bytes(args.out / name, cv2.imencode(".png", picture)[1].tobytes())
         doc["models"][i]["corpus"]["leak_picture"] = name
+    for i, rec in enumerate(doc["models"]):
+        if rec.get("defocus"):
+            name = f"defocus_{i}.png" if len(doc["models"]) > 1 else "defocus.png"
+            defocus_plot(rec["defocus"], args.out / name, title=Path(rec["model"]).name)
+            rec["defocus"]["picture"] = name
     text = format_report(doc)
     print(text)
     atomic_write_text(args.out / "quality.json", json.dumps(doc, indent=2) + "\n")

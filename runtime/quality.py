@@ -21,13 +21,20 @@ side (cheap, and small source frames that were enlarged look as they did before)
   blurs σ 1 and σ 3, which passes little white noise), beyond the noise's share: low for a noisy frame whose only
   structure is a smooth blur, where ``detail`` drowns in the noise. Measured only for noisy frames
   (``signal`` < :data:`DEFOCUS_MIN_SIGNAL`), the only ones its rule applies to; NaN for the others.
+* ``edge`` — blur σ, in pixels of the measured frame, of its strongest edges, from how much their gradient drops
+  between two Gaussian scales (:data:`EDGE_SIGMAS`; for a step blurred by σ the ratio is √(σ²+b²)/√(σ²+a²)):
+  independent of how many edges a frame has and of their contrast, so a mildly defocused pattern, whose soft edges
+  still carry some ``detail``, is told from a sharp scene with few edges. Measured for frames with ``signal`` ≥
+  :data:`DEFOCUS_MIN_SIGNAL` (noise sharpens it); NaN for the others.
 * ``level`` — mean of the stretched frame; ``mean`` — mean as a share of the full scale; ``raw_spread`` and
   ``raw_mean`` — robust range and mean as shares of the dtype's maximum (255, 65535, 1: what a ``full_scale``
   model divides by).
 
 Reasons, checked in this order: ``blank`` (spread below its limit), ``saturated`` (clipped above its limit),
 ``noise`` (signal below its limit), ``defocus`` (detail below its limit while most of the variance is structure,
-not noise: out of focus, or only a smooth gradient; or, in a noisy frame, band below its limit),
+not noise: out of focus, or only a smooth gradient; or edges blurred beyond ``defocus_edge`` pixels of the model
+input while the detail is under :data:`EDGE_DETAIL_MARGIN` times its limit; or, in a noisy frame, band below its
+limit),
 ``out_of_range`` (a statistic outside the range the training images had, widened by a margin).
 
 A frame smaller than the model input is measured at its own size, before it is enlarged (enlarging smooths noise),
@@ -59,7 +66,7 @@ REASONS = ("blank", "saturated", "noise", "defocus", "out_of_range")
 ANALYSIS_SIDE = 128
 PERCENTILES = (0.5, 99.5)
 SIGNAL_HALVE_MIN = 96
-STATS = ("spread", "clipped", "signal", "detail", "band", "level", "mean", "raw_spread", "raw_mean")
+STATS = ("spread", "clipped", "signal", "detail", "band", "edge", "level", "mean", "raw_spread", "raw_mean")
 #: The statistics ``out_of_range`` bounds, per intensity mode: what the network's input depends on.
 RANGED = {"percentile": ("level",), "bit_depth": ("level", "spread", "mean"),
           "full_scale": ("level", "raw_spread", "raw_mean")}
@@ -91,6 +98,7 @@ DEFAULT_LIMITS: dict[str, Any] = {
     "noise_signal": 0.15,
     "defocus_detail": 0.01,
     "defocus_band": 0.05,
+    "defocus_edge": 2.75,
 }
 #: Models that divide by the dtype's maximum (``intensity="full_scale"``) were trained on frames that use a good
 #: part of the scale; a frame using less (10- to 14-bit data in uint16, a very dim frame) is out of their range.
@@ -106,6 +114,17 @@ DEFOCUS_MIN_SIGNAL = 0.6
 DEFOCUS_ZOOM_POWER = 2.5
 BAND_ZOOM_POWER = 0.5
 ZOOM_CAP = 4.0
+#: Scales (Gaussian σ, pixels) of the two gradients whose ratio at the strongest edges (the top :data:`EDGE_TOP` of
+#: the coarser one) gives ``edge``; an estimate beyond :data:`EDGE_MAX` (no drop at all) is reported as that.
+EDGE_SIGMAS = (0.7, 2.0)
+EDGE_TOP = 0.01
+EDGE_MAX = 50.0
+#: The edge-blur rule refuses only frames whose detail is under this many times the detail limit: plenty of fine
+#: structure means the frame is usable whatever its strongest edges look like.
+EDGE_DETAIL_MARGIN = 4.0
+#: ``defocus_edge`` fitted on training images moves above its default to this many times their 99.9th percentile of
+#: edge (among those the rule applies to), so that no training image is refused.
+EDGE_FIT_MARGIN = 1.1
 #: ``defocus_band`` fitted on training images moves below its default to this share of the noisy training frames'
 #: 0.1th percentile of band (the band of real noisy frames varies little, so the margin is small).
 BAND_FIT_SHARE = 0.8
@@ -150,13 +169,13 @@ def frame_stats(grey: np.ndarray, native: np.ndarray | None = None) -> dict[str,
     mean = float(g.mean())
     raw = {"mean": mean, "raw_spread": spread * to_dtype, "raw_mean": mean * to_dtype}
     if spread <= 0:
-        return {"spread": 0.0, "clipped": float(clipped), "signal": 0.0, "detail": 0.0, "band": 0.0, "level": 0.0,
-                **raw}
+        return {"spread": 0.0, "clipped": float(clipped), "signal": 0.0, "detail": 0.0, "band": 0.0,
+                "edge": math.nan, "level": 0.0, **raw}
     s = np.clip((g - np.float32(lo)) * np.float32(1.0 / spread), 0.0, 1.0)
     var = float(s.var())
     if var <= 1e-12:
         return {"spread": spread, "clipped": float(clipped), "signal": 0.0, "detail": 0.0, "band": 0.0,
-                "level": float(s.mean()), **raw}
+                "edge": math.nan, "level": float(s.mean()), **raw}
     signal = _signal(s, var)
     lap = cv2.filter2D(s, cv2.CV_32F, _LAPLACE, borderType=cv2.BORDER_REFLECT)[1:-1, 1:-1]
     # For the detail, the noise level from the absolute deviation (Immerkær), which edges inflate less.
@@ -170,6 +189,7 @@ def frame_stats(grey: np.ndarray, native: np.ndarray | None = None) -> dict[str,
     return {"spread": spread, "clipped": float(clipped), "signal": signal, "detail": detail,
             # band is read only for noisy frames (the defocus rule and its fit), so only they pay for its blurs
             "band": _band(s, var, float(np.square(lap).mean()) / 36.0) if signal < DEFOCUS_MIN_SIGNAL else math.nan,
+            "edge": _edge_blur(s) if signal >= DEFOCUS_MIN_SIGNAL else math.nan,
             "level": float(s.mean()), **raw}
 
 
@@ -181,6 +201,31 @@ def _band(s: np.ndarray, var: float, noise_var: float) -> float:
         return 0.0
     a, b = (cv2.GaussianBlur(s, (k, k), sg, borderType=cv2.BORDER_REFLECT) for k, sg in zip(_BAND_KSIZE, _BAND_SIGMAS))
     return max(0.0, float((a - b).var()) - _BAND_NOISE_PASS * noise_var) / structure
+
+
+def _gradient2(s: np.ndarray, sigma: float) -> np.ndarray:
+    """Squared gradient magnitude of ``s`` after a Gaussian blur of ``sigma``."""
+    b = cv2.GaussianBlur(s, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
+    gx = cv2.Sobel(b, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(b, cv2.CV_32F, 0, 1, ksize=3)
+    return gx * gx + gy * gy
+
+
+def _edge_blur(s: np.ndarray) -> float:
+    """Blur σ (pixels) of the strongest edges of ``s``: the median ratio of the gradient at the finer to the coarser
+    of :data:`EDGE_SIGMAS` where the coarser is in its top :data:`EDGE_TOP`, solved for the σ of a blurred step."""
+    fine, coarse = (_gradient2(s, sg) for sg in EDGE_SIGMAS)
+    c = coarse.ravel()
+    top = max(1, int(round(EDGE_TOP * c.size)))
+    thr = float(np.partition(c, c.size - top)[c.size - top])
+    sel = coarse >= max(thr, 1e-12)
+    if not sel.any():
+        return EDGE_MAX
+    r2 = float(np.median(np.sqrt(fine[sel] / coarse[sel]))) ** 2
+    a, b = EDGE_SIGMAS
+    if r2 <= 1.0 + 1e-6:
+        return EDGE_MAX
+    return min(EDGE_MAX, math.sqrt(max(0.0, (b * b - r2 * a * a) / (r2 - 1.0))))
 
 
 def _signal(s: np.ndarray, var: float) -> float:
@@ -214,7 +259,9 @@ def fit_limits(stats: Iterable[Mapping[str, float]], intensity: str = "percentil
     the 0.1th percentile of spread), ``saturated_clipped`` = max(default, 99.9th percentile of clipped + 0.1),
     ``noise_signal`` and ``defocus_detail`` = min(default, half the 0.1th percentile; for the detail, among the
     images the detail rule applies to, signal >= :data:`DEFOCUS_MIN_SIGNAL`), ``defocus_band`` = min(default,
-    :data:`BAND_FIT_SHARE` × the 0.1th percentile of band among the others). ``range`` holds, for
+    :data:`BAND_FIT_SHARE` × the 0.1th percentile of band among the others), ``defocus_edge`` = max(default,
+    :data:`EDGE_FIT_MARGIN` × the 99.9th percentile of edge among the images the edge rule applies to; training images
+    are taken at the model input's scale). ``range`` holds, for
     the statistics :data:`RANGED` names for the model's intensity mode, the training images' 0.1–99.9 percentile
     range widened by :data:`RANGE_MARGIN` of its span on each side (for :data:`DIM_STATS`, no lower than half its
     0.1th percentile).
@@ -232,6 +279,8 @@ def fit_limits(stats: Iterable[Mapping[str, float]], intensity: str = "percentil
         "defocus_detail": min(DEFAULT_LIMITS["defocus_detail"], 0.5 * _smooth_detail_q(arr)),
         "defocus_band": min(DEFAULT_LIMITS["defocus_band"], BAND_FIT_SHARE * _noisy_band_q(arr)),
     }
+    limits["defocus_edge"] = max(DEFAULT_LIMITS["defocus_edge"],
+                                 EDGE_FIT_MARGIN * _edge_q(arr, limits["defocus_detail"]))
     ranged = RANGED[intensity]
     rng: dict[str, list[float]] = {}
     for k in ranged:
@@ -251,6 +300,14 @@ def _smooth_detail_q(arr: Mapping[str, np.ndarray], p: float = 0.1) -> float:
     sel = arr["signal"] >= DEFOCUS_MIN_SIGNAL
     d = arr["detail"][sel] if sel.sum() >= 20 else arr["detail"]
     return float(np.percentile(d, p))
+
+
+def _edge_q(arr: Mapping[str, np.ndarray], detail_limit: float, p: float = 99.9) -> float:
+    """The ``p`` percentile of edge among the frames the edge rule applies to (signal >= DEFOCUS_MIN_SIGNAL, detail
+    under EDGE_DETAIL_MARGIN times ``detail_limit``); 0 if none."""
+    sel = (arr["signal"] >= DEFOCUS_MIN_SIGNAL) & (arr["detail"] < EDGE_DETAIL_MARGIN * detail_limit) \
+        & np.isfinite(arr["edge"])
+    return float(np.percentile(arr["edge"][sel], p)) if sel.any() else 0.0
 
 
 def _noisy_band_q(arr: Mapping[str, np.ndarray], p: float = 0.1) -> float:
@@ -312,7 +369,12 @@ class QualityGate:
             return "noise"
         z = min(max(zoom, 1.0), ZOOM_CAP)
         if stats["signal"] >= DEFOCUS_MIN_SIGNAL:
-            if not stats["detail"] >= lim["defocus_detail"] * z ** DEFOCUS_ZOOM_POWER:
+            floor = lim["defocus_detail"] * z ** DEFOCUS_ZOOM_POWER
+            if not stats["detail"] >= floor:
+                return "defocus"
+            # edge is in pixels of the measured frame, z times coarser than the model input's when enlarged
+            if stats.get("edge", math.nan) * z > lim.get("defocus_edge", math.inf) \
+                    and stats["detail"] < EDGE_DETAIL_MARGIN * floor:
                 return "defocus"
         elif "band" in stats and not stats["band"] >= lim.get("defocus_band", 0.0) * z ** BAND_ZOOM_POWER:
             return "defocus"

@@ -124,3 +124,31 @@ def test_main_writes_the_report_and_skips_missing_real_data(tmp_path: Path, tiny
     assert (out / "corpus_leaks.png").is_file() == bool(leaks)
     assert m["corpus"].get("leak_picture") == ("corpus_leaks.png" if leaks else None)
     assert bq.main(["--models", str(tmp_path / "nope.onnx")]) == 2
+
+
+def test_defocus_part_counts_each_outcome_per_size_and_blur_and_plots_them(tmp_path: Path):
+    frames = list(bq.defocus_frames(1, [32, 48], [0.0, 0.05], seed=5))
+    assert len(frames) == 7 * 2 * 2 and {f[2] for f in frames} == set(bq.CLASSES) - {"other"}
+    assert all(img.shape == (size, size) and img.dtype == np.uint8 for size, _, _, img in frames)
+    sharp, blurred = frames[0][3], frames[7][3]  # the same scene at 32 px, unblurred and blurred
+    assert frames[0][2] == frames[7][2] and np.diff(blurred.astype(float)).std() < np.diff(sharp.astype(float)).std()
+
+    class _BlurIsInvalid:
+        """Right on sharp frames of class clean, calls sharp defects clean, refuses blurred 48 px frames."""
+
+        def predict(self, img: np.ndarray) -> SimpleNamespace:
+            if img.shape == (48, 48) and np.diff(img.astype(float)).std() < 2:
+                return _pred(INVALID_LABEL, "defocus", -1, -1)
+            return _pred("clean")
+
+    res = bq.run_defocus(_BlurIsInvalid(), 2, [32, 48], [0.0, 0.2], seed=5, progress=False)
+    rows = {(r["size"], r["blur"]): r for r in res["rows"]}
+    assert rows[(32, 0.0)] == {"size": 32, "blur": 0.0, "n": 14, "right": 2, "wrong": 12, "defect_to_clean": 12,
+                               "other": 0, "invalid": 0}
+    assert rows[(48, 0.2)]["invalid"] == 14 and rows[(48, 0.2)]["right"] == 0
+    assert rows[(48, 0.0)]["invalid"] == 0
+    text = bq.format_report({"models": [{"model": "m", "defocus": res}]})
+    assert "| 48² | 20% | 0 | 0 (0) | 0 | 14 |" in text
+    bq.defocus_plot(res, tmp_path / "defocus.png")
+    assert (tmp_path / "defocus.png").stat().st_size > 1000
+    assert bq.main(["--parts", "corpus,blur"]) == 2  # unknown part

@@ -304,3 +304,64 @@ def test_the_gate_judges_small_frames_as_they_came_and_large_ones_as_resized():
     assert quality.measured_view(wide, resized)[0] is resized
     gate = QualityGate(default_limits("percentile"), input_size=(128, 128))
     assert gate.judge(small, resized) == gate(small) == "blank"
+
+
+def _steps(n: int, sigma: float, contrast: float = 1.0, size: int = 128) -> np.ndarray:
+    img = np.full((size, size), 0.5 - 0.2 * contrast, np.float32)
+    for k in range(n):
+        img[:, size * (2 * k + 1) // (2 * n):size * (2 * k + 2) // (2 * n)] = 0.5 + 0.2 * contrast
+    return _u8(cv2.GaussianBlur(img, (0, 0), sigma))
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0, 3.0, 4.0])
+def test_edge_is_the_blur_of_the_strongest_edges_whatever_their_number_and_contrast(sigma):
+    # A step blurred by sigma measures sqrt(sigma^2 + 0.7^2): the pixel grid and the gradient operator add ~0.7 px.
+    expected = math.hypot(sigma, 0.7)
+    for n in (1, 4):
+        for contrast in (1.0, 0.3):
+            assert frame_stats(_steps(n, sigma, contrast))["edge"] == pytest.approx(expected, rel=0.1), (n, contrast)
+
+
+def test_a_mildly_defocused_pattern_with_detail_left_is_defocus_by_its_edges():
+    mild = _u8(cv2.GaussianBlur(_lines(128, noise=0.0, pitch=24), (0, 0), 4))  # blur 3% of the side
+    s = frame_stats(mild)
+    lim = default_limits("percentile")
+    assert s["detail"] >= lim["defocus_detail"]  # the detail rule alone lets it through
+    assert s["edge"] > lim["defocus_edge"] and GATE(mild) == "defocus"
+    assert QualityGate({**lim, "defocus_edge": math.inf})(mild) == ""
+    slightly = _u8(cv2.GaussianBlur(_lines(128, noise=0.0, pitch=24), (0, 0), 1.5))
+    assert GATE(slightly) == ""
+    # Sharp frames pass at the input size and enlarged (edge is scaled to the model input's pixels).
+    small = QualityGate(lim, input_size=(128, 128))
+    for seed in range(4):
+        assert GATE(_u8(_lines(128, seed=seed))) == "" and small(_u8(_lines(64, seed=seed))) == ""
+    # A sharp scene with a single edge has little detail but a sharp edge; judged by its detail alone.
+    assert frame_stats(_steps(1, 0.5))["edge"] < lim["defocus_edge"]
+
+
+def test_the_edge_rule_spares_frames_with_plenty_of_detail_and_counts_enlargement():
+    lim = default_limits("percentile")
+    gate = QualityGate(lim, input_size=(128, 128))
+    floor = lim["defocus_detail"]
+    base = {"spread": 0.5, "clipped": 0.0, "signal": 0.9, "band": math.nan, "level": 0.5}
+    blurred = {**base, "edge": lim["defocus_edge"] + 1}
+    assert gate.reason({**blurred, "detail": 0.99 * quality.EDGE_DETAIL_MARGIN * floor}) == "defocus"
+    assert gate.reason({**blurred, "detail": 1.01 * quality.EDGE_DETAIL_MARGIN * floor}) == ""
+    # Edges of a frame enlarged twice are twice as wide at the model input.
+    half = {**base, "edge": 0.6 * lim["defocus_edge"], "detail": 2 * floor * 2 ** quality.DEFOCUS_ZOOM_POWER}
+    assert gate.reason(half, zoom=1) == "" and gate.reason(half, zoom=2) == "defocus"
+    # Noisy frames have no edge statistic (noise would sharpen it); they are judged by band.
+    assert math.isnan(frame_stats(_u8(_lines(128, noise=0.4)))["edge"])
+
+
+def test_fit_moves_the_edge_limit_up_to_keep_soft_training_frames():
+    soft = [_u8(cv2.GaussianBlur(_lines(128, seed=s, noise=0.0, pitch=24 + 2 * (s % 3)), (0, 0), 3.5))
+            for s in range(30)]
+    stats = [frame_stats(f) for f in soft]
+    assert max(s["edge"] for s in stats) > quality.DEFAULT_LIMITS["defocus_edge"]
+    q = fit_limits(stats, intensity="percentile")
+    gate = QualityGate(q["limits"])
+    assert q["limits"]["defocus_edge"] > max(s["edge"] for s in stats)
+    assert all(gate.reason(s) == "" for s in stats)
+    sharp = fit_limits([frame_stats(_u8(_lines(seed=s))) for s in range(30)], intensity="percentile")
+    assert sharp["limits"]["defocus_edge"] == quality.DEFAULT_LIMITS["defocus_edge"]
