@@ -793,8 +793,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test images (<class>/ folders) to score instead of DATA/test; use a large one, a fold's "
                         "AUROC on a few dozen held-out images is noisy (docs/openset.md)")
     p.add_argument("--out", required=True, help="output folder (results.json, table.md, plots, fold runs)")
-    p.add_argument("--heldout", nargs="*", default=d.heldout, help="named classes to hold out (default: all 7)")
-    p.add_argument("--scores", nargs="*", default=d.scores, choices=scores, help="scores to measure")
+    p.add_argument("--heldout", nargs="+", default=d.heldout, help="named classes to hold out (default: all 7)")
+    p.add_argument("--scores", nargs="+", default=d.scores, choices=scores, help="scores to measure (at least one)")
     p.add_argument("--target-recall", type=float, default=d.target_recall,
                    help="known-class recall the val threshold keeps")
     p.add_argument("--knn-k", type=int, default=d.knn_k)
