@@ -153,11 +153,13 @@ def _clipped(native: np.ndarray, fs: float, side: int = ANALYSIS_SIDE) -> float:
     return max(np.count_nonzero(v <= tol), np.count_nonzero(v >= fs - tol)) / v.size
 
 
-def frame_stats(grey: np.ndarray, native: np.ndarray | None = None) -> dict[str, float]:
+def frame_stats(grey: np.ndarray, native: np.ndarray | None = None,
+                edge_below: float = math.inf) -> dict[str, float]:
     """The gate's statistics of one 2-D grey frame (uint8, uint16 or float 0–1), as described in the module doc.
 
     ``native`` is the frame before it was shrunk to ``grey`` (the model input), if it was: clipping is counted
-    on it."""
+    on it. ``edge`` is measured only when ``detail`` is below ``edge_below`` (the gate passes the detail above which
+    the edge rule cannot refuse, which spares most sharp frames its cost); NaN otherwise."""
     fs = full_scale(grey)
     to_dtype = fs / (float(np.iinfo(grey.dtype).max) if grey.dtype.kind == "u" else 1.0)
     g = _analysis_view(grey)
@@ -189,7 +191,7 @@ def frame_stats(grey: np.ndarray, native: np.ndarray | None = None) -> dict[str,
     return {"spread": spread, "clipped": float(clipped), "signal": signal, "detail": detail,
             # band is read only for noisy frames (the defocus rule and its fit), so only they pay for its blurs
             "band": _band(s, var, float(np.square(lap).mean()) / 36.0) if signal < DEFOCUS_MIN_SIGNAL else math.nan,
-            "edge": _edge_blur(s) if signal >= DEFOCUS_MIN_SIGNAL else math.nan,
+            "edge": _edge_blur(s) if signal >= DEFOCUS_MIN_SIGNAL and detail < edge_below else math.nan,
             "level": float(s.mean()), **raw}
 
 
@@ -384,7 +386,12 @@ class QualityGate:
         return ""
 
     def __call__(self, grey: np.ndarray, native: np.ndarray | None = None) -> str:
-        return self.reason(frame_stats(grey, native), self.zoom(grey.shape))
+        zoom = self.zoom(grey.shape)
+        edge_below = 0.0
+        if "defocus_edge" in self.limits:  # the detail above which the edge rule cannot refuse (see reason)
+            edge_below = EDGE_DETAIL_MARGIN * (self.limits["defocus_detail"]
+                                               * min(max(zoom, 1.0), ZOOM_CAP) ** DEFOCUS_ZOOM_POWER)
+        return self.reason(frame_stats(grey, native, edge_below), zoom)
 
     def judge(self, native: np.ndarray, resized: np.ndarray) -> str:
         """The verdict on a frame as it came (``native``) and as resized for the model (``resized``), measured

@@ -365,3 +365,15 @@ def test_fit_moves_the_edge_limit_up_to_keep_soft_training_frames():
     assert all(gate.reason(s) == "" for s in stats)
     sharp = fit_limits([frame_stats(_u8(_lines(seed=s))) for s in range(30)], intensity="percentile")
     assert sharp["limits"]["defocus_edge"] == quality.DEFAULT_LIMITS["defocus_edge"]
+
+
+def test_the_gate_measures_edge_only_where_its_rule_can_refuse_with_the_same_verdicts():
+    gate = QualityGate(default_limits("percentile"), input_size=(128, 128))
+    frames = [_u8(_lines(size, seed=s, noise=n)) for size in (64, 128) for s in range(3) for n in (0.0, 0.04)]
+    frames += [_u8(cv2.GaussianBlur(_lines(size, noise=0.0, pitch=24), (0, 0), b)) for size in (64, 128)
+               for b in (1.0, 2.0, 3.0, 4.0, 6.0)]
+    for f in frames:
+        assert gate(f) == gate.reason(frame_stats(f), gate.zoom(f.shape))
+    sharp = _u8(_lines(128))
+    assert math.isnan(frame_stats(sharp, edge_below=frame_stats(sharp)["detail"])["edge"])
+    assert not math.isnan(frame_stats(sharp)["edge"])
