@@ -167,7 +167,6 @@ def leak_picture(frames: Sequence[np.ndarray], leaks: Sequence[dict[str, Any]], 
     return np.hstack(tiles)
 
 
-# ------------------------------------------------------------------------------------------ 2. false invalid
 # ------------------------------------------------------------------------------------------------ 4. defocus
 def defocus_frames(per_class: int, sizes: Sequence[int], blurs: Sequence[float],
                    seed: int) -> Iterable[tuple[int, float, str, np.ndarray]]:
@@ -241,6 +240,7 @@ def defocus_plot(res: dict[str, Any], path: Path, title: str = "") -> None:
     tmp.replace(path)
 
 
+# ------------------------------------------------------------------------------------------ 2. false invalid
 def images_under(folder: Path) -> list[Path]:
     return list_images(folder, recursive=True)
 
