@@ -167,6 +167,73 @@ def leak_picture(frames: Sequence[np.ndarray], leaks: Sequence[dict[str, Any]], 
     return np.hstack(tiles)
 
 
+# ------------------------------------------------------------------------------------------ 2. false invalid
+def images_under(folder: Path) -> list[Path]:
+    return list_images(folder, recursive=True)
+
+
+def run_false_invalid(clf: Any, folder: Path, batch: int = 32) -> dict[str, Any]:
+    files = images_under(folder)
+    reasons: Counter = Counter()
+    refused: list[str] = []
+    errors = 0
+    for i in range(0, len(files), batch):
+        chunk = files[i:i + batch]
+        for f, p in zip(chunk, clf.predict_batch(chunk, on_error="keep")):
+            if isinstance(p, Exception):
+                errors += 1
+            elif p.label == INVALID_LABEL:
+                reasons[p.reason] += 1
+                refused.append(f"{f.relative_to(folder)} ({p.reason})")
+    n = len(files) - errors
+    return {"folder": str(folder), "images": n, "unreadable": errors, "invalid": len(refused),
+            "rate": len(refused) / n if n else None, "reasons": dict(reasons), "refused": refused}
+
+
+# ------------------------------------------------------------------------------------------ 3. robustness
+def labelled(folder: Path, per_class: int | None) -> list[tuple[Path, int]]:
+    out = []
+    for idx, cls in enumerate(CLASSES):
+        files = images_under(folder / cls) if (folder / cls).is_dir() else []
+        out += [(f, idx) for f in files[:per_class]]
+    return out
+
+
+def run_robustness(clf: Any, samples: Sequence[tuple[Path, int]], names: Sequence[str], batch: int = 32,
+                   progress: bool = True) -> dict[str, Any]:
+    imgs = [cv2.imread(str(f), cv2.IMREAD_GRAYSCALE) for f, _ in samples]
+    y = np.array([lbl for _, lbl in samples])
+    clean = y == CLASSES.index("clean")
+    rows: dict[str, Any] = {}
+    for name in names:
+        kind, p = TRANSFORMS[name]
+        top, final, outs, labels, scores = [], [], [], [], []
+        for i in range(0, len(imgs), batch):
+            preds = clf.predict_batch([transform(im, kind, p) for im in imgs[i:i + batch]])
+            for pr in preds:
+                top.append(pr.top_index)  # -1 for an invalid frame: never right
+                final.append(pr.index)
+                outs.append(outcome(pr))
+                labels.append(pr.label)
+                scores.append(None if pr.score is None or math.isnan(pr.score) else round(float(pr.score), 4))
+        top_a, final_a = np.array(top), np.array(final)
+        c_out = Counter(o for o, c in zip(outs, clean) if c)
+        rows[name] = {"top1": float((top_a == y).mean()), "final": float((final_a == y).mean()),
+                      "invalid": sum(o.startswith("invalid") for o in outs) / len(outs),
+                      "clean_images": {"n": int(clean.sum()), **dict(c_out)}}
+        if kind == "none":
+            rows[name]["clean_false_alarms"] = [
+                {"file": str(samples[i][0]), "label": labels[i], "score": scores[i]}
+                for i in range(len(samples)) if clean[i] and outs[i] == "defect"]
+        if progress:
+            print(f"  {name}: top-1 {rows[name]['top1']:.3f}", file=sys.stderr)
+    base = rows.get("original", {}).get("top1")
+    if base is not None:
+        for r in rows.values():
+            r["delta_top1_pt"] = 100 * (r["top1"] - base)
+    return {"images": len(samples), "rows": rows}
+
+
 # ------------------------------------------------------------------------------------------------ 4. defocus
 def defocus_frames(per_class: int, sizes: Sequence[int], blurs: Sequence[float],
                    seed: int) -> Iterable[tuple[int, float, str, np.ndarray]]:
@@ -238,73 +305,6 @@ def defocus_plot(res: dict[str, Any], path: Path, title: str = "") -> None:
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
     tmp.replace(path)
-
-
-# ------------------------------------------------------------------------------------------ 2. false invalid
-def images_under(folder: Path) -> list[Path]:
-    return list_images(folder, recursive=True)
-
-
-def run_false_invalid(clf: Any, folder: Path, batch: int = 32) -> dict[str, Any]:
-    files = images_under(folder)
-    reasons: Counter = Counter()
-    refused: list[str] = []
-    errors = 0
-    for i in range(0, len(files), batch):
-        chunk = files[i:i + batch]
-        for f, p in zip(chunk, clf.predict_batch(chunk, on_error="keep")):
-            if isinstance(p, Exception):
-                errors += 1
-            elif p.label == INVALID_LABEL:
-                reasons[p.reason] += 1
-                refused.append(f"{f.relative_to(folder)} ({p.reason})")
-    n = len(files) - errors
-    return {"folder": str(folder), "images": n, "unreadable": errors, "invalid": len(refused),
-            "rate": len(refused) / n if n else None, "reasons": dict(reasons), "refused": refused}
-
-
-# ------------------------------------------------------------------------------------------ 3. robustness
-def labelled(folder: Path, per_class: int | None) -> list[tuple[Path, int]]:
-    out = []
-    for idx, cls in enumerate(CLASSES):
-        files = images_under(folder / cls) if (folder / cls).is_dir() else []
-        out += [(f, idx) for f in files[:per_class]]
-    return out
-
-
-def run_robustness(clf: Any, samples: Sequence[tuple[Path, int]], names: Sequence[str], batch: int = 32,
-                   progress: bool = True) -> dict[str, Any]:
-    imgs = [cv2.imread(str(f), cv2.IMREAD_GRAYSCALE) for f, _ in samples]
-    y = np.array([lbl for _, lbl in samples])
-    clean = y == CLASSES.index("clean")
-    rows: dict[str, Any] = {}
-    for name in names:
-        kind, p = TRANSFORMS[name]
-        top, final, outs, labels, scores = [], [], [], [], []
-        for i in range(0, len(imgs), batch):
-            preds = clf.predict_batch([transform(im, kind, p) for im in imgs[i:i + batch]])
-            for pr in preds:
-                top.append(pr.top_index)  # -1 for an invalid frame: never right
-                final.append(pr.index)
-                outs.append(outcome(pr))
-                labels.append(pr.label)
-                scores.append(None if pr.score is None or math.isnan(pr.score) else round(float(pr.score), 4))
-        top_a, final_a = np.array(top), np.array(final)
-        c_out = Counter(o for o, c in zip(outs, clean) if c)
-        rows[name] = {"top1": float((top_a == y).mean()), "final": float((final_a == y).mean()),
-                      "invalid": sum(o.startswith("invalid") for o in outs) / len(outs),
-                      "clean_images": {"n": int(clean.sum()), **dict(c_out)}}
-        if kind == "none":
-            rows[name]["clean_false_alarms"] = [
-                {"file": str(samples[i][0]), "label": labels[i], "score": scores[i]}
-                for i in range(len(samples)) if clean[i] and outs[i] == "defect"]
-        if progress:
-            print(f"  {name}: top-1 {rows[name]['top1']:.3f}", file=sys.stderr)
-    base = rows.get("original", {}).get("top1")
-    if base is not None:
-        for r in rows.values():
-            r["delta_top1_pt"] = 100 * (r["top1"] - base)
-    return {"images": len(samples), "rows": rows}
 
 
 # ------------------------------------------------------------------------------------------------ report
