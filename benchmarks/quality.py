@@ -2,7 +2,7 @@
 gamma-changed and 10- to 14-bit frames are classified as well as the originals.
 
 ``python -m benchmarks.quality --models MODEL [MODEL ...]`` runs each model through ``runtime.Classifier`` (the
-deployed path, gate included) on three things:
+deployed path, gate included) on four things (the fourth only when asked for):
 
 1. ``corpus`` — content-free frames (:mod:`train.contentfree`: blank, noise, gradient, saturated, defocus) at every
    size in ``--sizes`` and in 8- and 16-bit, drawn from ``--corpus-seed`` (kept away from the tests' seeds).
