@@ -369,7 +369,6 @@ class ImageFolderDataset(Dataset):
         holding 10- to 16-bit data)."""
         rng = np.random.default_rng((self.seed, self.epoch, i, 7))
         hard = self.gate is not None and rng.random() < self.hard_share
-
         pool = self._patterned if hard and self._patterned.size else None
 
         def scene(r: np.random.Generator, size: tuple[int, int]) -> np.ndarray:

@@ -364,7 +364,7 @@ def build_datasets(cfg: TrainConfig, ckpt: dict[str, Any] | None) -> tuple[Image
                                   intensity=intensity, content_free=n_free,
                                   gate=content_free_gate(splits["train"], meta).judge
                                   if n_free and cfg.content_free_hard else None, hard_share=cfg.content_free_hard)
-    val_ds = ImageFolderDataset(splits["val"], size, mean, std, augment=None, cache=cfg.cache, intensity=intensity)
+    val_ds = ImageFolderDataset.for_model(splits["val"], meta, cache=cfg.cache)
     counts = train_ds.class_counts(len(CLASSES))
     log.info("train %d images %s; val %d images; %d file(s) skipped", len(train_ds),
              dict(zip(CLASSES, counts.tolist())), len(val_ds), len(train_ds.problems) + len(val_ds.problems))
@@ -596,8 +596,8 @@ def _fit_openset(model: torch.nn.Module, train_dir: Path, meta: ModelMetadata, c
     model, so a feature score can be chosen at export time without retraining. Only fatal if the run's score needs
     them."""
     try:
-        return fit_openset_from_loader(model, DataLoader(_plain_dataset(train_dir, meta, cfg), batch_size=64),
-                                       labels=meta.labels, device=device, progress=False)
+        loader = DataLoader(ImageFolderDataset.for_model(train_dir, meta, cache=cfg.cache), batch_size=64)
+        return fit_openset_from_loader(model, loader, labels=meta.labels, device=device, progress=False)
     except (ValueError, RuntimeError) as e:
         if required:
             raise
@@ -634,17 +634,12 @@ def recompute_batchnorm(model: nn.Module, ds: Any, device: str, seed: int = 0, b
     return seen
 
 
-def _plain_dataset(folder: Path, meta: ModelMetadata, cfg: TrainConfig) -> ImageFolderDataset:
-    """A split as the runtime sees it: the model's input size, normalisation and intensity, no augmentation."""
-    return ImageFolderDataset.for_model(folder, meta, cache=cfg.cache)
-
-
 def finalise(cfg: TrainConfig, out: Path, device: str, history: list[dict[str, Any]]) -> dict[str, Any]:
     """Calibrate best.pt on val (temperature, rejection threshold), write its final metadata, test if present."""
     best_path = out / "best.pt"
     splits = split_dirs(cfg.data)
     ckpt, model, meta = _load_best(cfg, best_path, splits["train"], device)
-    val_ds = _plain_dataset(splits["val"], meta, cfg)
+    val_ds = ImageFolderDataset.for_model(splits["val"], meta, cache=cfg.cache)
     val_outs = collect_outputs(model, DataLoader(val_ds, batch_size=64), device)
     cal, stats = calibrate_on_val(model, val_outs, val_ds, splits["train"], meta, cfg, device)
     if stats is not None:
@@ -688,7 +683,7 @@ def _load_best(cfg: TrainConfig, best_path: Path, train_dir: Path,
     if cfg.content_free:
         # Content-free frames in training batches skew the BatchNorm running statistics (a blank frame's activations
         # are nothing like an SEM image's; docs/training.md). Re-estimate them on real images.
-        recompute_batchnorm(model, _plain_dataset(train_dir, meta, cfg), device, cfg.seed)
+        recompute_batchnorm(model, ImageFolderDataset.for_model(train_dir, meta, cache=cfg.cache), device, cfg.seed)
         ckpt["model"] = cpu_state_dict(model)
     return ckpt, model, meta
 
@@ -745,7 +740,7 @@ def _test_summary(model: nn.Module, test_dir: Path, meta: ModelMetadata, stats: 
                   cfg: TrainConfig, out: Path, device: str) -> dict[str, Any]:
     """Test metrics (reported only, never used for selection) into ``out/eval_test``; an empty test/ is skipped."""
     try:
-        test_ds = _plain_dataset(test_dir, meta, cfg)
+        test_ds = ImageFolderDataset.for_model(test_dir, meta, cache=cfg.cache)
     except DatasetError as e:
         # An empty test/ (e.g. a generator split of 0.9,0.1,0) must not cost the finished run its summary.
         log.warning("test evaluation skipped: %s", e)
